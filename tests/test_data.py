@@ -281,7 +281,7 @@ def test_arith_deterministic_and_correct(no_hub):
         assert 0 <= x <= 9 and 0 <= y <= 9 and p.grader == "gsm8k"
         assert p.answer == str(x + y if op == "+" else x - y) and int(p.answer) >= 0
         ops.add(op)
-    assert ops == {"+", "-"}
+    assert ops == {"+"}  # the tiny smoke model is fitted on additions only
 
 
 def test_arith_via_config(no_hub):

@@ -99,14 +99,16 @@ class MathVerifyWorker:
                 pass
 
     def verify(self, pairs: list[tuple[str, str]]) -> bool | None:
-        """True iff math-verify says any (gold, answer) pair is equal; None if it timed out or failed."""
+        """True iff math-verify says any (gold, answer) pair is equal; None if it timed out or the worker died.
+
+        Raises RuntimeError if no worker can be started (e.g. math-verify is not installed)."""
         with self._lock:
             if self._pid != os.getpid():
                 self._reset()
             if self._proc is None or self._proc.poll() is not None:
                 self._kill()
                 if not self._start():
-                    return None
+                    raise RuntimeError("math-verify worker could not be started")
             try:
                 assert self._proc is not None and self._proc.stdin is not None
                 self._proc.stdin.write(json.dumps({"pairs": pairs}).encode() + b"\n")
@@ -141,7 +143,7 @@ def _serve() -> None:  # pragma: no cover - runs in the worker process
             for gold, answer in json.loads(line)["pairs"]:
                 g = parse(f"${gold}$", extraction_config=config, parsing_timeout=_INNER_TIMEOUT_S)
                 a = parse(f"${answer}$", extraction_config=config, parsing_timeout=_INNER_TIMEOUT_S)
-                if g and a and verify(g, a, timeout_seconds=_INNER_TIMEOUT_S):
+                if g and a and verify(g, a, allow_set_relation_comp=True, timeout_seconds=_INNER_TIMEOUT_S):
                     ok = True
                     break
         except BaseException:  # math-verify's TimeoutException derives from BaseException

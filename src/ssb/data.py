@@ -75,17 +75,13 @@ BENCHMARKS: dict[str, dict] = {
 
 
 def arith_problems(n: int, seed: int = 0) -> list[Problem]:
-    """`n` easy single-digit problems ('What is 3 + 5?', 'What is 7 - 2?' with a >= b), deterministic by seed."""
+    """`n` easy single-digit additions ('What is 3 + 5?'), deterministic by seed: the training set of the tiny
+    smoke model (:mod:`ssb.tiny` is fitted on exactly this wording)."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         a, b = rng.randint(0, 9), rng.randint(0, 9)
-        if rng.random() < 0.5:
-            q, ans = f"What is {a} + {b}?", a + b
-        else:
-            a, b = max(a, b), min(a, b)
-            q, ans = f"What is {a} - {b}?", a - b
-        out.append(Problem(id=f"arith-{i}", question=q, answer=str(ans), grader="gsm8k"))
+        out.append(Problem(id=f"arith-{i}", question=f"What is {a} + {b}?", answer=str(a + b), grader="gsm8k"))
     return out
 
 

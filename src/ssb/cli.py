@@ -1,0 +1,119 @@
+"""The ``ssb`` command line: ``ssb run`` for the whole pipeline, one subcommand per stage, ``ssb config``.
+
+Configuration: ``--config FILE`` if given, else the run directory's saved ``config.yaml``, else the defaults; then
+``section.key=value`` overrides. Errors in the user's input print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from ssb.config import Config, describe, dump_yaml, load_config
+from ssb.errors import SsbError
+
+STAGES = ("rollout", "curate", "teach", "distill", "evaluate")
+
+
+def _stage_module(name: str):
+    import importlib
+
+    return importlib.import_module(f"ssb.{name}")
+
+
+def _summary(name: str, result: dict, run_dir: Path) -> str:
+    if name == "evaluate":
+        parts = [f"{k}: acc {m['accuracy']:.3f} ({m['problems']} problems)" for k, m in result.items()]
+        return f"evaluate: {'; '.join(parts)} -> {run_dir / 'evaluate'}"
+    counts = ", ".join(f"{k} {v}" for k, v in result.get("counts", {}).items())
+    return f"{name}: {counts} in {result.get('wall_seconds', 0):.1f}s -> {run_dir / name}"
+
+
+def resolve_config(args) -> Config:
+    saved = Path(args.run_dir) / "config.yaml" if getattr(args, "run_dir", None) else None
+    path = args.config or (saved if saved is not None and saved.exists() else None)
+    return load_config(path, args.overrides)
+
+
+def run_stages(cfg: Config, run_dir: Path, stages, force: bool = False) -> None:
+    for name in stages:
+        t0 = time.time()
+        already = (run_dir / name / "manifest.json").exists() and name != "evaluate"
+        result = _stage_module(name).run(cfg, run_dir, force=force)
+        note = " (already done)" if already and time.time() - t0 < 5 else ""
+        print(_summary(name, result, run_dir) + note, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ssb", description="Semantic Soft Bootstrapping: distil a model's own "
+                                     "hinted solutions into it with LoRA, without RL.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, run_dir_required=True):
+        p.add_argument("--run-dir", required=run_dir_required, help="Directory holding every stage's outputs.")
+        p.add_argument("--config", help="YAML config file (default: RUN_DIR/config.yaml, else built-in defaults).")
+        p.add_argument("--force", action="store_true", help="Discard this stage's earlier outputs and redo it.")
+        p.add_argument("overrides", nargs="*", metavar="section.key=value", help="Config overrides.")
+
+    p = sub.add_parser("run", help="Run every stage (skipping finished ones).")
+    common(p)
+    p.add_argument("--stages", default=",".join(STAGES), help="Comma-separated subset of stages to run, in order.")
+    for name in STAGES:
+        common(sub.add_parser(name, help=f"Run the {name} stage alone."))
+    p = sub.add_parser("config", help="Print the resolved config, or every key with its help (--keys).")
+    common(p, run_dir_required=False)
+    p.add_argument("--keys", action="store_true")
+
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except SsbError as e:
+        print(f"ssb: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ssb: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    if args.command == "config":
+        if args.keys:
+            for key, default, help in describe():
+                print(f"{key} = {default}\n    {help}")
+        else:
+            print(dump_yaml(resolve_config(args)), end="")
+        return 0
+    cfg = resolve_config(args)
+    run_dir = Path(args.run_dir)
+    if args.command == "run":
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+        bad = [s for s in stages if s not in STAGES]
+        if bad:
+            raise SsbError(f"--stages: unknown stage '{bad[0]}'; stages are {', '.join(STAGES)}")
+    else:
+        stages = [args.command]
+    _quiet_libraries()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "config.yaml"
+    if args.command == "run" or not saved.exists():
+        saved.write_text(dump_yaml(cfg))
+    run_stages(cfg, run_dir, stages, force=args.force)
+    print(f"ssb: done; results in {run_dir}", file=sys.stderr)
+    return 0
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Stage 4, distill: train a LoRA student to match the teacher's next-token distribution over the teacher's reply.
+
+The student is the base model plus a LoRA adapter and sees only the system prompt and the bare question (same
+chat template). The teacher is the *same* model with the adapter disabled, conditioned on the hinted prompt it
+was sampled from. Both read the teacher's reply tokens; the reply token ``r[j]`` is predicted by the student at
+position ``len(student_prompt) + j - 1`` and by the teacher at ``len(teacher_prompt) + j - 1``
+(:func:`align`). The teacher is computed online every step from the frozen weights: exact, full-vocabulary, and
+nothing stored.
+
+Memory: both models produce only final hidden states; logits are formed chunk by chunk through the lm_head and
+reduced at once (:func:`ssb.losses.chunked_distill_loss`), so the (tokens × vocabulary) fp32 logits never exist.
+
+Outputs: ``distill/adapter/`` (a standard peft adapter: ``PeftModel.from_pretrained(base, path)`` loads it),
+``distill/train_log.jsonl`` (per step: step, epoch, loss, grad_norm, lr, tokens, tokens_per_s, seconds).
+An interrupted distill restarts from scratch (the adapter is written atomically at the end).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ssb.common import progress
+from ssb.config import Config, fingerprint
+from ssb.errors import SsbError
+from ssb.losses import chunked_distill_loss
+from ssb.models import load_model, load_tokenizer, render_chat, resolve_device, stop_token_ids
+from ssb.prompts import student_messages
+from ssb.rundir import Stage, append_rows, read_rows, require_done
+
+
+@dataclass
+class Example:
+    student_ids: list[int]  # student prompt + reply
+    teacher_ids: list[int]  # teacher prompt + reply
+    student_pos: list[int]  # positions in student_ids whose next-token distribution is trained
+    teacher_pos: list[int]  # the teacher positions predicting the same reply tokens
+    targets: list[int]  # the reply tokens predicted at those positions
+
+
+def align(student_prompt: list[int], teacher_prompt: list[int], reply: list[int]) -> Example:
+    """Position ``student_pos[j]`` of the student and ``teacher_pos[j]`` of the teacher both predict ``reply[j]``.
+
+    >>> e = align([1, 2], [7, 8, 9], [5, 6])
+    >>> [e.student_ids[i + 1] for i in e.student_pos] == [e.teacher_ids[i + 1] for i in e.teacher_pos] == [5, 6]
+    True
+    """
+    if not reply:
+        raise ValueError("empty reply")
+    n = len(reply)
+    return Example(
+        student_ids=student_prompt + reply, teacher_ids=teacher_prompt + reply,
+        student_pos=list(range(len(student_prompt) - 1, len(student_prompt) - 1 + n)),
+        teacher_pos=list(range(len(teacher_prompt) - 1, len(teacher_prompt) - 1 + n)),
+        targets=list(reply),
+    )
+
+
+def build_examples(rows: list[dict], tokenizer, stop_ids: list[int], paper_format: bool = False) -> list[Example]:
+    """Training examples from ``teach/examples.jsonl`` rows. ``paper_format`` reproduces the authors: the student
+    prompt is plain text without the chat template, and the end-of-turn token is not a target."""
+    out = []
+    for r in rows:
+        reply = list(r["reply_ids"])
+        if paper_format and reply and reply[-1] in stop_ids:
+            reply = reply[:-1]
+        student = render_chat(tokenizer, student_messages(r["question"]), chat_template=not paper_format)
+        out.append(align(student, list(r["teacher_prompt_ids"]), reply))
+    return out
+
+
+def collate(batch: list[Example], pad_id: int, device) -> dict:
+    """Right-padded student and teacher inputs plus flat (batch index, position) gathers, aligned."""
+    def pad(seqs):
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+        return ids.to(device), mask.to(device)
+
+    s_ids, s_mask = pad([e.student_ids for e in batch])
+    t_ids, t_mask = pad([e.teacher_ids for e in batch])
+    rows = torch.tensor([i for i, e in enumerate(batch) for _ in e.targets], device=device)
+    return {
+        "s_ids": s_ids, "s_mask": s_mask, "t_ids": t_ids, "t_mask": t_mask, "rows": rows,
+        "s_pos": torch.tensor([p for e in batch for p in e.student_pos], device=device),
+        "t_pos": torch.tensor([p for e in batch for p in e.teacher_pos], device=device),
+        "targets": torch.tensor([t for e in batch for t in e.targets], device=device),
+        "seq_len": torch.tensor([len(e.targets) for e in batch for _ in e.targets], device=device),
+    }
+
+
+def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
+    up = require_done(run_dir, "teach")["fingerprint"]
+    fp = fingerprint("distill", up, cfg.model, cfg.seed, cfg.distill)
+    return Stage(run_dir, "distill", fp, {"model": cfg.model, "seed": cfg.seed, "distill": cfg.distill,
+                                          "teach": up}, force)
+
+
+def _lora(model, dc, seed: int):
+    from peft import LoraConfig, get_peft_model
+
+    targets = dc.target_modules if dc.target_modules == "all-linear" else [
+        t.strip() for t in dc.target_modules.split(",") if t.strip()]
+    torch.manual_seed(seed)
+    return get_peft_model(model, LoraConfig(r=dc.lora_r, lora_alpha=dc.lora_alpha, lora_dropout=dc.lora_dropout,
+                                            target_modules=targets, task_type="CAUSAL_LM"))
+
+
+def run(cfg: Config, run_dir, force: bool = False) -> dict:
+    stage = stage_for(cfg, run_dir, force)
+    if stage.is_done():
+        return stage.manifest
+    rows = read_rows(stage.run_dir / "teach" / "examples.jsonl")
+    if not rows:
+        raise SsbError("teach/examples.jsonl has no examples: nothing to distill")
+    dc = cfg.distill
+    tokenizer = load_tokenizer(cfg.model)
+    stage.begin()
+    stage.path("train_log.jsonl").unlink(missing_ok=True)  # a restarted run starts its log afresh
+
+    device = resolve_device(cfg.model.device)
+    model = load_model(cfg.model, device=device)
+    examples = build_examples(rows, tokenizer, stop_token_ids(tokenizer, model), dc.paper_student_format)
+    if dc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = _lora(model, dc, cfg.seed)
+    causal = model.get_base_model()
+    decoder, lm_head = causal.get_decoder(), causal.get_output_embeddings()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=dc.lr, weight_decay=dc.weight_decay)
+    per_epoch = math.ceil(len(examples) / dc.batch_size)
+    total = dc.max_steps or dc.epochs * per_epoch
+    from transformers import get_scheduler
+
+    sched = get_scheduler(dc.schedule, opt, num_warmup_steps=dc.warmup_steps, num_training_steps=total)
+    loss_kw = dict(kind=dc.loss, temperature=dc.temperature, scale_t2=dc.scale_t2, beta=dc.jsd_beta,
+                   chunk_size=dc.chunk_size)
+
+    model.train()
+    step, t_start, trained_tokens = 0, time.time(), 0
+    bar = progress(total, "distill", "step")
+    for epoch in range(math.ceil(total / per_epoch)):
+        order = list(range(len(examples)))
+        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+        for b in range(per_epoch):
+            if step >= total:
+                break
+            t0 = time.time()
+            batch = collate([examples[i] for i in order[b * dc.batch_size:(b + 1) * dc.batch_size]],
+                            tokenizer.pad_token_id, device)
+            loss = _loss(model, decoder, lm_head, batch, dc, loss_kw)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, dc.max_grad_norm if dc.max_grad_norm > 0 else float("inf"))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            n_tok = int(batch["targets"].numel())
+            trained_tokens += n_tok
+            dt = time.time() - t0
+            log = {"step": step, "epoch": epoch, "loss": loss.item(), "grad_norm": float(norm),
+                   "lr": sched.get_last_lr()[0], "tokens": n_tok, "tokens_per_s": round(n_tok / dt, 1),
+                   "seconds": round(dt, 4)}
+            append_rows(stage.path("train_log.jsonl"), [log])
+            bar.update(1)
+            bar.set_postfix(loss=f"{log['loss']:.4f}", tok_s=f"{log['tokens_per_s']:.0f}")
+    bar.close()
+
+    out, tmp = stage.path("adapter"), stage.path(".adapter.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    counts = {"examples": len(examples), "steps": step, "trained_tokens": trained_tokens}
+    return stage.finish(counts, train_seconds=round(time.time() - t_start, 3))
+
+
+def _loss(model, decoder, lm_head, batch: dict, dc, loss_kw: dict) -> torch.Tensor:
+    """Mean loss over the batch's reply tokens (``average=token``) or over its sequences (``sequence``)."""
+    h = decoder(input_ids=batch["s_ids"], attention_mask=batch["s_mask"]).last_hidden_state
+    student = h[batch["rows"], batch["s_pos"]]
+    if dc.kd_weight > 0:
+        with torch.no_grad(), model.disable_adapter():
+            th = decoder(input_ids=batch["t_ids"], attention_mask=batch["t_mask"]).last_hidden_state
+            teacher = th[batch["rows"], batch["t_pos"]]
+    else:
+        teacher = None
+    if dc.average == "token":
+        weights, norm = None, batch["targets"].numel()
+    else:
+        weights, norm = 1.0 / batch["seq_len"].float(), int(batch["s_ids"].shape[0])
+    total = chunked_distill_loss(student, teacher, lm_head.weight, lm_head_bias=lm_head.bias,
+                                 kd_weight=dc.kd_weight, ce_weight=dc.ce_weight, targets=batch["targets"],
+                                 weights=weights, **loss_kw)
+    return total / norm

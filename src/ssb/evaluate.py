@@ -1,0 +1,94 @@
+"""Stage 5, evaluate: generate on benchmarks with the base model or base + adapter, grade, and summarise.
+
+Each benchmark gets ``evaluate/<label>/`` with ``samples.jsonl`` (one row per problem: ``{"id", "question",
+"answer", "grader", "samples": [{"text", "answer", "correct", "strict_correct", "n_tokens", "finish_reason"}]}``,
+appended per batch and resumable), ``metrics.json`` (see :func:`ssb.metrics.summarize`) and ``manifest.json``.
+Prompts are the training ones: the same system prompt and chat template.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ssb.common import generate_rows
+from ssb.config import Config, fingerprint
+from ssb.data import DatasetConfig, load_problems
+from ssb.engine import SamplingParams, make_engine
+from ssb.errors import SsbError
+from ssb.grading import extract_answer, grade, grade_answer
+from ssb.metrics import summarize
+from ssb.models import render_chat
+from ssb.prompts import student_messages
+from ssb.rundir import MANIFEST, Stage, read_json, write_json
+
+
+def label(ds: DatasetConfig) -> str:
+    """Directory name of a benchmark: its known name, or ``<parent>_<stem>`` for a file path."""
+    p = Path(ds.name)
+    base = f"{p.parent.name}_{p.stem}" if p.suffix in (".jsonl", ".json", ".parquet") else ds.name
+    if ds.split and p.suffix == "":
+        base += f"_{ds.split}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", base).strip("_")
+
+
+def resolve_adapter(cfg: Config, run_dir) -> tuple[str | None, str | None]:
+    """(adapter path or None, its fingerprint) per ``evaluate.adapter``."""
+    choice = cfg.evaluate.adapter
+    if choice == "none":
+        return None, None
+    if choice == "auto":
+        m = Path(run_dir) / "distill" / MANIFEST
+        if not m.exists():
+            return None, None
+        return str(Path(run_dir) / "distill" / "adapter"), read_json(m)["fingerprint"]
+    path = Path(choice)
+    if not (path / "adapter_config.json").exists():
+        raise SsbError(f"evaluate.adapter: not a peft adapter directory (no adapter_config.json): {path}")
+    return str(path.resolve()), fingerprint(str(path.resolve()), (path / "adapter_config.json").read_text())
+
+
+def run(cfg: Config, run_dir, force: bool = False) -> dict:
+    """Evaluate every configured benchmark; returns {label: metrics}."""
+    adapter, adapter_fp = resolve_adapter(cfg, run_dir)
+    ec = cfg.evaluate
+    params = SamplingParams(ec.samples, ec.temperature, ec.top_k, ec.top_p, ec.max_new_tokens)
+    gen = {k: v for k, v in vars(ec).items() if k not in ("benchmarks", "adapter")}
+    engine = {}
+
+    def engine_factory():
+        if "e" not in engine:
+            engine["e"] = make_engine(cfg.model, adapter)
+        return engine["e"]
+
+    results = {}
+    for ds in ec.benchmarks:
+        name = label(ds)
+        fp = fingerprint("evaluate", cfg.model, cfg.seed, gen, ds, adapter_fp, adapter if adapter_fp is None else "")
+        stage = Stage(run_dir, f"evaluate/{name}", fp, {"model": cfg.model, "adapter": adapter, "dataset": ds,
+                                                       "evaluate": gen, "seed": cfg.seed}, force)
+        if stage.is_done():
+            results[name] = read_json(stage.path("metrics.json"))
+            continue
+        problems = load_problems(ds, cfg.data_dir)
+        stage.begin()
+
+        def prompt_of(tokenizer, p):
+            return render_chat(tokenizer, student_messages(p.question))
+
+        def row_of(p, samples):
+            out = []
+            for s in samples:
+                ans = extract_answer(s.text)
+                out.append({"text": s.text, "answer": ans, "correct": grade_answer(ans, p.answer, p.grader),
+                            "strict_correct": grade(s.text, p.answer, p.grader, strict=True),
+                            "n_tokens": len(s.token_ids), "finish_reason": s.finish_reason})
+            return {"id": p.id, "question": p.question, "answer": p.answer, "grader": p.grader, "samples": out}
+
+        rows, stats = generate_rows(stage, "samples.jsonl", problems, prompt_of, row_of, engine_factory, params,
+                                    cfg.seed, ec.batch_size, f"evaluate {name}")
+        metrics = {"benchmark": name, "adapter": adapter, **summarize(rows)}
+        write_json(stage.path("metrics.json"), metrics)
+        stage.finish({"problems": len(rows), "samples": metrics["samples"]}, metrics=metrics, **stats)
+        results[name] = metrics
+    return results

@@ -1,0 +1,289 @@
+"""Token-level distillation losses (student = base + LoRA, teacher = frozen base on the hinted prompt).
+
+Conventions (all functions):
+
+* Inputs are per reply token, already gathered and flattened over the batch: logits ``(N, V)``, hidden states
+  ``(N, H)``. Every loss returns the **sum** over tokens of ``per_token_loss * weights`` (``weights=None`` -> 1 each);
+  the caller divides by its normaliser (per-token averaging: number of tokens; per-sequence averaging: weight each
+  token ``1/len(seq)`` and divide by the number of sequences).
+* ``per_token_loss = kd * (T**2 if scale_t2) + ce_weight * CE(student logits at T=1, targets)``. ``kd`` uses the
+  softmax at temperature ``T`` (``logits / T``) for both sides. ``targets == -100`` contributes no CE.
+* ``kind``: ``forward_kl`` = KL(p_t || p_s) = sum_v p_t (log p_t - log p_s); ``reverse_kl`` = KL(p_s || p_t);
+  ``jsd`` = generalized JSD in TRL's GKD convention: ``m = beta * p_t + (1 - beta) * p_s`` and
+  ``jsd = beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)``. Edge cases exactly as TRL: ``beta == 0`` -> forward KL,
+  ``beta == 1`` -> reverse KL (the bare formula would give 0 there; note ``jsd / beta -> forward KL`` as beta -> 0 and
+  ``jsd / (1 - beta) -> reverse KL`` as beta -> 1, so the special cases are the continuous limits of the scaled JSD).
+  ``beta`` outside [0, 1] is a ValueError.
+* Arithmetic is float32 (float64 inputs stay float64); bf16/fp16 inputs are upcast. Log-probabilities come from
+  ``log_softmax``. The teacher is a fixed target: its logits/log-probs are detached.
+* Zero probabilities: terms with p == 0 in ``sum p (log p - log q)`` are 0 (0 log 0 = 0), so a teacher with ``-inf``
+  logits gives no NaN. Where q == 0 but p > 0 (e.g. reverse KL with a teacher token at exactly zero probability) the
+  true KL is infinite; ``log q`` is then replaced by ``LOG_FLOOR = -1e4`` so the loss stays finite and its gradient
+  pushes the student's mass off that token.
+* Empty input (N == 0) or all-zero weights give a loss of exactly 0 with zero gradients (never NaN).
+
+Top-k teacher (cached teacher signal). Per reply token the teacher is stored as its top-k log-probabilities at T=1
+(``topk_logprobs (N, k)``, ``topk_ids (N, k)``, distinct ids per row) and ``tail_logmass (N,)`` = log of the mass
+outside the top-k. The teacher distribution is then a distribution over k+1 *bins* (the k kept tokens and one tail bin);
+the student's full distribution is collapsed onto the same bins (its tail bin = logsumexp of its log-probs outside the
+top-k ids) and the loss is the chosen divergence between these two (k+1)-bin distributions.
+Temperature: the student gets ``logits / T`` before collapsing (exact). The teacher's per-token probabilities beyond
+the top-k are unknown, so temperature is applied to the bins: ``p_bin^(1/T)`` renormalised over the k+1 bins (i.e.
+``log_softmax(bin_logprobs / T)``), treating the tail as a single token. This is exact for the k kept tokens' relative
+odds but an approximation for the tail mass (the true tempered tail is ``sum_tail p_v^(1/T)``, not
+``(sum_tail p_v)^(1/T)``); it is exact for T=1 and for k=V (empty tail, ``tail_logmass = -inf``), in which case the
+top-k loss equals ``distill_loss`` on the full logits. Bins also renormalise any fp16/bf16 rounding of the stored
+values. At T=1 the binned divergence is a lower bound of the full one (data-processing inequality), with a gap of
+``P_tail * KL(teacher tail-conditional || student tail-conditional)`` for forward KL. Caveat: for T > 1 the one-bin
+tail badly underestimates the tempered teacher's tail when the tail spans many tokens (measured on V=2000 random
+logits with P_tail ~ 1e-3, k=32..128, T=2: the loss is off by ~35-130%), so prefer T=1 with a cached top-k teacher.
+
+Memory: ``chunked_distill_loss`` / ``chunked_topk_distill_loss`` take hidden states and the lm_head weight, produce
+logits ``chunk_size`` positions at a time and reduce them immediately inside ``torch.utils.checkpoint``
+(``use_reentrant=False``); nothing of size (N, V) is saved for backward; chunk logits are recomputed in backward
+(the lm_head matmul runs twice for student and teacher). Logits are produced in the dtype of the hidden states/weight
+(like the model's own lm_head, plain linear, no soft-capping) and upcast to fp32 per chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+LOSSES = ("forward_kl", "reverse_kl", "jsd")
+LOG_FLOOR = -1e4  # substitute for log q = -inf where p > 0 (see module docstring)
+
+__all__ = ["LOSSES", "LOG_FLOOR", "distill_loss", "chunked_distill_loss", "topk_teacher", "topk_distill_loss",
+           "chunked_topk_distill_loss"]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _float(x: Tensor) -> Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _check_args(kind: str, temperature: float, beta: float, ce_weight: float, targets: Optional[Tensor]) -> None:
+    if kind not in LOSSES:
+        raise ValueError(f"unknown distillation loss kind {kind!r}; expected one of {LOSSES}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta must be in [0, 1], got {beta!r}")
+    if ce_weight != 0 and targets is None:
+        raise ValueError("ce_weight != 0 requires targets (N,) token ids")
+
+
+def _check_per_token(n: int, **tensors: Optional[Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is not None and tuple(t.shape) != (n,):
+            raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+
+
+def _kl(logp: Tensor, logq: Tensor) -> Tensor:
+    """sum_v p (log p - log q) over the last dim -> (...). 0 log 0 = 0; log q = -inf (with p > 0) -> LOG_FLOOR.
+    Written with masked (never NaN) intermediates so the backward pass is NaN-free too."""
+    logq = torch.where(torch.isneginf(logq), LOG_FLOOR, logq)
+    diff = torch.where(torch.isneginf(logp), 0.0, logp - logq)
+    return (logp.exp() * diff).sum(-1)
+
+
+def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
+    """logaddexp that is -inf (with zero, not NaN, gradient) where both inputs are -inf."""
+    both = torch.isneginf(a) & torch.isneginf(b)
+    out = torch.logaddexp(torch.where(both, 0.0, a), torch.where(both, 0.0, b))
+    return torch.where(both, float("-inf"), out)
+
+
+def _kd(log_ps: Tensor, log_pt: Tensor, kind: str, beta: float) -> Tensor:
+    """Per-row divergence between student log-probs log_ps (N, B) and teacher log-probs log_pt (N, B) -> (N,)."""
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
+        return _kl(log_pt, log_ps)
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
+        return _kl(log_ps, log_pt)
+    log_m = _logaddexp(log_pt + math.log(beta), log_ps + math.log1p(-beta))
+    return beta * _kl(log_pt, log_m) + (1.0 - beta) * _kl(log_ps, log_m)
+
+
+def _reduce(kd: Tensor, student: Tensor, temperature: float, scale_t2: bool, ce_weight: float,
+            targets: Optional[Tensor], weights: Optional[Tensor], kd_weight: float = 1.0) -> Tensor:
+    """kd (N,), student fp32 logits (N, V) -> scalar sum_i w_i * (kd_weight * kd_i [* T^2] + ce_weight * CE_i)."""
+    per_token = kd * (kd_weight * temperature ** 2 if scale_t2 else kd_weight)
+    if ce_weight != 0:
+        ce = F.cross_entropy(student, targets.long(), reduction="none", ignore_index=-100)
+        per_token = per_token + ce_weight * ce
+    if weights is not None:
+        per_token = per_token * weights.to(per_token.dtype)
+    return per_token.sum()
+
+
+def _tail_logsumexp(logp: Tensor, ids: Tensor) -> Tensor:
+    """logsumexp of logp (N, V) over the entries NOT in ids (N, k) -> (N,); -inf (zero gradient) if none left."""
+    masked = logp.scatter(-1, ids, float("-inf"))
+    m = masked.detach().amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    s = (masked - m).exp().sum(-1)
+    pos = s > 0
+    return torch.where(pos, m.squeeze(-1) + torch.log(torch.where(pos, s, 1.0)), float("-inf"))
+
+
+# ----------------------------------------------------------------------------------------------- full vocab
+def distill_loss(student_logits: Tensor, teacher_logits: Optional[Tensor], *, kind: str = "forward_kl",
+                 temperature: float = 2.0, scale_t2: bool = True, beta: float = 0.5, ce_weight: float = 0.0,
+                 targets: Optional[Tensor] = None, weights: Optional[Tensor] = None,
+                 kd_weight: float = 1.0) -> Tensor:
+    """Distillation loss over N reply tokens.
+
+    student_logits, teacher_logits: (N, V) (any float dtype; computed in fp32); targets: (N,) int ids (needed iff
+    ce_weight != 0; -100 = ignored); weights: (N,) float or None. Returns a 0-dim tensor:
+    sum_i weights_i * (kd_weight * kd_kind(i) * (T^2 if scale_t2) + ce_weight * CE(student_logits_i at T=1, targets_i)).
+    teacher_logits may be None only when kd_weight == 0 (pure cross-entropy: SFT).
+    """
+    _check_args(kind, temperature, beta, ce_weight, targets)
+    if teacher_logits is None:
+        if kd_weight != 0:
+            raise ValueError("teacher_logits is None but kd_weight != 0")
+        teacher_logits = student_logits.detach()  # any finite stand-in: its divergence is weighted by 0
+    if student_logits.dim() != 2 or teacher_logits.dim() != 2:
+        raise ValueError(f"expected (N, V) logits, got student {tuple(student_logits.shape)}, "
+                         f"teacher {tuple(teacher_logits.shape)}")
+    if student_logits.shape[1] != teacher_logits.shape[1]:
+        raise ValueError(f"vocabulary size mismatch: student logits have V={student_logits.shape[1]}, teacher "
+                         f"logits have V={teacher_logits.shape[1]} (student and teacher must share a tokenizer/lm_head)")
+    n = student_logits.shape[0]
+    if teacher_logits.shape[0] != n:
+        raise ValueError(f"token count mismatch: student N={n}, teacher N={teacher_logits.shape[0]}")
+    _check_per_token(n, targets=targets, weights=weights)
+    s = _float(student_logits)
+    t = _float(teacher_logits.detach()).to(s.dtype)
+    log_ps = F.log_softmax(s / temperature, dim=-1)
+    log_pt = F.log_softmax(t / temperature, dim=-1)
+    return _reduce(_kd(log_ps, log_pt, kind, beta), s, temperature, scale_t2, ce_weight, targets, weights,
+                   kd_weight)
+
+
+# ----------------------------------------------------------------------------------------------- top-k teacher
+@torch.no_grad()
+def topk_teacher(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Compress teacher logits (N, V) at T=1 to (topk_logprobs fp32 (N, k), topk_ids int64 (N, k),
+    tail_logmass fp32 (N,)) where tail_logmass = log of the probability mass outside the top-k (-inf if k == V).
+    Computed without grad. Cast for storage as the caller likes (e.g. logprobs bf16, ids int32)."""
+    if teacher_logits.dim() != 2:
+        raise ValueError(f"expected (N, V) teacher logits, got {tuple(teacher_logits.shape)}")
+    v = teacher_logits.shape[1]
+    if not 1 <= k <= v:
+        raise ValueError(f"k must be in [1, V={v}], got {k}")
+    logp = F.log_softmax(_float(teacher_logits), dim=-1)
+    vals, ids = logp.topk(k, dim=-1)
+    return vals, ids, _tail_logsumexp(logp, ids)
+
+
+def topk_distill_loss(student_logits: Tensor, topk_logprobs: Tensor, topk_ids: Tensor, tail_logmass: Tensor, *,
+                      kind: str = "forward_kl", temperature: float = 2.0, scale_t2: bool = True, beta: float = 0.5,
+                      ce_weight: float = 0.0, targets: Optional[Tensor] = None,
+                      weights: Optional[Tensor] = None, kd_weight: float = 1.0) -> Tensor:
+    """distill_loss against a cached top-k teacher, over k+1 bins (see module docstring).
+
+    student_logits (N, V); topk_logprobs (N, k) any float dtype (T=1 log-probs); topk_ids (N, k) int (distinct per
+    row, < V); tail_logmass (N,); targets/weights (N,) as in distill_loss. Returns a 0-dim fp32 tensor."""
+    _check_args(kind, temperature, beta, ce_weight, targets)
+    if student_logits.dim() != 2:
+        raise ValueError(f"expected (N, V) student logits, got {tuple(student_logits.shape)}")
+    n, v = student_logits.shape
+    if topk_logprobs.dim() != 2 or topk_logprobs.shape[0] != n or topk_ids.shape != topk_logprobs.shape:
+        raise ValueError(f"topk_logprobs/topk_ids must both be (N={n}, k), got {tuple(topk_logprobs.shape)} and "
+                         f"{tuple(topk_ids.shape)}")
+    if topk_logprobs.shape[1] > v:
+        raise ValueError(f"vocabulary size mismatch: k={topk_logprobs.shape[1]} > student V={v}")
+    _check_per_token(n, tail_logmass=tail_logmass, targets=targets, weights=weights)
+    s = _float(student_logits)
+    ids = topk_ids.long()
+    t_bins = torch.cat([topk_logprobs.detach().to(s.dtype), tail_logmass.detach().to(s.dtype).unsqueeze(-1)], -1)
+    log_pt = F.log_softmax(t_bins / temperature, dim=-1)
+    log_ps_full = F.log_softmax(s / temperature, dim=-1)
+    log_ps = torch.cat([log_ps_full.gather(-1, ids), _tail_logsumexp(log_ps_full, ids).unsqueeze(-1)], -1)
+    return _reduce(_kd(log_ps, log_pt, kind, beta), s, temperature, scale_t2, ce_weight, targets, weights)
+
+
+# ----------------------------------------------------------------------------------------------- chunked
+def _chunked(fn: Callable[..., Tensor], n: int, chunk_size: int, per_token: Sequence[Optional[Tensor]],
+             shared: Sequence[Optional[Tensor]]) -> Tensor:
+    """sum over chunks of fn(*per_token[chunk], *shared), each chunk under non-reentrant checkpoint.
+    N == 0 runs fn once on the empty slices, so the result is a 0 connected to the graph."""
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    total: Optional[Tensor] = None
+    for start in range(0, max(n, 1), chunk_size):
+        args = [None if t is None else t[start:start + chunk_size] for t in per_token] + list(shared)
+        if torch.is_grad_enabled():
+            part = checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            part = fn(*args)
+        total = part if total is None else total + part
+    return total
+
+
+def chunked_distill_loss(student_hidden: Tensor, teacher_hidden: Tensor, lm_head_weight: Tensor, *,
+                         teacher_lm_head_weight: Optional[Tensor] = None, lm_head_bias: Optional[Tensor] = None,
+                         teacher_lm_head_bias: Optional[Tensor] = None, chunk_size: int = 1024,
+                         **loss_kwargs) -> Tensor:
+    """distill_loss(student_hidden @ W.T + b, teacher_hidden @ W_t.T + b_t, **loss_kwargs) computed chunk_size
+    positions at a time, never materialising (N, V) logits (forward or backward).
+
+    student_hidden (N, H) (requires grad); teacher_hidden (N, H_t) (no grad); lm_head_weight (V, H) (grad flows to it
+    if it requires grad); lm_head_bias (V,) or None. The teacher uses teacher_lm_head_weight/teacher_lm_head_bias if
+    given, else lm_head_weight and lm_head_bias. loss_kwargs as distill_loss; targets/weights (N,) are chunked.
+    Same value and gradients as the unchunked computation."""
+    targets, weights = loss_kwargs.pop("targets", None), loss_kwargs.pop("weights", None)
+    _check_args(loss_kwargs.get("kind", "forward_kl"), loss_kwargs.get("temperature", 2.0),
+                loss_kwargs.get("beta", 0.5), loss_kwargs.get("ce_weight", 0.0), targets)
+    if teacher_lm_head_weight is None:
+        teacher_lm_head_weight, teacher_lm_head_bias = lm_head_weight, lm_head_bias
+    if teacher_hidden is None:  # kd_weight == 0 (checked by distill_loss): the student itself stands in
+        teacher_hidden = student_hidden.detach()
+    if student_hidden.dim() != 2 or teacher_hidden.dim() != 2 or student_hidden.shape[0] != teacher_hidden.shape[0]:
+        raise ValueError(f"expected student/teacher hidden (N, H), got {tuple(student_hidden.shape)} and "
+                         f"{tuple(teacher_hidden.shape)}")
+    if lm_head_weight.shape[0] != teacher_lm_head_weight.shape[0]:
+        raise ValueError(f"vocabulary size mismatch: student lm_head V={lm_head_weight.shape[0]}, teacher lm_head "
+                         f"V={teacher_lm_head_weight.shape[0]}")
+    n = student_hidden.shape[0]
+    _check_per_token(n, targets=targets, weights=weights)
+    tw = teacher_lm_head_weight.detach()
+    tb = None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach()
+
+    def chunk_loss(s_h, t_h, tgt, wts, w, b):
+        s_logits = F.linear(s_h, w, b)
+        with torch.no_grad():
+            t_logits = F.linear(t_h, tw, tb)
+        return distill_loss(s_logits, t_logits, targets=tgt, weights=wts, **loss_kwargs)
+
+    return _chunked(chunk_loss, n, chunk_size, [student_hidden, teacher_hidden.detach(), targets, weights],
+                    [lm_head_weight, lm_head_bias])
+
+
+def chunked_topk_distill_loss(student_hidden: Tensor, topk_logprobs: Tensor, topk_ids: Tensor, tail_logmass: Tensor,
+                              lm_head_weight: Tensor, *, lm_head_bias: Optional[Tensor] = None,
+                              chunk_size: int = 1024, **kw) -> Tensor:
+    """topk_distill_loss(student_hidden @ W.T + b, topk_logprobs, topk_ids, tail_logmass, **kw), chunked and
+    checkpointed like chunked_distill_loss. student_hidden (N, H); topk_* (N, k); tail_logmass (N,); W (V, H)."""
+    targets, weights = kw.pop("targets", None), kw.pop("weights", None)
+    _check_args(kw.get("kind", "forward_kl"), kw.get("temperature", 2.0), kw.get("beta", 0.5),
+                kw.get("ce_weight", 0.0), targets)
+    if student_hidden.dim() != 2:
+        raise ValueError(f"expected student hidden (N, H), got {tuple(student_hidden.shape)}")
+    n = student_hidden.shape[0]
+    _check_per_token(n, tail_logmass=tail_logmass, targets=targets, weights=weights)
+    if topk_logprobs.shape[0] != n or topk_ids.shape[0] != n:
+        raise ValueError(f"topk_logprobs/topk_ids must have N={n} rows, got {tuple(topk_logprobs.shape)} and "
+                         f"{tuple(topk_ids.shape)}")
+
+    def chunk_loss(s_h, lp, ids, tail, tgt, wts, w, b):
+        return topk_distill_loss(F.linear(s_h, w, b), lp, ids, tail, targets=tgt, weights=wts, **kw)
+
+    return _chunked(chunk_loss, n, chunk_size, [student_hidden, topk_logprobs, topk_ids, tail_logmass, targets,
+                                                 weights], [lm_head_weight, lm_head_bias])
