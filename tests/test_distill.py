@@ -1,0 +1,86 @@
+"""Distillation internals on the tiny model: position alignment, the adapter-disabled teacher, and the loss
+against a float64 full-vocabulary reference computed from plain full-sequence logits."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssb.config import DistillConfig
+from ssb.distill import _lora, _loss, align, build_examples, collate
+
+
+def test_alignment_student_and_teacher_predict_the_same_reply_token():
+    rng = random.Random(0)
+    for _ in range(50):
+        sp = [rng.randrange(100) for _ in range(rng.randint(1, 9))]
+        tp = [rng.randrange(100) for _ in range(rng.randint(1, 20))]
+        reply = [rng.randrange(100) for _ in range(rng.randint(1, 9))]
+        e = align(sp, tp, reply)
+        assert [e.student_ids[i + 1] for i in e.student_pos] == reply
+        assert [e.teacher_ids[j + 1] for j in e.teacher_pos] == reply
+        assert e.targets == reply
+    with pytest.raises(ValueError):
+        align([1], [2], [])
+
+
+def test_paper_format_drops_template_and_end_of_turn(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    row = {"question": "What is 1 + 2?", "teacher_prompt_ids": [1, 2, 3], "reply_ids": [10, 11, eot]}
+    (ours,) = build_examples([row], tok, [eot])
+    (paper,) = build_examples([row], tok, [eot], paper_format=True)
+    assert ours.targets == [10, 11, eot] and paper.targets == [10, 11]
+    assert "<|im_start|>" in tok.decode(ours.student_ids) and "<|im_start|>" not in tok.decode(paper.student_ids)
+
+
+@pytest.fixture(scope="module")
+def peft_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = _lora(base, DistillConfig(lora_r=4, lora_alpha=8), seed=0)
+    with torch.no_grad():  # make the adapter non-trivial (B is zero at init)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    return model
+
+
+def test_adapter_disabled_teacher_equals_the_base_model(tiny_model_dir, peft_model):
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ids = torch.tensor([[1, 7, 30, 42, 5, 2]])
+    with torch.no_grad():
+        base_logits = fresh(ids).logits
+        with peft_model.disable_adapter():
+            teacher = peft_model(ids).logits
+        student = peft_model(ids).logits
+    torch.testing.assert_close(teacher, base_logits)
+    assert not torch.allclose(student, base_logits)
+
+
+@pytest.mark.parametrize("average", ["token", "sequence"])
+def test_batch_loss_matches_float64_full_vocab_reference(peft_model, average):
+    examples = [align([1, 9, 4], [1, 8, 8, 8, 3], [20, 21, 22, 2]), align([1, 5], [1, 6, 7], [30, 2])]
+    dc = DistillConfig(average=average, chunk_size=3)
+    batch = collate(examples, pad_id=0, device="cpu")
+    causal = peft_model.get_base_model()
+    kw = dict(kind=dc.loss, temperature=dc.temperature, scale_t2=dc.scale_t2, beta=dc.jsd_beta,
+              chunk_size=dc.chunk_size)
+    loss = _loss(peft_model, causal.get_decoder(), causal.get_output_embeddings(), batch, dc, kw)
+
+    T, per_seq = dc.temperature, []
+    for e in examples:  # reference: plain full-sequence logits, unbatched, float64
+        s = peft_model(torch.tensor([e.student_ids])).logits[0].double()[e.student_pos]
+        with torch.no_grad(), peft_model.disable_adapter():
+            t = peft_model(torch.tensor([e.teacher_ids])).logits[0].double()[e.teacher_pos]
+        pt = F.softmax(t / T, -1)
+        kl = (pt * (F.log_softmax(t / T, -1) - F.log_softmax(s / T, -1))).sum(-1) * T * T
+        per_seq.append(kl)
+    ref = torch.cat(per_seq).mean() if average == "token" else torch.stack([k.mean() for k in per_seq]).mean()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
