@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("config", help="Print the resolved config, or every key with its help (--keys).")
     common(p, run_dir_required=False)
     p.add_argument("--keys", action="store_true")
+    p = sub.add_parser("report", help="Compare run directories: DIR/report.md with tables and plots.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="Directory to write report.md and its plots to.")
+    p.add_argument("--labels", help="Comma-separated run labels (default: the directories' names).")
 
     args = parser.parse_args(argv)
     try:
@@ -79,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
+    if args.command == "report":
+        from ssb.report import main_report
+
+        print(f"ssb: report written to {main_report(args.run_dirs, args.out, args.labels)}")
+        return 0
     if args.command == "config":
         if args.keys:
             for key, default, help in describe():

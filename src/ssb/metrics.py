@@ -1,23 +1,124 @@
-"""Evaluation metrics from per-problem sample rows (pure functions, no I/O)."""
+"""Evaluation metrics from per-problem sample rows (pure functions, no I/O).
+
+A row is ``{"grader": str, "samples": [{"correct", "strict_correct", "answer", "n_tokens", "finish_reason"}]}``
+(the schema of ``evaluate/<bench>/samples.jsonl``). Every correctness metric comes twice: lenient (``correct``,
+ssb's grader) and strict (``strict_correct``, the paper's exact boxed match), the strict one prefixed ``strict_``.
+
+- ``accuracy``: mean over all samples (pass@1 estimated as avg@n).
+- ``accuracy_ci95``: 95% percentile-bootstrap interval of ``accuracy``, resampling *problems* with replacement
+  (``n_boot`` resamples, numpy RNG seeded with ``seed``: deterministic). The interval is widened, if needed, to
+  contain the point estimate (only matters for degenerate resamples).
+- ``pass_at_k``: unbiased pass@k of Chen et al. (2021), ``1 - C(n-c, k) / C(n, k)`` per problem, computed as the
+  numerically stable product ``1 - prod_{i=n-c+1}^{n} (1 - k/i)``, averaged over problems.
+- ``maj_at_k``: majority vote over each problem's *first* k samples. Answers are grouped by
+  :func:`ssb.grading.answer_key` under the row's grader; samples without an answer do not vote (a problem with no
+  answered sample counts as wrong). Ties go to the answer that appears first among the k samples. The vote is
+  correct if any sample in the winning group is correct.
+
+k runs over 1, 2, 4, 8, ... up to the smallest number of samples any problem has (``ks`` to choose others; those
+above it are dropped). Keys of the k dicts are strings (``"1"``, ``"4"``) so the result is JSON-stable. Problems
+with no samples are ignored by the per-problem metrics. Empty input gives zeros, never NaN.
+"""
 
 from __future__ import annotations
 
 import statistics
 
+import numpy as np
 
-def summarize(rows: list[dict]) -> dict:
-    """Metrics of evaluation rows ``{"samples": [{"correct", "strict_correct", "answer", "n_tokens",
-    "finish_reason"}]}``: accuracy is the mean over all samples (pass@1 as avg@n)."""
+from ssb.grading import answer_key
+
+CORRECTNESS = (("", "correct"), ("strict_", "strict_correct"))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for one problem with ``n`` samples of which ``c`` are correct (requires ``k <= n``).
+
+    >>> pass_at_k(4, 1, 1), pass_at_k(4, 1, 4), round(pass_at_k(5, 2, 2), 4)
+    (0.25, 1.0, 0.7)
+    """
+    if not 0 < k <= n:
+        raise ValueError(f"pass@k needs 0 < k <= n (k={k}, n={n})")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def majority_correct(samples: list[dict], grader: str = "math", field: str = "correct") -> bool:
+    """Whether the majority answer of ``samples`` is correct (see the module docstring for the rules).
+
+    >>> s = [{"answer": "2", "correct": False}, {"answer": "3", "correct": True}]
+    >>> majority_correct(s), majority_correct(s[::-1])  # a tie: the first answer seen wins
+    (False, True)
+    """
+    return _majority(_keys(samples, grader), [bool(s[field]) for s in samples])
+
+
+def _keys(samples: list[dict], grader: str) -> list[str | None]:
+    return [None if s.get("answer") is None else answer_key(s["answer"], grader) for s in samples]
+
+
+def _majority(keys: list[str | None], flags: list[bool]) -> bool:
+    votes: dict[str, list[bool]] = {}  # dicts keep insertion order: first appearance breaks ties
+    for key, ok in zip(keys, flags):
+        if key is not None:
+            votes.setdefault(key, []).append(ok)
+    if not votes:
+        return False
+    winner = max(votes.values(), key=len)  # max returns the first of equal maxima
+    return any(winner)
+
+
+def default_ks(n: int) -> list[int]:
+    """1, 2, 4, ... up to ``n``."""
+    ks, k = [], 1
+    while k <= n:
+        ks.append(k)
+        k *= 2
+    return ks
+
+
+def bootstrap_ci(correct: np.ndarray, total: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> list[float]:
+    """Percentile-bootstrap interval of ``sum(correct) / sum(total)``, resampling problems (array entries)."""
+    if len(total) == 0 or total.sum() == 0:
+        return [0.0, 0.0]
+    point = correct.sum() / total.sum()
+    idx = np.random.default_rng(seed).integers(0, len(total), size=(n_boot, len(total)))
+    stats = correct[idx].sum(axis=1) / np.maximum(total[idx].sum(axis=1), 1)
+    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return [round(float(min(lo, point)), 6), round(float(max(hi, point)), 6)]
+
+
+def summarize(rows: list[dict], ks: list[int] | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Metrics of evaluation rows (see the module docstring); a flat dict, JSON-serialisable."""
     samples = [s for r in rows for s in r["samples"]]
     n = max(len(samples), 1)
     tokens = [s["n_tokens"] for s in samples] or [0]
-    return {
+    nonempty = [r for r in rows if r["samples"]]
+    sizes = np.array([len(r["samples"]) for r in nonempty], dtype=float)
+    n_min = int(sizes.min()) if len(sizes) else 0
+    ks = sorted({int(k) for k in ks if 0 < int(k) <= n_min}) if ks is not None else default_ks(n_min)
+    out = {
         "problems": len(rows),
         "samples": len(samples),
+        "samples_per_problem": n_min,
         "accuracy": sum(s["correct"] for s in samples) / n,
         "strict_accuracy": sum(s["strict_correct"] for s in samples) / n,
+    }
+    keys = [_keys(r["samples"], r.get("grader") or "math") for r in nonempty]
+    for prefix, field in CORRECTNESS:
+        flags = [[bool(s[field]) for s in r["samples"]] for r in nonempty]
+        right = np.array([sum(f) for f in flags], dtype=float)
+        out[f"{prefix}accuracy_ci95"] = bootstrap_ci(right, sizes, n_boot, seed)
+        out[f"{prefix}pass_at_k"] = {
+            str(k): float(np.mean([pass_at_k(int(m), int(c), k) for m, c in zip(sizes, right)])) for k in ks}
+        out[f"{prefix}maj_at_k"] = {
+            str(k): float(np.mean([_majority(kk[:k], f[:k]) for kk, f in zip(keys, flags)])) for k in ks}
+    out.update({
         "mean_response_tokens": statistics.fmean(tokens),
         "median_response_tokens": statistics.median(tokens),
         "truncated_fraction": sum(s["finish_reason"] == "length" for s in samples) / n,
         "no_answer_fraction": sum(s["answer"] is None for s in samples) / n,
-    }
+    })
+    return out
