@@ -75,6 +75,10 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None, merge: bool 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(cfg, device), **kw)
     except (OSError, ValueError) as e:
         raise SsbError(f"cannot load model from '{path}': {str(e).splitlines()[0]}") from None
+    if cfg.gguf_file:  # GGUF weights arrive dequantised: make it a plain model (trainable, saveable)
+        model.hf_quantizer, model.is_quantized = None, False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     model.to(device)
     if adapter is not None:
         from peft import PeftModel
