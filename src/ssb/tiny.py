@@ -52,21 +52,17 @@ def _wrong(rng: random.Random, c: int) -> int:
     return max(0, c + rng.choice([-2, -1, 1, 2])) if c > 1 else c + rng.choice([1, 2])
 
 
-def _examples(rng: random.Random, n: int) -> list[tuple[list[dict[str, str]], str]]:
-    """``n`` (messages, reply) pairs: half student format, half hinted-teacher format."""
-    out = []
-    for i in range(n):
-        a, b = rng.randrange(10), rng.randrange(10)
-        c = a + b
-        q = question(a, b)
-        if i % 2 == 0:
-            ans = _wrong(rng, c) if rng.random() < STUDENT_NOISE else c
-            out.append((student_messages(q), reply(a, b, ans)))
-        else:
-            good, bad = reply(a, b, c), reply(a, b, _wrong(rng, c))
-            ans = _wrong(rng, c) if rng.random() < TEACHER_NOISE else c
-            out.append((teacher_messages(q, good, bad), reply(a, b, ans)))
-    return out
+def _student_example(rng: random.Random) -> tuple[list[dict[str, str]], str]:
+    a, b = rng.randrange(10), rng.randrange(10)
+    c = _wrong(rng, a + b) if rng.random() < STUDENT_NOISE else a + b
+    return student_messages(question(a, b)), reply(a, b, c)
+
+
+def _teacher_example(rng: random.Random) -> tuple[list[dict[str, str]], str]:
+    a, b = rng.randrange(10), rng.randrange(10)
+    good, bad = reply(a, b, a + b), reply(a, b, _wrong(rng, a + b))
+    c = _wrong(rng, a + b) if rng.random() < TEACHER_NOISE else a + b
+    return teacher_messages(question(a, b), good, bad), reply(a, b, c)
 
 
 def _build_tokenizer(corpus: list[str]):
@@ -104,11 +100,17 @@ def _encode(tok, examples) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per example; loss only on the reply and its closing <|im_end|>."""
     end = tok.convert_tokens_to_ids("<|im_end|>")
     nl = tok.encode("\n", add_special_tokens=False)
+    cache: dict[str, list[int]] = {}  # few distinct texts: render and tokenise each once
+
+    def ids(text: str) -> list[int]:
+        if text not in cache:
+            cache[text] = tok.encode(text, add_special_tokens=False)
+        return cache[text]
+
     rows = []
     for msgs, rep in examples:
-        prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        p = tok.encode(prompt, add_special_tokens=False)
-        r = tok.encode(rep, add_special_tokens=False) + [end]
+        p = ids(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+        r = ids(rep) + [end]
         rows.append((p + r + nl, [-100] * len(p) + r + [-100] * len(nl)))
     return rows
 
@@ -127,15 +129,37 @@ def _batch(rows, pad_id: int):
     return ids, mask, labels
 
 
+def _fit(model, student, teacher, pad_id: int, *, steps: int, lr: float, sizes: tuple[int, int]) -> None:
+    """AdamW with warm-up and linear decay; each step takes one batch of student chats and one of teacher chats.
+    The logits are computed only where there is a label (the reply), which is most of the saving on long prompts."""
+    import torch
+    import torch.nn.functional as F
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / max(1, steps)))
+    for step in range(steps):
+        for part, bs in zip((student, teacher), sizes):
+            ids, mask, labels = _batch(part[step * bs : (step + 1) * bs], pad_id)
+            hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+            targets = labels[:, 1:]
+            keep = targets != -100
+            F.cross_entropy(model.lm_head(hidden[keep]), targets[keep]).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+
 def build_tiny_model(
     out_dir: str | Path,
     *,
     seed: int = 0,
     steps: int = DEFAULT_STEPS,
     batch_size: int = 32,
-    teacher_batch_size: int = 8,
+    teacher_batch_size: int = 16,
     lr: float = 1e-2,
-    hidden_size: int = 64,
+    hidden_size: int = 96,
 ) -> Path:
     """Build tokenizer + tiny Qwen2 model, fit it briefly on arithmetic chats (student format and teacher format),
     save both to ``out_dir`` with ``save_pretrained`` (safetensors), return ``out_dir``.
@@ -147,8 +171,10 @@ def build_tiny_model(
 
     out_dir = Path(out_dir)
     rng = random.Random(seed)
-    examples = _examples(rng, 2 * max(batch_size, teacher_batch_size) * max(steps, 1))
-    corpus = [m["content"] for msgs, _ in examples[:400] for m in msgs] + [rep for _, rep in examples[:400]]
+    students = [_student_example(rng) for _ in range(batch_size * max(steps, 1))]
+    teachers = [_teacher_example(rng) for _ in range(teacher_batch_size * max(steps, 1))]
+    sample = students[:200] + teachers[:200]
+    corpus = [m["content"] for msgs, _ in sample for m in msgs] + [rep for _, rep in sample]
     corpus += ["system", "user", "assistant"]
     tok = _build_tokenizer(corpus)
     end_id = tok.convert_tokens_to_ids("<|im_end|>")
@@ -168,26 +194,17 @@ def build_tiny_model(
         bos_token_id=None,
         use_sliding_window=False,
     )
-    rows = _encode(tok, examples)
-    student, teacher = rows[0::2], rows[1::2]
+    student, teacher = _encode(tok, students), _encode(tok, teachers)
 
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / max(1, steps))
-        )
-        for step in range(steps):
-            for part, bs in ((student, batch_size), (teacher, teacher_batch_size)):
-                ids, mask, labels = _batch(part[step * bs : (step + 1) * bs], pad_id)
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is faster on a busy machine, and bit-reproducible
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = Qwen2ForCausalLM(config)
+            _fit(model, student, teacher, pad_id, steps=steps, lr=lr, sizes=(batch_size, teacher_batch_size))
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     model.generation_config = GenerationConfig(eos_token_id=end_id, pad_token_id=pad_id, bos_token_id=None)
     out_dir.mkdir(parents=True, exist_ok=True)
