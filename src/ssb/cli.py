@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default=",".join(STAGES), help="Comma-separated subset of stages to run, in order.")
     for name in STAGES:
         common(sub.add_parser(name, help=f"Run the {name} stage alone."))
+    common(sub.add_parser("grpo", help="The RL baseline: GRPO with LoRA on the training problems (TRL; not part "
+                          "of `ssb run`); writes RUN_DIR/grpo/adapter, which `ssb evaluate` then picks up."))
     p = sub.add_parser("config", help="Print the resolved config, or every key with its help (--keys).")
     common(p, run_dir_required=False)
     p.add_argument("--keys", action="store_true")
@@ -115,7 +117,10 @@ def _dispatch(args) -> int:
 
 
 def _quiet_libraries() -> None:
+    import warnings
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         import transformers
 

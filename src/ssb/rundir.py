@@ -102,6 +102,15 @@ def versions() -> dict[str, str]:
     return out
 
 
+def gpus_in_use() -> int:
+    """GPUs this process has initialised (0 on CPU): the multiplier of wall time in a stage's cost."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return 0
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun every rank is one GPU
+    return max(world, 1)
+
+
 def git_commit() -> str | None:
     here = Path(__file__).resolve().parent
     try:
@@ -156,11 +165,15 @@ class Stage:
 
     def finish(self, counts: dict[str, Any], **extra: Any) -> dict:
         started = read_json(self.path(STARTED)) if self.path(STARTED).exists() else {}
+        wall = time.time() - self._t0
+        gpus = gpus_in_use()
         manifest = {
             "stage": self.name,
             "fingerprint": self.fingerprint,
             "counts": counts,
-            "wall_seconds": round(time.time() - self._t0, 3),
+            "wall_seconds": round(wall, 3),
+            "gpus": gpus,
+            "gpu_seconds": round(wall * gpus, 3),
             "started_at": started.get("started_at"),
             "finished_at": _now(),
             "versions": versions(),
