@@ -14,6 +14,7 @@ Layout and row schemas are documented in README.md ("Run directory"). The rules:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -31,10 +32,16 @@ MANIFEST = "manifest.json"
 STARTED = "started.json"
 
 
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    return str(obj)
+
+
 def write_json(path: Path, obj: Any) -> None:
-    """Atomic: write a temp file and rename it over ``path``."""
+    """Atomic: write a temp file and rename it over ``path``. Dataclasses (configs) are written as mappings."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
     os.replace(tmp, path)
 
 
