@@ -4,16 +4,42 @@ An engine takes prompts as token ids (already rendered through the chat template
 tokenises prompts the same way), samples ``n`` continuations per prompt, and returns for each its token ids *as
 sampled* (stop token included when the model stopped), the decoded text, and why it finished.
 
-``TransformersEngine`` is the embedded default: left-padded batched ``generate`` with ``num_return_sequences``,
-seeded per call, stopping on every end-of-turn id of the chat template.
+``TransformersEngine`` is the embedded default (no extra dependency). It runs its own continuous-batching loop
+over the plain transformers model:
+
+- every prompt is prefilled once (prompts of similar length together, left-padded) and its KV copied into the
+  ``n`` rows that sample from it;
+- up to ``max_batch_size`` rows decode together; a row that finishes is refilled with a waiting sample at the next
+  step, so no row idles until the longest finishes, and idle rows are dropped once nothing waits;
+- the KV cache is a preallocated buffer written in place (no per-step concatenation), compacted when its
+  leading columns are dead; bf16 on GPU comes from the model's dtype;
+- every sample draws its randomness from its own stream, seeded by (call seed, prompt tokens, occurrence of that
+  prompt in the call, sample index) and consumed one uniform per token (inverse-CDF sampling). A prompt's
+  samples therefore do not depend on which other prompts share the call or in what order, and a call is
+  reproducible; the only remaining coupling is floating-point: batched matmuls may round differently at
+  different batch sizes, which can flip a near-tie (vanishingly rare in fp32, possible in bf16).
+- only ``SamplingParams`` apply: nothing comes from the model's ``generation_config`` (no repetition penalty, no
+  default top-k/top-p).
+
+Not done yet: CUDA graphs / ``torch.compile``. Steps run eagerly (the KV buffer grows and is relaid), so on an
+H100 a batch-256 step of a 3B model costs ~50 ms of launch overhead against a 1.8 ms weight-read roofline
+(benchmarks/RESULTS.md); a static-shape step (fixed rows x capacity, captured once) would close most of that.
+
+Why not ``model.generate_batch`` (transformers' continuous batching with paged attention, present in v5): it
+seeds one global RNG per manager and samples for whatever batch its background thread has assembled, so a
+sample depends on its batch-mates and on scheduling timing - not reproducible per request, which resumable
+stages need. ``engine.backend=vllm`` (``ssb.vllm_engine``) is the fast path for big GPU runs.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 
 @dataclass(frozen=True)
@@ -33,54 +59,275 @@ class Sample:
 
 
 class Engine(Protocol):
+    tokenizer: object
+
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[list[Sample]]:
         """``len(prompts)`` lists of ``params.n`` samples each, in prompt order."""
 
 
+def sample_seed(seed: int, prompt: list[int], occurrence: int, j: int) -> int:
+    """The seed of sample ``j`` of the ``occurrence``-th copy of ``prompt`` in a call (shared with vLLM)."""
+    h = hashlib.blake2b(f"{seed}:{occurrence}:{j}:".encode() + array("q", prompt).tobytes(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def request_seeds(prompts: list[list[int]], n: int, seed: int) -> list[list[int]]:
+    seen: dict[tuple, int] = {}
+    out = []
+    for p in prompts:
+        occ = seen[tuple(p)] = seen.get(tuple(p), -1) + 1
+        out.append([sample_seed(seed, p, occ, j) for j in range(n)])
+    return out
+
+
+def pick_tokens(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Next token per row: argmax when greedy, else temperature -> top-k -> top-p, then inverse-CDF sampling
+    with one uniform ``u`` in (0, 1] per row."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    x, idx = logits.float() / params.temperature, None
+    if params.top_k:
+        x, idx = x.topk(min(params.top_k, x.shape[-1]), dim=-1)
+    elif params.top_p < 1:
+        x, idx = x.sort(dim=-1, descending=True)
+    p = x.softmax(-1)
+    if params.top_p < 1:  # keep the smallest head of the sorted distribution whose mass reaches top_p
+        p = p * ((p.cumsum(-1) - p) < params.top_p)
+    c = p.cumsum(-1)
+    j = torch.searchsorted(c, (u.to(c.dtype) * c[:, -1]).unsqueeze(1)).clamp_(max=c.shape[-1] - 1)
+    return (idx.gather(1, j) if idx is not None else j).squeeze(1)
+
+
+class _BufferLayer(DynamicLayer):
+    """A KV layer over a preallocated ``[rows, heads, capacity, dim]`` buffer; appends are in-place writes.
+    Columns are a clock shared by all rows (each row is left-padded to it); ``n`` columns are in use."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, n: int):
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
+        self.kbuf, self.vbuf, self.n = k, v, n
+        self._view()
+
+    def _view(self):
+        self.keys, self.values = self.kbuf[:, :, : self.n], self.vbuf[:, :, : self.n]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        q = key_states.shape[-2]
+        self.kbuf[:, :, self.n: self.n + q] = key_states
+        self.vbuf[:, :, self.n: self.n + q] = value_states
+        self.n += q
+        self._view()
+        return self.keys, self.values
+
+    def relayout(self, lo: int, off: int, cap: int, rows: torch.Tensor | None = None):
+        """Keep columns ``[lo, n)`` (and only ``rows``), moved to start at ``off`` in a buffer of ``cap``."""
+        for name in ("kbuf", "vbuf"):
+            old = getattr(self, name)
+            old = old if rows is None else old[rows]
+            new = old.new_zeros(old.shape[0], old.shape[1], cap, old.shape[3])
+            new[:, :, off: off + self.n - lo] = old[:, :, lo: self.n]
+            setattr(self, name, new)
+        self.n = off + self.n - lo
+        self._view()
+
+
 class TransformersEngine:
-    def __init__(self, model, tokenizer, stop_ids: list[int]):
+    def __init__(self, model, tokenizer, stop_ids: list[int], max_batch_size: int = 256,
+                 prefill_tokens: int = 16384):
         self.model = model
         self.tokenizer = tokenizer
         self.stop_ids = list(stop_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.max_batch_size, self.prefill_tokens = max_batch_size, prefill_tokens
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[list[Sample]]:
         if not prompts:
             return []
-        device = next(self.model.parameters()).device
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        greedy = params.temperature == 0
-        kw = dict(do_sample=False) if greedy else dict(
-            do_sample=True, temperature=params.temperature, top_k=params.top_k or None,
-            top_p=params.top_p if params.top_p < 1 else None)
-        torch.manual_seed(seed)
-        out = self.model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=params.max_new_tokens,
-            num_return_sequences=params.n, eos_token_id=self.stop_ids, pad_token_id=self.pad_id, **kw)
-        new = out[:, width:].tolist()
-        results = []
-        for i in range(len(prompts)):
-            results.append([self._sample(new[i * params.n + j]) for j in range(params.n)])
-        return results
+        if any(not p for p in prompts):
+            raise ValueError("empty prompt")
+        toks = _Decoder(self, prompts, params, seed).run()
+        return [[self._sample(toks[i * params.n + j]) for j in range(params.n)] for i in range(len(prompts))]
 
     def _sample(self, toks: list[int]) -> Sample:
-        stops = set(self.stop_ids)
-        for k, t in enumerate(toks):
-            if t in stops:
-                reply = toks[: k + 1]
-                return Sample(reply, self.tokenizer.decode(reply[:-1], skip_special_tokens=True), "stop")
+        if toks and toks[-1] in self.stop_ids:
+            return Sample(toks, self.tokenizer.decode(toks[:-1], skip_special_tokens=True), "stop")
         return Sample(toks, self.tokenizer.decode(toks, skip_special_tokens=True), "length")
 
 
-def make_engine(model_cfg, adapter=None) -> TransformersEngine:
+class _Decoder:
+    """One ``generate`` call: a queue of samples (sorted by prompt length) fed into a fixed set of rows."""
+
+    def __init__(self, eng: TransformersEngine, prompts, params: SamplingParams, seed: int):
+        self.eng, self.model, self.prompts, self.params = eng, eng.model, prompts, params
+        self.device = next(self.model.parameters()).device
+        self.stops = set(eng.stop_ids)
+        self.seeds = request_seeds(prompts, params.n, seed)
+        order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+        self.queue = [(i, j) for i in order for j in range(params.n)]  # samples waiting for a row
+        self.qpos = 0
+        self.prefilled: dict[int, tuple[list, torch.Tensor]] = {}  # prompt -> (per-layer (k, v), last logits)
+        self.left = {i: params.n for i in range(len(prompts))}  # samples of a prompt not yet given a row
+        self.results: list[list[int] | None] = [None] * (len(prompts) * params.n)
+        rows = min(eng.max_batch_size, len(self.queue))
+        self.sid = [-1] * rows  # flat sample index per row, -1 = free
+        self.start, self.pos, self.out = [0] * rows, [0] * rows, [[] for _ in range(rows)]
+        udtype = torch.float32 if self.device.type == "mps" else torch.float64
+        self.u = torch.ones(rows, params.max_new_tokens, dtype=udtype)
+        self.layers: list[_BufferLayer] = []
+        self.t = 0  # the shared column clock: next column written
+
+    # ---------------------------------------------------------------- prefill and admission
+
+    def _prefill(self, first: int):
+        """Prefill the waiting prompts from queue position ``first`` on, up to the token budget."""
+        todo, seen = [], set()
+        for i, _ in self.queue[first:]:
+            if i in self.prefilled or i in seen:
+                continue
+            width = max([len(self.prompts[k]) for k in todo] + [len(self.prompts[i])])
+            if todo and width * (len(todo) + 1) > self.eng.prefill_tokens:
+                break
+            todo.append(i)
+            seen.add(i)
+        width = max(len(self.prompts[i]) for i in todo)
+        ids = torch.full((len(todo), width), self.eng.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for g, i in enumerate(todo):
+            ids[g, width - len(self.prompts[i]):] = torch.tensor(self.prompts[i])
+            mask[g, width - len(self.prompts[i]):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp_(min=0)
+        cache = DynamicCache()
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=pos.to(self.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1].float()
+        for g, i in enumerate(todo):
+            n = len(self.prompts[i])
+            kv = [(layer.keys[g, :, width - n:], layer.values[g, :, width - n:]) for layer in cache.layers]
+            self.prefilled[i] = (kv, logits[g])
+
+    def _admit(self):
+        """Give free rows to waiting samples; their first token comes from the prompt's prefill logits."""
+        while self.qpos < len(self.queue):
+            free = [r for r, s in enumerate(self.sid) if s < 0]
+            if not free:
+                return
+            batch = self.queue[self.qpos: self.qpos + len(free)]
+            for k in range(len(batch)):
+                if batch[k][0] not in self.prefilled:
+                    self._prefill(self.qpos + k)
+            self.qpos += len(batch)
+            longest = max(len(self.prompts[i]) for i, _ in batch)
+            if not self.layers:
+                self._alloc(longest)
+            elif longest > self.t:  # make room on the left
+                lo = self._lo()
+                self._relayout(lo, longest - (self.t - lo), max(self._cap(), longest + 1 + self.t - lo))
+            rows, logits = free[: len(batch)], []
+            for r, (i, j) in zip(rows, batch):
+                kv, last = self.prefilled[i]
+                n = len(self.prompts[i])
+                for layer, (k, v) in zip(self.layers, kv):
+                    layer.kbuf[r, :, self.t - n: self.t] = k
+                    layer.vbuf[r, :, self.t - n: self.t] = v
+                g = torch.Generator().manual_seed(self.seeds[i][j])
+                self.u[r] = 1 - torch.rand(self.params.max_new_tokens, generator=g, dtype=self.u.dtype)
+                self.sid[r], self.start[r], self.pos[r], self.out[r] = i * self.params.n + j, self.t - n, n, []
+                logits.append(last)
+                self.left[i] -= 1
+                if not self.left[i]:
+                    del self.prefilled[i]
+            first = pick_tokens(torch.stack(logits), self.u[rows, 0].to(self.device), self.params).tolist()
+            for r, tok in zip(rows, first):
+                self._push(r, tok)
+
+    def _push(self, r: int, tok: int):
+        self.out[r].append(tok)
+        self.pos[r] += 1
+        if tok in self.stops or len(self.out[r]) >= self.params.max_new_tokens:
+            self.results[self.sid[r]] = self.out[r]
+            self.sid[r] = -1
+
+    # ---------------------------------------------------------------- the KV buffer
+
+    def _alloc(self, longest: int):
+        kv, _ = next(iter(self.prefilled.values()))
+        cap = longest + min(self.params.max_new_tokens, 256) + 1
+        for k, _ in kv:
+            shape = (len(self.sid), k.shape[0], cap, k.shape[2])
+            self.layers.append(_BufferLayer(k.new_zeros(shape), k.new_zeros(shape), longest))
+        self.cache = Cache(layers=self.layers)
+        self.t = longest
+
+    def _cap(self) -> int:
+        return self.layers[0].kbuf.shape[2]
+
+    def _lo(self) -> int:
+        live = [self.start[r] for r, s in enumerate(self.sid) if s >= 0]
+        return min(live) if live else self.t
+
+    def _relayout(self, lo: int, off: int, cap: int, rows=None):
+        for layer in self.layers:
+            layer.relayout(lo, off, cap, rows)
+        shift = off - lo
+        self.start = [s + shift for s in self.start]
+        self.t = self.layers[0].n
+
+    def _housekeep(self):
+        live = [r for r, s in enumerate(self.sid) if s >= 0]
+        if self.qpos >= len(self.queue) and len(live) <= len(self.sid) // 2:  # nothing waits: drop idle rows
+            keep = torch.tensor(live)
+            lo = self._lo()
+            self._relayout(lo, 0, max(self._cap() - lo, self.t - lo + 1), keep.to(self.device))
+            for name in ("sid", "start", "pos", "out"):
+                setattr(self, name, [getattr(self, name)[r] for r in live])
+            self.u = self.u[keep]
+            return
+        lo = self._lo()
+        if self.t + 1 > self._cap() or lo > max(32, self.t // 2):  # full, or mostly dead columns: compact
+            window = self.t - lo + 1
+            self._relayout(lo, 0, self._cap() if window <= self._cap() * 3 // 4 else 2 * self._cap())
+
+    # ---------------------------------------------------------------- the loop
+
+    def run(self) -> list[list[int]]:
+        while True:
+            self._admit()
+            if all(s < 0 for s in self.sid):
+                break
+            self._housekeep()
+            self._step()
+        return self.results
+
+    def _step(self):
+        rows = len(self.sid)
+        ids = torch.tensor([[o[-1] if s >= 0 else self.eng.pad_id] for s, o in zip(self.sid, self.out)])
+        pos = torch.tensor([[p - 1 if s >= 0 else 0] for s, p in zip(self.sid, self.pos)])
+        start = torch.tensor([st if s >= 0 else self.t for s, st in zip(self.sid, self.start)])
+        mask = (torch.arange(self.t + 1)[None] >= start[:, None]).long()
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=pos.to(self.device), past_key_values=self.cache, use_cache=True,
+                         logits_to_keep=1)
+        self.t = self.layers[0].n
+        steps = torch.tensor([len(o) if s >= 0 else 0 for s, o in zip(self.sid, self.out)])  # the token's index
+        u = self.u[torch.arange(rows), steps]
+        toks = pick_tokens(out.logits[:, -1], u.to(self.device), self.params).tolist()
+        for r in range(rows):
+            if self.sid[r] >= 0:
+                self._push(r, toks[r])
+
+
+def make_engine(model_cfg, adapter=None, engine_cfg=None):
+    """The engine selected by ``engine_cfg.backend`` (default: the embedded transformers engine); with
+    ``adapter``, the peft adapter is merged (transformers) or served as a LoRA (vLLM)."""
     from ssb.models import load_model, load_tokenizer, stop_token_ids
 
+    if engine_cfg is not None and engine_cfg.backend == "vllm":
+        from ssb.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_cfg, engine_cfg, adapter=adapter)
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(model_cfg, adapter=adapter, merge=adapter is not None)
-    return TransformersEngine(model, tokenizer, stop_token_ids(tokenizer, model))
+    kw = {} if engine_cfg is None else dict(max_batch_size=engine_cfg.max_batch_size,
+                                            prefill_tokens=engine_cfg.prefill_tokens)
+    return TransformersEngine(model, tokenizer, stop_token_ids(tokenizer, model), **kw)

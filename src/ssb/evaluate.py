@@ -37,11 +37,12 @@ def resolve_adapter(cfg: Config, run_dir) -> tuple[str | None, str | None]:
     choice = cfg.evaluate.adapter
     if choice == "none":
         return None, None
-    if choice == "auto":
-        m = Path(run_dir) / "distill" / MANIFEST
-        if not m.exists():
-            return None, None
-        return str(Path(run_dir) / "distill" / "adapter"), read_json(m)["fingerprint"]
+    if choice == "auto":  # this run's distilled adapter, else its GRPO adapter, else the base model
+        for stage in ("distill", "grpo"):
+            m = Path(run_dir) / stage / MANIFEST
+            if m.exists():
+                return str(Path(run_dir) / stage / "adapter"), read_json(m)["fingerprint"]
+        return None, None
     path = Path(choice)
     if not (path / "adapter_config.json").exists():
         raise SsbError(f"evaluate.adapter: not a peft adapter directory (no adapter_config.json): {path}")
@@ -58,13 +59,14 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
 
     def engine_factory():
         if "e" not in engine:
-            engine["e"] = make_engine(cfg.model, adapter)
+            engine["e"] = make_engine(cfg.model, adapter, cfg.engine)
         return engine["e"]
 
     results = {}
     for ds in ec.benchmarks:
         name = label(ds)
-        fp = fingerprint("evaluate", cfg.model, cfg.seed, gen, ds, adapter_fp, adapter if adapter_fp is None else "")
+        fp = fingerprint("evaluate", cfg.model, cfg.seed, gen, ds, adapter_fp, adapter if adapter_fp is None else "",
+                         cfg.engine.backend)
         stage = Stage(run_dir, f"evaluate/{name}", fp, {"model": cfg.model, "adapter": adapter, "dataset": ds,
                                                        "evaluate": gen, "seed": cfg.seed}, force)
         if stage.is_done():

@@ -9,7 +9,8 @@ Writes ``DIR/report.md`` and PNG plots next to it:
 - the curation funnel per run (``curate/stats.json``, ``teach/manifest.json``) and the cost per run (every stage
   manifest's ``wall_seconds``, ``generated_tokens``, distill's ``trained_tokens``);
 - ``accuracy.png`` (accuracy with CI error bars per benchmark, grouped by run), ``lengths.png`` (response-length
-  box plots per run per benchmark), ``loss.png`` (training loss per step from ``distill/train_log.jsonl``).
+  box plots per run per benchmark), ``loss.png`` (training loss per step from ``distill/train_log.jsonl``),
+  ``reward.png`` (mean training reward per step of a GRPO baseline run, ``grpo/train_log.jsonl``).
 
 Anything a run lacks (a base-model run has only ``evaluate/``) is left out; a path that is not a run directory is
 an :class:`~ssb.errors.SsbError`.
@@ -24,7 +25,7 @@ from ssb.errors import SsbError
 from ssb.metrics import summarize
 from ssb.rundir import MANIFEST, read_json, read_rows
 
-STAGES = ("rollout", "curate", "teach", "distill", "evaluate")
+STAGES = ("rollout", "curate", "teach", "distill", "evaluate", "grpo")  # grpo: the RL baseline (ssb grpo)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Run:
     funnel: dict | None = None
     cost: dict | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
+    rewards: list[tuple[int, float]] = field(default_factory=list)
 
 
 def _json(path: Path) -> dict | None:
@@ -88,6 +90,8 @@ def load_run(path: str | Path, label: str) -> Run:
                     "trained_tokens": (manifests.get("distill") or {}).get("counts", {}).get("trained_tokens")}
     log = read_rows(path / "distill" / "train_log.jsonl")
     run.losses = [(r["step"], r["loss"]) for r in log if "step" in r and "loss" in r]
+    log = read_rows(path / "grpo" / "train_log.jsonl")
+    run.rewards = [(r["step"], r["reward"]) for r in log if "step" in r and r.get("reward") is not None]
     return run
 
 
@@ -234,6 +238,20 @@ def plot_loss(runs: list[Run], path: Path) -> bool:
     return _save(plt, fig, path)
 
 
+def plot_reward(runs: list[Run], path: Path) -> bool:
+    with_log = [r for r in runs if r.rewards]
+    if not with_log:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for r in with_log:
+        ax.plot(*zip(*r.rewards), marker="." if len(r.rewards) < 50 else None, label=r.label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("GRPO mean training reward")
+    ax.legend(fontsize="small")
+    return _save(plt, fig, path)
+
+
 def _save(plt, fig, path: Path) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -262,7 +280,7 @@ def main_report(run_dirs: list, out, labels: str | list[str] | None = None) -> P
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plots = [name for name, fn in (("accuracy.png", plot_accuracy), ("lengths.png", plot_lengths),
-                                   ("loss.png", plot_loss)) if fn(runs, out / name)]
+                                   ("loss.png", plot_loss), ("reward.png", plot_reward)) if fn(runs, out / name)]
     report = out / "report.md"
     report.write_text(render_markdown(runs, plots))
     return report

@@ -21,7 +21,7 @@ FILE = "rollouts.jsonl"
 
 
 def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
-    fp = fingerprint("rollout", cfg.model, cfg.seed, cfg.rollout)
+    fp = fingerprint("rollout", cfg.model, cfg.seed, cfg.rollout, cfg.engine.backend)
     return Stage(run_dir, "rollout", fp, {"model": cfg.model, "seed": cfg.seed, "rollout": cfg.rollout}, force)
 
 
@@ -43,7 +43,8 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
         return {"id": p.id, "question": p.question, "answer": p.answer, "grader": p.grader,
                 "samples": [sample_dict(s) for s in samples]}
 
-    rows, stats = generate_rows(stage, FILE, problems, prompt_of, row_of, lambda: make_engine(cfg.model), params, cfg.seed,
+    rows, stats = generate_rows(stage, FILE, problems, prompt_of, row_of,
+                                lambda: make_engine(cfg.model, engine_cfg=cfg.engine), params, cfg.seed,
                                 rc.batch_size, "rollout")
     samples = [s for r in rows for s in r["samples"]]
     counts = {"problems": len(rows), "samples": len(samples),

@@ -31,7 +31,7 @@ from ssb.rundir import Stage, append_rows, batches, read_rows, require_done, wri
 
 def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
     up = require_done(run_dir, "curate")["fingerprint"]
-    fp = fingerprint("teach", up, cfg.model, cfg.seed, cfg.teach, cfg.curate.strict)
+    fp = fingerprint("teach", up, cfg.model, cfg.seed, cfg.teach, cfg.curate.strict, cfg.engine.backend)
     return Stage(run_dir, "teach", fp, {"model": cfg.model, "seed": cfg.seed, "teach": cfg.teach, "curate": up},
                  force)
 
@@ -78,7 +78,7 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
             if not missing:
                 continue
             if engine is None:
-                engine = make_engine(cfg.model)
+                engine = make_engine(cfg.model, engine_cfg=cfg.engine)
             outs = engine.generate([prompt(p) for p in live], params, batch_seed(cfg.seed, "teach", b, attempt))
             rows = []
             for p, (s,) in zip(live, outs):

@@ -1,0 +1,144 @@
+"""Generation engines: interface conformance (every available engine), reproducibility, independence from
+batch-mates, and greedy equality with transformers' own ``generate`` (so batching, padding, refilling and prompt
+sharing change nothing). vLLM tests run only where vLLM is installed."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from ssb.config import EngineConfig, ModelConfig
+from ssb.engine import SamplingParams, TransformersEngine, make_engine, pick_tokens
+from ssb.errors import SsbError
+from ssb.models import render_chat
+from ssb.prompts import student_messages
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+ENGINES = ["transformers", pytest.param("vllm", marks=pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed"))]
+QUESTIONS = ["1+2=?", "What is 13*7?", "5-3", "A shop sells 12 apples and 7 pears. How many fruits in all?",
+             "100+200+300=?", "9*9"]
+
+
+def _model_cfg(tiny_model_dir):
+    return ModelConfig(name_or_path=str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request, tiny_model_dir):
+    return make_engine(_model_cfg(tiny_model_dir), engine_cfg=EngineConfig(backend=request.param))
+
+
+@pytest.fixture(scope="module")
+def hf_engine(tiny_model_dir):
+    return make_engine(_model_cfg(tiny_model_dir), engine_cfg=EngineConfig(max_batch_size=5))
+
+
+def _prompts(engine):
+    return [render_chat(engine.tokenizer, student_messages(q)) for q in QUESTIONS]
+
+
+def _ids(outs):
+    return [[s.token_ids for s in samples] for samples in outs]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(3, 1.0, 0, 1.0, 20), SamplingParams(2, 0.8, 50, 1.0, 12),
+                                    SamplingParams(2, 0.7, 0, 0.9, 16), SamplingParams(1, 0.0, 0, 1.0, 24)])
+def test_conformance(engine, params):
+    prompts = _prompts(engine)
+    outs = engine.generate(prompts, params, seed=3)
+    assert len(outs) == len(prompts) and all(len(samples) == params.n for samples in outs)
+    stops = set(engine.stop_ids)
+    reasons = set()
+    for samples in outs:
+        for s in samples:
+            reasons.add(s.finish_reason)
+            assert 0 < len(s.token_ids) <= params.max_new_tokens
+            assert (s.token_ids[-1] in stops) == (s.finish_reason == "stop")
+            assert not stops & set(s.token_ids[:-1])
+            if s.finish_reason == "length":
+                assert len(s.token_ids) == params.max_new_tokens
+            body = s.token_ids[:-1] if s.finish_reason == "stop" else s.token_ids
+            assert s.text == engine.tokenizer.decode(body, skip_special_tokens=True)
+    assert engine.generate([], params, seed=3) == []
+
+
+def test_same_seed_same_samples_other_seed_others(engine):
+    prompts, params = _prompts(engine), SamplingParams(3, 1.0, 0, 1.0, 16)
+    a = engine.generate(prompts, params, seed=11)
+    assert _ids(a) == _ids(engine.generate(prompts, params, seed=11))
+    assert _ids(a) != _ids(engine.generate(prompts, params, seed=12))
+    assert len({tuple(s.token_ids) for s in a[0]}) > 1  # the n samples of a prompt differ
+
+
+def test_samples_do_not_depend_on_batch_mates(engine):
+    prompts, params = _prompts(engine), SamplingParams(3, 1.0, 0, 1.0, 16)
+    full = _ids(engine.generate(prompts, params, seed=5))
+    assert _ids(engine.generate(prompts[::-1], params, seed=5)) == full[::-1]
+    assert _ids(engine.generate(prompts[2:3], params, seed=5)) == full[2:3]
+    dup = _ids(engine.generate([prompts[0], prompts[0]], params, seed=5))
+    assert dup[0] == full[0] and dup[1] != dup[0]  # a repeated prompt gets fresh samples
+
+
+def test_refilled_small_batch_equals_one_big_batch(hf_engine, tiny_model_dir, monkeypatch):
+    """max_batch_size=5 rows for 6 prompts x 3 samples: rows are refilled many times and the KV buffer is
+    relaid; samples must equal those of one wide batch."""
+    from ssb import engine as mod
+
+    calls = []
+    real = mod._Decoder._relayout
+    monkeypatch.setattr(mod._Decoder, "_relayout", lambda self, lo, off, cap, rows=None: calls.append(
+        "left-pad" if off else "compact" if rows is None else "drop-rows") or real(self, lo, off, cap, rows))
+    wide = make_engine(_model_cfg(tiny_model_dir), engine_cfg=EngineConfig(max_batch_size=64, prefill_tokens=32))
+    prompts = _prompts(hf_engine)
+    for params in (SamplingParams(3, 1.0, 0, 1.0, 24), SamplingParams(3, 0.0, 0, 1.0, 24)):
+        assert _ids(hf_engine.generate(prompts, params, seed=1)) == _ids(wide.generate(prompts, params, seed=1))
+    assert {"left-pad", "compact", "drop-rows"} <= set(calls)  # every re-layout of the KV buffer was exercised
+
+
+def test_greedy_equals_transformers_generate_alone(hf_engine):
+    prompts = _prompts(hf_engine)
+    model, stops = hf_engine.model, hf_engine.stop_ids
+    outs = hf_engine.generate(prompts, SamplingParams(2, 0.0, 0, 1.0, 40), seed=0)
+    for p, samples in zip(prompts, outs):
+        ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             max_new_tokens=40, do_sample=False, eos_token_id=stops,
+                             pad_token_id=hf_engine.pad_id)[0, len(p):].tolist()
+        cut = next((k + 1 for k, t in enumerate(ref) if t in stops), len(ref))
+        assert samples[0].token_ids == samples[1].token_ids == ref[:cut]
+
+
+def test_pick_tokens_matches_the_distribution():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 7) * 2
+    u = 1 - torch.rand(20000, dtype=torch.float64)
+    params = SamplingParams(temperature=0.5)
+    toks = pick_tokens(logits.expand(len(u), -1), u, params)
+    freq = torch.bincount(toks, minlength=7).double() / len(u)
+    assert torch.allclose(freq, (logits[0] / 0.5).double().softmax(-1), atol=0.015)
+    top2 = pick_tokens(logits.expand(len(u), -1), u, SamplingParams(top_k=2))
+    assert set(top2.tolist()) == set(logits[0].topk(2).indices.tolist())
+    nucleus = pick_tokens(logits.expand(len(u), -1), u, SamplingParams(top_p=1e-6))
+    assert set(nucleus.tolist()) == {int(logits.argmax())}
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vllm is installed")
+def test_vllm_backend_without_vllm_is_a_clear_error(tiny_model_dir):
+    with pytest.raises(SsbError, match="ssb\\[vllm\\]"):
+        make_engine(_model_cfg(tiny_model_dir), engine_cfg=EngineConfig(backend="vllm"))
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed")
+def test_vllm_prompt_topk_logprobs(tiny_model_dir):
+    eng = make_engine(_model_cfg(tiny_model_dir), engine_cfg=EngineConfig(backend="vllm"))
+    seqs = [p + [5, 6, 7] for p in _prompts(eng)[:2]]
+    out = eng.prompt_topk_logprobs(seqs, k=4)
+    assert [len(rows) for rows in out] == [len(s) - 1 for s in seqs]
+    for rows in out:
+        for top in rows:
+            assert len(top) == 4 and [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
+
+
+def test_engine_is_the_transformers_one_by_default(hf_engine):
+    assert isinstance(hf_engine, TransformersEngine)
