@@ -108,6 +108,10 @@ class DistillConfig:
     gradient_checkpointing: bool = _f(False, "Recompute student activations in backward to save memory.")
     paper_student_format: bool = _f(False, "Reproduce the authors: student prompt without the chat template "
                                     "and no end-of-turn target. Off by default.")
+    teacher: str = _f("online", "Teacher signal: online (frozen base, adapter off, full vocabulary, every step) or "
+                      "topk (one teacher pass before training caches its top-k log-probs at the training "
+                      "temperature in distill/teacher_topk/; no teacher forward while training).", ("online", "topk"))
+    topk: int = _f(64, "k of the cached top-k teacher (teacher=topk only): 388 bytes per reply token at k=64.")
 
 
 @dataclass
@@ -126,6 +130,52 @@ class EvaluateConfig:
 
 
 @dataclass
+class GrpoConfig:
+    """The RL baseline (``ssb grpo``): TRL's GRPOTrainer on the rollout problems, LoRA settings from ``distill``."""
+
+    steps: int = _f(200, "Optimizer steps (one fresh generation batch per step: fully on-policy).")
+    batch_size: int = _f(4, "Prompts per optimizer step; each gets num_generations completions.")
+    num_generations: int = _f(8, "G: completions sampled per prompt (the group the advantage is relative to; >= 2).")
+    micro_batch_size: int = _f(8, "Completions per forward/backward pass (memory knob; must divide "
+                               "batch_size × num_generations; the rest is gradient accumulation).")
+    temperature: float = _f(0.8, "Sampling temperature (the paper's rollout setting).")
+    top_k: int = _f(50, "Top-k sampling (0 = off); rollout's default.")
+    top_p: float = _f(1.0, "Nucleus sampling (1.0 = off).")
+    max_new_tokens: int = _f(1024, "Longest completion in tokens (TRL max_completion_length); longer ones are cut "
+                             "and usually earn reward 0. GSM8K solutions of a 3B instruct model fit easily.")
+    lr: float = _f(1e-5, "Peak learning rate (AdamW). 1e-5 is TRL's 'LoRA Without Regret' GRPO recipe (LoRA needs "
+                   "~10x the 1e-6 of full-FT GRPO; with α fixed the best LoRA lr is roughly rank-independent).")
+    schedule: str = _f("cosine", "Learning-rate schedule after warm-up (the recipe above uses cosine).",
+                       ("linear", "cosine", "constant"))
+    warmup_steps: int = _f(0, "Linear warm-up steps.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    beta: float | None = _f(None, "KL coefficient to the base model (adapter disabled); null = no KL term and no "
+                            "reference pass (TRL's default β=0, as in DAPO / Dr. GRPO; DeepSeek-R1 used 0.001).")
+    loss_type: str = _f("dapo", "TRL loss aggregation: dapo (TRL default: token-mean over the whole batch, no length "
+                        "bias), grpo (textbook: mean per sequence, then over sequences), dr_grpo (sum / "
+                        "max_new_tokens), bnpo (token-mean per micro-batch).", ("dapo", "grpo", "dr_grpo", "bnpo"))
+    scale_rewards: str = _f("group", "Advantage = (r - group mean) / std: std of the group (textbook GRPO, TRL "
+                            "default), of the whole batch, or none (Dr. GRPO: mean-centred only).",
+                            ("group", "batch", "none"))
+    format_reward: float | None = _f(None, "Bonus added when a completion has a complete \\boxed{} answer, right or "
+                                     "wrong (e.g. 0.1); null = off: the reward is correctness only (1 or 0).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    logging_steps: int = _f(1, "Write a grpo/train_log.jsonl row every this many steps (TRL averages in between).")
+
+
+@dataclass
+class EngineConfig:
+    backend: str = _f("transformers", "Generation engine: the embedded transformers one (no extra dependency) or "
+                      "vLLM (pip install ssb[vllm]).", ("transformers", "vllm"))
+    max_batch_size: int = _f(256, "transformers: most sequences decoded at once (finished ones are refilled).")
+    prefill_tokens: int = _f(16384, "transformers: prompt tokens (padding included) per prefill forward.")
+    gpu_memory_utilization: float = _f(0.9, "vllm: fraction of GPU memory vLLM may use.")
+    tensor_parallel_size: int = _f(1, "vllm: GPUs one model is split over.")
+    max_model_len: int | None = _f(None, "vllm: longest prompt + reply (None = the model's).")
+
+
+@dataclass
 class Config:
     model: ModelConfig = _f(ModelConfig(), "The base model (teacher and student).")
     seed: int = _f(0, "Seed for sampling, curation tie-breaks, LoRA init and data order.")
@@ -136,6 +186,8 @@ class Config:
     teach: TeachConfig = _f(TeachConfig(), "Stage 3.")
     distill: DistillConfig = _f(DistillConfig(), "Stage 4.")
     evaluate: EvaluateConfig = _f(EvaluateConfig(), "Stage 5.")
+    engine: EngineConfig = _f(EngineConfig(), "Generation engine (rollout, teach, evaluate).")
+    grpo: GrpoConfig = _f(GrpoConfig(), "The GRPO baseline (`ssb grpo`), not part of `ssb run`.")
 
 
 # --------------------------------------------------------------------------------------------- conversion
