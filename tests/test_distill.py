@@ -1,6 +1,7 @@
 """Distillation internals on the tiny model: position alignment, the adapter-disabled teacher, and the loss
 against a float64 full-vocabulary reference computed from plain full-sequence logits."""
 
+import math
 import random
 
 import pytest
@@ -84,3 +85,96 @@ def test_batch_loss_matches_float64_full_vocab_reference(peft_model, average):
         per_seq.append(kl)
     ref = torch.cat(per_seq).mean() if average == "token" else torch.stack([k.mean() for k in per_seq]).mean()
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ the distill stage
+@pytest.fixture(scope="module")
+def taught(tiny_model_dir, data_dir, tmp_path_factory):
+    """A run dir with real rollout -> curate -> teach outputs on the tiny model (a few seconds)."""
+    from conftest import small_overrides
+    from ssb import curate, rollout, teach
+    from ssb.config import load_config
+
+    d = tmp_path_factory.mktemp("taught")
+    cfg = load_config(None, small_overrides(tiny_model_dir, data_dir) + ["rollout.data={name: arith, limit: 8}"])
+    for stage in (rollout, curate, teach):
+        stage.run(cfg, d)
+    return cfg, d
+
+
+def _distill_cfg(base, *extra):
+    from ssb.config import load_config, to_dict
+
+    return load_config(None, ["distill.lr=1e-3", "distill.batch_size=8", "distill.epochs=12",
+                              "distill.schedule=constant", "distill.lora_r=8", "distill.lora_alpha=16",
+                              "distill.topk=8", *extra], base=to_dict(base))
+
+
+def _copy_teach(src, dst):
+    import shutil
+
+    for s in ("rollout", "curate", "teach"):
+        shutil.copytree(src / s, dst / s)
+    return dst
+
+
+@pytest.mark.parametrize("teacher", ["online", "topk"])
+def test_distill_stage_trains_with_decreasing_loss(taught, tmp_path, monkeypatch, teacher):
+    from peft import PeftModel
+
+    from ssb import distill
+    from ssb.rundir import read_rows
+
+    base_cfg, src = taught
+    d = _copy_teach(src, tmp_path)
+    cfg = _distill_cfg(base_cfg, f"distill.teacher={teacher}")
+    if teacher == "topk":  # the cached teacher must not run the model with the adapter disabled while training
+        monkeypatch.setattr(PeftModel, "disable_adapter", lambda self: pytest.fail("online teacher forward"))
+    manifest = distill.run(cfg, d)
+    losses = [r["loss"] for r in read_rows(d / "distill" / "train_log.jsonl")]
+    assert len(losses) == 12 and all(map(math.isfinite, losses))
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 * 0.9
+    assert manifest["teacher"] == teacher
+    assert ("teacher_cache" in manifest) == (teacher == "topk") == (d / "distill" / "teacher_topk").is_dir()
+    if teacher == "topk":
+        _check_cache_matches_base_model(cfg, d, manifest["teacher_cache"])
+
+
+def _check_cache_matches_base_model(cfg, d, info):
+    """Cached values are the top-k of the base model's log_softmax(logits / T) at the teacher's reply positions."""
+    from transformers import AutoModelForCausalLM
+
+    from ssb.losses import topk_teacher
+    from ssb.rundir import read_json, read_rows
+    from ssb.teacher_cache import TopkCacheReader
+
+    rows = read_rows(d / "teach" / "examples.jsonl")
+    index = read_json(d / "distill" / "teacher_topk" / "index.json")
+    assert index["complete"] and index["k"] == info["k"] == 8 and index["temperature"] == cfg.distill.temperature
+    assert info["bytes_per_token"] == 8 * 6 + 4 and info["tokens"] == sum(len(r["reply_ids"]) for r in rows)
+    reader = TopkCacheReader(d / "distill" / "teacher_topk", 8, cfg.distill.temperature)
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32)
+    for r in rows[:2]:
+        e = align([0], list(r["teacher_prompt_ids"]), list(r["reply_ids"]))
+        with torch.no_grad():
+            logits = base(torch.tensor([e.teacher_ids])).logits[0][e.teacher_pos]
+        lp, ids, tail = topk_teacher(logits, 8, temperature=cfg.distill.temperature)
+        got_lp, got_ids, got_tail = reader[r["id"]]
+        assert torch.equal(got_ids.long(), ids)
+        torch.testing.assert_close(got_lp.float(), lp, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(got_tail, tail, rtol=1e-4, atol=1e-4)
+
+
+def test_distill_refuses_a_cache_built_at_another_temperature(taught, tmp_path, monkeypatch):
+    from ssb import distill
+    from ssb.errors import SsbError
+    from ssb.teacher_cache import TopkCacheWriter
+
+    base_cfg, src = taught
+    d = _copy_teach(src, tmp_path)
+    cfg = _distill_cfg(base_cfg, "distill.teacher=topk", "distill.temperature=2.0")
+    TopkCacheWriter(d / "distill" / "teacher_topk", 8, 1.0).finish()  # e.g. copied in from a T=1 run
+    monkeypatch.setattr(distill, "load_model", lambda *a, **k: pytest.fail("refused only after loading"))
+    with pytest.raises(SsbError, match="temperature") as err:
+        distill.run(cfg, d)
+    assert "\n" not in str(err.value)

@@ -346,14 +346,66 @@ def test_topk_close_for_peaked_teacher():
     assert abs(f - b) <= 0.01 * f
 
 
+def test_topk_teacher_at_a_temperature():
+    _, t = _logits(seed=24)
+    lp, ids, tail = topk_teacher(t, 5, temperature=2.0)
+    lp1, ids1, _ = topk_teacher(t, 5)
+    assert torch.equal(ids, ids1)  # tempering is monotone: same tokens
+    full = torch.log_softmax(t.double() / 2.0, -1)
+    torch.testing.assert_close(lp.double(), full.gather(-1, ids), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tail.exp() + lp.exp().sum(-1), torch.ones(N), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(lp, lp1)
+    with pytest.raises(ValueError):
+        topk_teacher(t, 5, temperature=0.0)
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+def test_tempered_cache_with_k_equal_V_equals_online_loss_at_T2(kind):
+    s, t = _logits(seed=25)
+    lp, ids, tail = topk_teacher(t, V, temperature=2.0)
+    kw = dict(kind=kind, temperature=2.0, ce_weight=0.3, targets=torch.randint(0, V, (N,), generator=_gen(26)),
+              weights=_seq_weights(), kd_weight=0.7)
+    val, grad = _value_and_grad(lambda x: topk_distill_loss(x, lp, ids.int(), tail, teacher_tempered=True, **kw), s)
+    rval, rgrad = _value_and_grad(lambda x: distill_loss(x, t, **kw), s)
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(val, rval, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, rgrad, rtol=1e-5, atol=1e-6)
+    # the T=1 cache read as if tempered is a different (wrong) loss: the flag matters
+    lp1, ids1, tail1 = topk_teacher(t, V)
+    assert not torch.allclose(topk_distill_loss(s, lp1, ids1, tail1, teacher_tempered=True, **kw), rval, rtol=1e-2)
+
+
+def test_tempered_cache_is_close_for_peaked_teacher_at_T2_and_legacy_is_not():
+    g = _gen(27)
+    n, v, k, T = 16, 2000, 32, 2.0
+    t = torch.randn(n, v, generator=g) * 2
+    t[torch.arange(n), torch.randint(0, v, (n,), generator=g)] += 30.0  # peaked teacher
+    s = torch.randn(n, v, generator=g) * 2 + 0.5 * t
+    lp, ids, tail = topk_teacher(t, k, temperature=T)
+    assert tail.exp().max() < 1e-2  # tempered tail mass (at T=1 it is ~1e-8)
+    lp16, ids32 = lp.half(), ids.int()  # stored as in the cache
+    for kind in LOSSES:
+        full = distill_loss(s, t, kind=kind, temperature=T)
+        cached = topk_distill_loss(s, lp16, ids32, tail, kind=kind, temperature=T, teacher_tempered=True)
+        assert cached <= full * (1 + 1e-3)  # binning never increases an f-divergence (up to fp16 rounding)
+        if kind != "reverse_kl":  # reverse KL also weighs the student's own tail mass, which may be large
+            assert abs(cached - full) <= 0.01 * full
+    full = distill_loss(s, t, temperature=T)
+    cached = topk_distill_loss(s, lp16, ids32, tail, temperature=T, teacher_tempered=True)
+    lp1, ids1, tail1 = topk_teacher(t, k)  # legacy: T=1 cache tempered over bins, tail as one token
+    legacy = topk_distill_loss(s, lp1, ids1, tail1, temperature=T)
+    assert abs(legacy - full) > 5 * abs(cached - full)
+
+
 @pytest.mark.parametrize("chunk_size", [3, 100])
-def test_chunked_topk_matches_unchunked(chunk_size):
+@pytest.mark.parametrize("tempered", [False, True])
+def test_chunked_topk_matches_unchunked(chunk_size, tempered):
     sh, _, w, b = _hidden(seed=20, bias=True)
     _, th, _, _ = _hidden(seed=21)
-    lp, ids, tail = topk_teacher(F.linear(th, w, b), 6)
+    lp, ids, tail = topk_teacher(F.linear(th, w, b), 6, temperature=2.0 if tempered else 1.0)
     lp, ids, tail = lp.bfloat16(), ids.int(), tail.bfloat16()
     kw = dict(kind="jsd", temperature=2.0, ce_weight=0.5, targets=torch.randint(0, V, (N,), generator=_gen(22)),
-              weights=_seq_weights())
+              weights=_seq_weights(), teacher_tempered=tempered, kd_weight=0.8)
 
     def run(chunked):
         h, ww = sh.clone().requires_grad_(True), w.clone().requires_grad_(True)

@@ -4,11 +4,21 @@ The student is the base model plus a LoRA adapter and sees only the system promp
 chat template). The teacher is the *same* model with the adapter disabled, conditioned on the hinted prompt it
 was sampled from. Both read the teacher's reply tokens; the reply token ``r[j]`` is predicted by the student at
 position ``len(student_prompt) + j - 1`` and by the teacher at ``len(teacher_prompt) + j - 1``
-(:func:`align`). The teacher is computed online every step from the frozen weights: exact, full-vocabulary, and
-nothing stored.
+(:func:`align`). Teacher signal (``distill.teacher``):
+
+- ``online`` (default): the teacher runs every step from the frozen weights: exact, full-vocabulary, nothing stored.
+- ``topk``: before training, one teacher pass over all examples (the base model, before the adapter exists) stores
+  the top-``distill.topk`` log-probabilities of ``log_softmax(logits / distill.temperature)`` per reply token, their
+  ids and the log of the remaining mass (:mod:`ssb.teacher_cache`; 388 bytes/token at k=64); training then reads the
+  cache (no teacher forward) and uses :func:`ssb.losses.chunked_topk_distill_loss` with ``teacher_tempered=True``.
+  The cache lives in ``distill/teacher_topk/`` because it is this stage's intermediate, valid only for this
+  stage's inputs, k and temperature: the stage owns its directory (``--force`` wipes it with the rest), an
+  interrupted distill resumes the cache build shard by shard, and a cache built at another k or temperature is
+  refused with an error. (Reusing one cache across distill sweeps would need it outside the stage; not done.)
 
 Memory: both models produce only final hidden states; logits are formed chunk by chunk through the lm_head and
-reduced at once (:func:`ssb.losses.chunked_distill_loss`), so the (tokens × vocabulary) fp32 logits never exist.
+reduced at once (:func:`ssb.losses.chunked_distill_loss`), so the (tokens × vocabulary) fp32 logits never exist,
+neither in training nor in the cache build.
 
 Outputs: ``distill/adapter/`` (a standard peft adapter: ``PeftModel.from_pretrained(base, path)`` loads it),
 ``distill/train_log.jsonl`` (per step: step, epoch, loss, grad_norm, lr, tokens, tokens_per_s, seconds).
@@ -24,14 +34,18 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ssb.common import progress
 from ssb.config import Config, fingerprint
 from ssb.errors import SsbError
-from ssb.losses import chunked_distill_loss
+from ssb.losses import chunked_distill_loss, chunked_topk_distill_loss, topk_teacher
 from ssb.models import load_model, load_tokenizer, render_chat, resolve_device, stop_token_ids
 from ssb.prompts import student_messages
-from ssb.rundir import Stage, append_rows, read_rows, require_done
+from ssb.rundir import Stage, append_rows, batches, read_rows, require_done
+from ssb.teacher_cache import TopkCacheReader, TopkCacheWriter, bytes_per_token, check_existing
+
+CACHE_DIR, CACHE_DTYPE = "teacher_topk", "float16"
 
 
 @dataclass
@@ -121,6 +135,14 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     if not rows:
         raise SsbError("teach/examples.jsonl has no examples: nothing to distill")
     dc = cfg.distill
+    use_cache = dc.teacher == "topk" and dc.kd_weight > 0
+    keys = [str(r.get("id", i)) for i, r in enumerate(rows)]
+    cache_fp = fingerprint("teacher_topk", stage.config["teach"], cfg.model, dc.topk, dc.temperature,
+                           dc.paper_student_format, CACHE_DTYPE)
+    if use_cache:
+        if len(set(keys)) != len(keys):
+            raise SsbError("teach/examples.jsonl has duplicate ids; the top-k teacher cache is keyed by id")
+        check_existing(stage.path(CACHE_DIR), dc.topk, dc.temperature, cache_fp)  # before loading the model
     tokenizer = load_tokenizer(cfg.model)
     stage.begin()
     stage.path("train_log.jsonl").unlink(missing_ok=True)  # a restarted run starts its log afresh
@@ -128,6 +150,15 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     device = resolve_device(cfg.model.device)
     model = load_model(cfg.model, device=device)
     examples = build_examples(rows, tokenizer, stop_token_ids(tokenizer, model), dc.paper_student_format)
+    cache, cache_info = None, {}
+    if use_cache:  # before the adapter exists: the plain base model is the teacher
+        t_cache = time.time()
+        cache = build_topk_cache(model, examples, keys, dc, stage.path(CACHE_DIR), cache_fp,
+                                 tokenizer.pad_token_id, device)
+        cache_info = {"teacher_cache": {"path": CACHE_DIR, "k": cache.k, "temperature": cache.temperature,
+                                        "tokens": cache.total_tokens, "stored_bytes": cache.stored_bytes(),
+                                        "bytes_per_token": bytes_per_token(cache.k, CACHE_DTYPE),
+                                        "seconds": round(time.time() - t_cache, 3)}}
     if dc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -154,9 +185,10 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
             if step >= total:
                 break
             t0 = time.time()
-            batch = collate([examples[i] for i in order[b * dc.batch_size:(b + 1) * dc.batch_size]],
-                            tokenizer.pad_token_id, device)
-            loss = _loss(model, decoder, lm_head, batch, dc, loss_kw)
+            idx = order[b * dc.batch_size:(b + 1) * dc.batch_size]
+            batch = collate([examples[i] for i in idx], tokenizer.pad_token_id, device)
+            cached = None if cache is None else cache.batch([keys[i] for i in idx], device)
+            loss = _loss(model, decoder, lm_head, batch, dc, loss_kw, cached)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(params, dc.max_grad_norm if dc.max_grad_norm > 0 else float("inf"))
             opt.step()
@@ -180,14 +212,49 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     counts = {"examples": len(examples), "steps": step, "trained_tokens": trained_tokens}
-    return stage.finish(counts, train_seconds=round(time.time() - t_start, 3))
+    return stage.finish(counts, train_seconds=round(time.time() - t_start, 3), teacher=dc.teacher, **cache_info)
 
 
-def _loss(model, decoder, lm_head, batch: dict, dc, loss_kw: dict) -> torch.Tensor:
-    """Mean loss over the batch's reply tokens (``average=token``) or over its sequences (``sequence``)."""
+@torch.no_grad()
+def build_topk_cache(model, examples: list[Example], keys: list[str], dc, path, cache_fp: str, pad_id: int,
+                     device) -> TopkCacheReader:
+    """One teacher pass (``model`` = the adapter-free base) over the examples not yet cached, a shard per batch of
+    ``dc.batch_size`` examples; logits are formed ``dc.chunk_size`` reply positions at a time. Returns a reader
+    checked against the examples (ids and token counts)."""
+    writer = TopkCacheWriter(path, dc.topk, dc.temperature, CACHE_DTYPE, cache_fp)
+    decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
+    if dc.topk > lm_head.weight.shape[0]:
+        raise SsbError(f"distill.topk={dc.topk} exceeds the vocabulary size {lm_head.weight.shape[0]}")
+    todo = [i for i, key in enumerate(keys) if key not in writer.done]
+    if not writer.complete and todo:
+        bar = progress(len(todo), "teacher top-k", "example")
+        for _, chunk in batches(todo, dc.batch_size):
+            batch = collate([examples[i] for i in chunk], pad_id, device)
+            th = decoder(input_ids=batch["t_ids"], attention_mask=batch["t_mask"]).last_hidden_state
+            hidden = th[batch["rows"], batch["t_pos"]]
+            parts = [topk_teacher(F.linear(hidden[s:s + dc.chunk_size], lm_head.weight, lm_head.bias), dc.topk,
+                                  dc.temperature) for s in range(0, hidden.shape[0], dc.chunk_size)]
+            lens = [len(examples[i].targets) for i in chunk]
+            lp, ids, tail = (torch.cat([p[j] for p in parts]).cpu().split(lens) for j in range(3))
+            writer.write_shard([keys[i] for i in chunk], list(lp), list(ids), list(tail))
+            bar.update(len(chunk))
+        bar.close()
+    if not writer.complete:
+        writer.finish()
+    reader = TopkCacheReader(path, dc.topk, dc.temperature, cache_fp)
+    for key, e in zip(keys, examples):
+        if key not in reader or reader.tokens(key) != len(e.targets):
+            raise SsbError(f"teacher cache {path} does not match example {key!r} (missing or another reply length); "
+                           f"rerun distill with --force")
+    return reader
+
+
+def _loss(model, decoder, lm_head, batch: dict, dc, loss_kw: dict, cached=None) -> torch.Tensor:
+    """Mean loss over the batch's reply tokens (``average=token``) or over its sequences (``sequence``).
+    ``cached``: the batch's (logprobs, ids, tail) from the top-k teacher cache; None = online teacher."""
     h = decoder(input_ids=batch["s_ids"], attention_mask=batch["s_mask"]).last_hidden_state
     student = h[batch["rows"], batch["s_pos"]]
-    if dc.kd_weight > 0:
+    if dc.kd_weight > 0 and cached is None:
         with torch.no_grad(), model.disable_adapter():
             th = decoder(input_ids=batch["t_ids"], attention_mask=batch["t_mask"]).last_hidden_state
             teacher = th[batch["rows"], batch["t_pos"]]
@@ -197,7 +264,10 @@ def _loss(model, decoder, lm_head, batch: dict, dc, loss_kw: dict) -> torch.Tens
         weights, norm = None, batch["targets"].numel()
     else:
         weights, norm = 1.0 / batch["seq_len"].float(), int(batch["s_ids"].shape[0])
-    total = chunked_distill_loss(student, teacher, lm_head.weight, lm_head_bias=lm_head.bias,
-                                 kd_weight=dc.kd_weight, ce_weight=dc.ce_weight, targets=batch["targets"],
-                                 weights=weights, **loss_kw)
+    common = dict(lm_head_bias=lm_head.bias, kd_weight=dc.kd_weight, ce_weight=dc.ce_weight,
+                  targets=batch["targets"], weights=weights, **loss_kw)
+    if cached is not None:
+        total = chunked_topk_distill_loss(student, *cached, lm_head.weight, teacher_tempered=True, **common)
+    else:
+        total = chunked_distill_loss(student, teacher, lm_head.weight, **common)
     return total / norm

@@ -22,21 +22,27 @@ Conventions (all functions):
   pushes the student's mass off that token.
 * Empty input (N == 0) or all-zero weights give a loss of exactly 0 with zero gradients (never NaN).
 
-Top-k teacher (cached teacher signal). Per reply token the teacher is stored as its top-k log-probabilities at T=1
-(``topk_logprobs (N, k)``, ``topk_ids (N, k)``, distinct ids per row) and ``tail_logmass (N,)`` = log of the mass
-outside the top-k. The teacher distribution is then a distribution over k+1 *bins* (the k kept tokens and one tail bin);
-the student's full distribution is collapsed onto the same bins (its tail bin = logsumexp of its log-probs outside the
-top-k ids) and the loss is the chosen divergence between these two (k+1)-bin distributions.
-Temperature: the student gets ``logits / T`` before collapsing (exact). The teacher's per-token probabilities beyond
-the top-k are unknown, so temperature is applied to the bins: ``p_bin^(1/T)`` renormalised over the k+1 bins (i.e.
-``log_softmax(bin_logprobs / T)``), treating the tail as a single token. This is exact for the k kept tokens' relative
-odds but an approximation for the tail mass (the true tempered tail is ``sum_tail p_v^(1/T)``, not
-``(sum_tail p_v)^(1/T)``); it is exact for T=1 and for k=V (empty tail, ``tail_logmass = -inf``), in which case the
-top-k loss equals ``distill_loss`` on the full logits. Bins also renormalise any fp16/bf16 rounding of the stored
-values. At T=1 the binned divergence is a lower bound of the full one (data-processing inequality), with a gap of
-``P_tail * KL(teacher tail-conditional || student tail-conditional)`` for forward KL. Caveat: for T > 1 the one-bin
-tail badly underestimates the tempered teacher's tail when the tail spans many tokens (measured on V=2000 random
-logits with P_tail ~ 1e-3, k=32..128, T=2: the loss is off by ~35-130%), so prefer T=1 with a cached top-k teacher.
+Top-k teacher (cached teacher signal). Per reply token the teacher is stored as ``topk_logprobs (N, k)``,
+``topk_ids (N, k)`` (distinct ids per row) and ``tail_logmass (N,)`` = log of the mass outside the top-k, all taken from
+the teacher distribution at a cache temperature ``T_c``: ``topk_teacher(logits, k, temperature=T_c)`` =
+top-k of ``log_softmax(logits / T_c)``. The loss is the chosen divergence between two distributions over k+1 *bins*
+(the k kept tokens and one tail bin). Teacher bins: the stored values renormalised (``log_softmax`` over the k+1 bins,
+which only absorbs fp16/bf16 rounding). Student bins: ``log_softmax(student / T)`` gathered at the ids, and its tail
+bin = logsumexp of its log-probs outside the ids (exact, full vocabulary).
+How the tail mass enters each kind (P = tail-bin mass, c = distribution conditioned on the tail tokens):
+``forward_kl``: the tail adds ``P_t (log P_t - log P_s)``; the student is matched on its total tail mass, not on how it
+spreads it; binned = full - ``P_t * KL(c_t || c_s)``. ``reverse_kl``: adds ``P_s (log P_s - log P_t)``; binned = full -
+``P_s * KL(c_s || c_t)``. ``jsd``: the mixture is formed per bin, tail included; binned <= full. All three are
+f-divergences, so binning never increases them (data-processing inequality) and the gap vanishes as the tail mass
+does; with k = V (empty tail, ``tail_logmass = -inf``) the top-k loss equals ``distill_loss`` on the full logits.
+Temperature: ``teacher_tempered=True`` (what the distill stage uses): the cache was built at ``T_c = T`` and the stored
+values are used as-is; ``T`` is applied to the student only. This is the exact binned divergence of the two tempered
+distributions; the truncation gap above is then taken at T, whose tail is heavier than at T=1 (e.g. 1e-8 -> 4e-3 for a
+peaked teacher), so keep k moderate, not tiny. ``teacher_tempered=False``: the stored values are T=1 log-probs and
+are tempered over the bins (``log_softmax(bins / T)``), treating the tail as one token. Exact for T=1 and for k=V,
+but for T != 1 the tempered tail is ``sum_tail p_v^(1/T)``, not ``(sum_tail p_v)^(1/T)``: measured on V=2000 random
+logits with P_tail ~ 1e-3, k=32..128, T=2, the loss is off by ~35-130%. Hence the distill stage caches at the
+training temperature, records ``T_c`` and k in the cache index, and refuses a cache whose ``T_c`` or k differs.
 
 Memory: ``chunked_distill_loss`` / ``chunked_topk_distill_loss`` take hidden states and the lm_head weight, produce
 logits ``chunk_size`` positions at a time and reduce them immediately inside ``torch.utils.checkpoint``
@@ -168,16 +174,17 @@ def distill_loss(student_logits: Tensor, teacher_logits: Optional[Tensor], *, ki
 
 # ----------------------------------------------------------------------------------------------- top-k teacher
 @torch.no_grad()
-def topk_teacher(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Compress teacher logits (N, V) at T=1 to (topk_logprobs fp32 (N, k), topk_ids int64 (N, k),
-    tail_logmass fp32 (N,)) where tail_logmass = log of the probability mass outside the top-k (-inf if k == V).
-    Computed without grad. Cast for storage as the caller likes (e.g. logprobs bf16, ids int32)."""
+def topk_teacher(teacher_logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Compress teacher logits (N, V) at ``temperature`` to (topk_logprobs fp32 (N, k), topk_ids int64 (N, k),
+    tail_logmass fp32 (N,)): the top-k of ``log_softmax(logits / temperature)`` and the log of the probability mass
+    outside them (-inf if k == V). Computed without grad. Cast for storage as the caller likes (fp16, int32)."""
     if teacher_logits.dim() != 2:
         raise ValueError(f"expected (N, V) teacher logits, got {tuple(teacher_logits.shape)}")
     v = teacher_logits.shape[1]
     if not 1 <= k <= v:
         raise ValueError(f"k must be in [1, V={v}], got {k}")
-    logp = F.log_softmax(_float(teacher_logits), dim=-1)
+    _check_args("forward_kl", temperature, 0.0, 0.0, None)
+    logp = F.log_softmax(_float(teacher_logits) / temperature, dim=-1)
     vals, ids = logp.topk(k, dim=-1)
     return vals, ids, _tail_logsumexp(logp, ids)
 
@@ -185,11 +192,14 @@ def topk_teacher(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor
 def topk_distill_loss(student_logits: Tensor, topk_logprobs: Tensor, topk_ids: Tensor, tail_logmass: Tensor, *,
                       kind: str = "forward_kl", temperature: float = 2.0, scale_t2: bool = True, beta: float = 0.5,
                       ce_weight: float = 0.0, targets: Optional[Tensor] = None,
-                      weights: Optional[Tensor] = None, kd_weight: float = 1.0) -> Tensor:
+                      weights: Optional[Tensor] = None, kd_weight: float = 1.0,
+                      teacher_tempered: bool = False) -> Tensor:
     """distill_loss against a cached top-k teacher, over k+1 bins (see module docstring).
 
-    student_logits (N, V); topk_logprobs (N, k) any float dtype (T=1 log-probs); topk_ids (N, k) int (distinct per
-    row, < V); tail_logmass (N,); targets/weights (N,) as in distill_loss. Returns a 0-dim fp32 tensor."""
+    student_logits (N, V); topk_logprobs (N, k) any float dtype; topk_ids (N, k) int (distinct per row, < V);
+    tail_logmass (N,); targets/weights (N,) as in distill_loss. ``teacher_tempered``: the cached values are already at
+    ``temperature`` (only the student is tempered); else they are T=1 values tempered over the bins (approximate for
+    T != 1). Returns a 0-dim fp32 tensor."""
     _check_args(kind, temperature, beta, ce_weight, targets)
     if student_logits.dim() != 2:
         raise ValueError(f"expected (N, V) student logits, got {tuple(student_logits.shape)}")
@@ -203,10 +213,11 @@ def topk_distill_loss(student_logits: Tensor, topk_logprobs: Tensor, topk_ids: T
     s = _float(student_logits)
     ids = topk_ids.long()
     t_bins = torch.cat([topk_logprobs.detach().to(s.dtype), tail_logmass.detach().to(s.dtype).unsqueeze(-1)], -1)
-    log_pt = F.log_softmax(t_bins / temperature, dim=-1)
+    log_pt = F.log_softmax(t_bins if teacher_tempered else t_bins / temperature, dim=-1)
     log_ps_full = F.log_softmax(s / temperature, dim=-1)
     log_ps = torch.cat([log_ps_full.gather(-1, ids), _tail_logsumexp(log_ps_full, ids).unsqueeze(-1)], -1)
-    return _reduce(_kd(log_ps, log_pt, kind, beta), s, temperature, scale_t2, ce_weight, targets, weights)
+    return _reduce(_kd(log_ps, log_pt, kind, beta), s, temperature, scale_t2, ce_weight, targets, weights,
+                   kd_weight)
 
 
 # ----------------------------------------------------------------------------------------------- chunked
@@ -270,7 +281,8 @@ def chunked_topk_distill_loss(student_hidden: Tensor, topk_logprobs: Tensor, top
                               lm_head_weight: Tensor, *, lm_head_bias: Optional[Tensor] = None,
                               chunk_size: int = 1024, **kw) -> Tensor:
     """topk_distill_loss(student_hidden @ W.T + b, topk_logprobs, topk_ids, tail_logmass, **kw), chunked and
-    checkpointed like chunked_distill_loss. student_hidden (N, H); topk_* (N, k); tail_logmass (N,); W (V, H)."""
+    checkpointed like chunked_distill_loss. student_hidden (N, H); topk_* (N, k); tail_logmass (N,); W (V, H).
+    kw as topk_distill_loss (kind, temperature, teacher_tempered, kd_weight, ...)."""
     targets, weights = kw.pop("targets", None), kw.pop("weights", None)
     _check_args(kw.get("kind", "forward_kl"), kw.get("temperature", 2.0), kw.get("beta", 0.5),
                 kw.get("ce_weight", 0.0), targets)
