@@ -73,7 +73,8 @@ def test_batch_loss_matches_float64_full_vocab_reference(peft_model, average):
     causal = peft_model.get_base_model()
     kw = dict(kind=dc.loss, temperature=dc.temperature, scale_t2=dc.scale_t2, beta=dc.jsd_beta,
               chunk_size=dc.chunk_size)
-    loss = _loss(peft_model, causal.get_decoder(), causal.get_output_embeddings(), batch, dc, kw)
+    total = _loss(peft_model, causal.get_decoder(), causal.get_output_embeddings(), batch, dc, kw)
+    loss = total / (batch["targets"].numel() if average == "token" else len(examples))
 
     T, per_seq = dc.temperature, []
     for e in examples:  # reference: plain full-sequence logits, unbatched, float64

@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 from ssb.config import Config, describe, dump_yaml, load_config
+from ssb import dist
 from ssb.errors import SsbError
+from ssb.rundir import read_json
 
 STAGES = ("rollout", "curate", "teach", "distill", "evaluate")
 
@@ -38,11 +40,23 @@ def resolve_config(args) -> Config:
     return load_config(path, args.overrides)
 
 
+def _run_stage(name: str, cfg: Config, run_dir: Path, force: bool):
+    """Run one stage; under torchrun, stages that do not shard their work (curate, grpo) run on rank 0 alone."""
+    module = _stage_module(name)
+    if name in ("curate", "grpo") and dist.world() > 1:
+        result = module.run(cfg, run_dir, force=force) if dist.is_main() else None
+        dist.barrier()
+        return result or read_json(run_dir / name / "manifest.json")
+    return module.run(cfg, run_dir, force=force)
+
+
 def run_stages(cfg: Config, run_dir: Path, stages, force: bool = False) -> None:
     for name in stages:
         t0 = time.time()
         already = (run_dir / name / "manifest.json").exists() and name != "evaluate"
-        result = _stage_module(name).run(cfg, run_dir, force=force)
+        result = _run_stage(name, cfg, run_dir, force)
+        if not dist.is_main():
+            continue
         note = " (already done)" if already and time.time() - t0 < 5 else ""
         print(_summary(name, result, run_dir) + note, file=sys.stderr, flush=True)
 
@@ -107,12 +121,16 @@ def _dispatch(args) -> int:
     else:
         stages = [args.command]
     _quiet_libraries()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved = run_dir / "config.yaml"
-    if args.command == "run" or not saved.exists():
-        saved.write_text(dump_yaml(cfg))
+    dist.init()
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved = run_dir / "config.yaml"
+        if args.command == "run" or not saved.exists():
+            saved.write_text(dump_yaml(cfg))
+    dist.barrier()
     run_stages(cfg, run_dir, stages, force=args.force)
-    print(f"ssb: done; results in {run_dir}", file=sys.stderr)
+    if dist.is_main():
+        print(f"ssb: done; results in {run_dir}", file=sys.stderr)
     return 0
 
 

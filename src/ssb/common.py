@@ -7,10 +7,12 @@ import time
 import zlib
 from typing import Callable
 
+import torch
 from tqdm.auto import tqdm
 
 from ssb.engine import Engine, SamplingParams
-from ssb.rundir import Stage, append_rows, batches, read_rows
+from ssb import dist
+from ssb.rundir import Stage, append_rows, batches, read_rows, write_rows
 
 
 def batch_seed(seed: int, *parts) -> int:
@@ -38,22 +40,29 @@ def generate_rows(
     ``prompt_of(tokenizer, item)`` renders an item's prompt, ``row_of(item, samples)`` makes its row.
 
     Batches are fixed slices of ``items`` seeded by their index, so an interrupted run redoes only the batches it
-    had not written, with the same samples. Rows of a batch are appended together. Returns all rows in item
-    order and counters (tokens generated this call, seconds).
+    had not written, with the same samples. Rows of a batch are appended together. Under data parallelism batch
+    ``b`` belongs to rank ``b % world``, which appends to its own part file ``<filename>.part<rank>``; rank 0 then
+    merges every part into ``filename`` in item order. Resuming with any number of ranks reads all parts, so a
+    crashed rank's missing batches are redone and nothing is duplicated. Returns all rows in item order (on rank
+    0; other ranks return their own) and counters (tokens generated, seconds).
     """
     path = stage.path(filename)
-    done = {r["id"]: r for r in read_rows(path, repair=True)}
-    todo = [(b, batch) for b, batch in batches(items, batch_size) if any(it.id not in done for it in batch)]
+    parts = sorted(path.parent.glob(f"{filename}.part*"))
+    done = {r["id"]: r for p in [path, *parts] for r in read_rows(p, repair=True)}
+    own = path if dist.world() == 1 else path.with_name(f"{filename}.part{dist.rank()}")
+    todo = [(b, batch) for b, batch in batches(items, batch_size)
+            if b % dist.world() == dist.rank() and any(it.id not in done for it in batch)]
     stats = {"generated_tokens": 0, "generate_seconds": 0.0, "resumed_rows": len(done)}
     if todo:
         engine = engine_factory()
         bar = progress(sum(len(b) for _, b in todo), desc, "problem")
         for b, batch in todo:
             t0 = time.time()
-            outs = engine.generate([prompt_of(engine.tokenizer, it) for it in batch], params, batch_seed(seed, stage.name, b))
+            outs = engine.generate([prompt_of(engine.tokenizer, it) for it in batch], params,
+                                   batch_seed(seed, stage.name, b))
             stats["generate_seconds"] += time.time() - t0
             rows = [row_of(it, samples) for it, samples in zip(batch, outs) if it.id not in done]
-            append_rows(path, rows)
+            append_rows(own, rows)
             for r in rows:
                 done[r["id"]] = r
             ntok = sum(len(s.token_ids) for samples in outs for s in samples)
@@ -62,7 +71,19 @@ def generate_rows(
             bar.set_postfix(tok_s=f"{stats['generated_tokens'] / max(stats['generate_seconds'], 1e-9):.0f}")
         bar.close()
     stats["generate_seconds"] = round(stats["generate_seconds"], 3)
-    return [done[it.id] for it in items], stats
+    if dist.world() > 1:
+        stats["generated_tokens"] = int(dist.all_reduce_sum(torch.tensor(stats["generated_tokens"])))
+        dist.barrier()  # every rank's part is complete
+        if not dist.is_main():
+            return [done[it.id] for it in items if it.id in done], stats
+        parts = sorted(path.parent.glob(f"{filename}.part*"))
+        done = {r["id"]: r for p in [path, *parts] for r in read_rows(p)}
+    rows = [done[it.id] for it in items]
+    if parts or dist.world() > 1:  # fold the parts into the one file, in item order
+        write_rows(path, rows)
+        for p in parts:
+            p.unlink()
+    return rows, stats
 
 
 def sample_dict(s) -> dict:

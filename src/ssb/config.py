@@ -112,13 +112,19 @@ class DistillConfig:
                       "topk (one teacher pass before training caches its top-k log-probs at the training "
                       "temperature in distill/teacher_topk/; no teacher forward while training).", ("online", "topk"))
     topk: int = _f(64, "k of the cached top-k teacher (teacher=topk only): 388 bytes per reply token at k=64.")
+    targets: str = _f("teacher", "Training targets: the teacher's verified replies (SSB, and SFT with kd_weight=0), "
+                      "or the student's own correct rollouts (rollouts: rejection-sampling fine-tuning, RFT; "
+                      "needs kd_weight=0, ce_weight=1; at most teach.max_examples problems).",
+                      ("teacher", "rollouts"))
+    save_every: int = _f(100, "Checkpoint adapter + optimizer + RNG + data position every N steps (0 = never); "
+                         "an interrupted distill resumes from the last checkpoint.")
 
 
 @dataclass
 class EvaluateConfig:
     benchmarks: list[DatasetConfig] = _f(
         [DatasetConfig(name="math500"), DatasetConfig(name="aime24")], "Benchmarks (names or dataset mappings).")
-    adapter: str = _f("auto", "auto: this run's distilled adapter if present, else the base model; "
+    adapter: str = _f("auto", "auto: this run's distill adapter if present, else its grpo adapter, else the base model; "
                       "none: base model; or a path to a peft adapter directory.")
     samples: int = _f(1, "Responses per problem (pass@1 is their mean).")
     temperature: float = _f(0.0, "0 = greedy.")
@@ -267,6 +273,14 @@ def _build(cls, values: dict, prefix: str = ""):
     return obj
 
 
+# Numeric fields must be > 0 unless listed here.
+_RANGES = {
+    **dict.fromkeys(("temperature", "top_k", "warmup_steps", "weight_decay", "max_grad_norm", "kd_weight",
+                     "ce_weight", "lora_dropout", "seed", "beta", "format_reward", "save_every"), (">= 0", 0, None)),
+    "top_p": ("in (0, 1]", None, 1), "jsd_beta": ("in [0, 1]", 0, 1), "gpu_memory_utilization": ("in (0, 1]", None, 1),
+}
+
+
 def _validate(obj, prefix: str) -> None:
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
@@ -275,14 +289,18 @@ def _validate(obj, prefix: str) -> None:
         if choices and v not in choices:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}; got {v!r}")
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            nonneg = ("temperature", "top_k", "warmup_steps", "weight_decay", "max_grad_norm", "kd_weight",
-                      "ce_weight", "lora_dropout", "seed")
-            if f.name in nonneg and v < 0 or f.name not in nonneg and f.name not in ("top_p", "jsd_beta") and v <= 0:
-                raise ConfigError(f"{key}: must be {'>= 0' if f.name in nonneg else '> 0'}; got {v!r}")
-            if f.name in ("top_p",) and not 0 < v <= 1 or f.name == "jsd_beta" and not 0 <= v <= 1:
-                raise ConfigError(f"{key}: must be in {'(0, 1]' if f.name == 'top_p' else '[0, 1]'}; got {v!r}")
-    if isinstance(obj, DistillConfig) and obj.kd_weight == 0 and obj.ce_weight == 0:
-        raise ConfigError("distill: kd_weight and ce_weight are both 0; nothing to train")
+            text, lo, hi = _RANGES.get(f.name, ("> 0", None, None))
+            ok = (v >= lo if lo is not None else v > 0) and (hi is None or v <= hi)
+            if not ok:
+                raise ConfigError(f"{key}: must be {text}; got {v!r}")
+    if isinstance(obj, DistillConfig):
+        if obj.kd_weight == 0 and obj.ce_weight == 0:
+            raise ConfigError("distill: kd_weight and ce_weight are both 0; nothing to train")
+        if obj.temperature <= 0:
+            raise ConfigError(f"distill.temperature: must be > 0; got {obj.temperature!r}")
+        if obj.targets == "rollouts" and obj.kd_weight != 0:
+            raise ConfigError("distill.targets=rollouts (RFT) trains on the student's own samples, which have no "
+                              "teacher: set distill.kd_weight=0 distill.ce_weight=1")
 
 
 def to_dict(obj) -> Any:

@@ -20,29 +20,36 @@ Memory: both models produce only final hidden states; logits are formed chunk by
 reduced at once (:func:`ssb.losses.chunked_distill_loss`), so the (tokens × vocabulary) fp32 logits never exist,
 neither in training nor in the cache build.
 
+Ablations are switches of this stage, not separate code: SFT is ``kd_weight=0 ce_weight=1`` (cross-entropy on the
+teacher's replies); RFT is ``targets=rollouts kd_weight=0 ce_weight=1`` (the student's own correct rollouts).
+
+Training (:mod:`ssb.train`) runs under torchrun with any number of processes and the same loss curve, and
+checkpoints every ``save_every`` steps into ``distill/checkpoint/``; an interrupted distill resumes from there.
+
 Outputs: ``distill/adapter/`` (a standard peft adapter: ``PeftModel.from_pretrained(base, path)`` loads it),
 ``distill/train_log.jsonl`` (per step: step, epoch, loss, grad_norm, lr, tokens, tokens_per_s, seconds).
-An interrupted distill restarts from scratch (the adapter is written atomically at the end).
 """
 
 from __future__ import annotations
 
-import math
 import random
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ssb import dist
 from ssb.common import progress
 from ssb.config import Config, fingerprint
 from ssb.errors import SsbError
 from ssb.losses import chunked_distill_loss, chunked_topk_distill_loss, topk_teacher
 from ssb.models import load_model, load_tokenizer, render_chat, resolve_device, stop_token_ids
 from ssb.prompts import student_messages
-from ssb.rundir import Stage, append_rows, batches, read_rows, require_done
+from ssb.rundir import Stage, batches, read_rows, require_done
+from ssb.train import CKPT, TrainSpec, train
 from ssb.teacher_cache import TopkCacheReader, TopkCacheWriter, bytes_per_token, check_existing
 
 CACHE_DIR, CACHE_DTYPE = "teacher_topk", "float16"
@@ -84,7 +91,8 @@ def build_examples(rows: list[dict], tokenizer, stop_ids: list[int], paper_forma
         if paper_format and reply and reply[-1] in stop_ids:
             reply = reply[:-1]
         student = render_chat(tokenizer, student_messages(r["question"]), chat_template=not paper_format)
-        out.append(align(student, list(r["teacher_prompt_ids"]), reply))
+        teacher = student if r["teacher_prompt_ids"] is None else list(r["teacher_prompt_ids"])  # RFT: no teacher
+        out.append(align(student, teacher, reply))
     return out
 
 
@@ -110,8 +118,22 @@ def collate(batch: list[Example], pad_id: int, device) -> dict:
     }
 
 
+def rollout_targets(run_dir, max_examples: int, seed: int) -> list[dict]:
+    """RFT rows: per problem (in order) one of the student's own correct, finished rollouts (seeded choice), as
+    sampled, for at most ``max_examples`` problems."""
+    graded = {g["id"]: g["correct"] for g in read_rows(Path(run_dir) / "curate" / "graded.jsonl")}
+    out = []
+    for r in read_rows(Path(run_dir) / "rollout" / "rollouts.jsonl"):
+        good = [s for s, ok in zip(r["samples"], graded.get(r["id"], [])) if ok and s["finish_reason"] == "stop"]
+        if good and len(out) < max_examples:
+            s = random.Random(f"{seed}:{r['id']}").choice(good)
+            out.append({"id": r["id"], "question": r["question"], "reply_ids": s["token_ids"],
+                        "teacher_prompt_ids": None})
+    return out
+
+
 def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
-    up = require_done(run_dir, "teach")["fingerprint"]
+    up = require_done(run_dir, "teach" if cfg.distill.targets == "teacher" else "curate")["fingerprint"]
     fp = fingerprint("distill", up, cfg.model, cfg.seed, cfg.distill)
     return Stage(run_dir, "distill", fp, {"model": cfg.model, "seed": cfg.seed, "distill": cfg.distill,
                                           "teach": up}, force)
@@ -131,10 +153,13 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     stage = stage_for(cfg, run_dir, force)
     if stage.is_done():
         return stage.manifest
-    rows = read_rows(stage.run_dir / "teach" / "examples.jsonl")
-    if not rows:
-        raise SsbError("teach/examples.jsonl has no examples: nothing to distill")
     dc = cfg.distill
+    if dc.targets == "teacher":
+        rows = read_rows(stage.run_dir / "teach" / "examples.jsonl")
+    else:
+        rows = rollout_targets(stage.run_dir, cfg.teach.max_examples, cfg.seed)
+    if not rows:
+        raise SsbError(f"no training examples ({'teach/examples.jsonl' if dc.targets == 'teacher' else 'no correct rollouts'}): nothing to distill")
     use_cache = dc.teacher == "topk" and dc.kd_weight > 0
     keys = [str(r.get("id", i)) for i, r in enumerate(rows)]
     cache_fp = fingerprint("teacher_topk", stage.config["teach"], cfg.model, dc.topk, dc.temperature,
@@ -145,16 +170,19 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
         check_existing(stage.path(CACHE_DIR), dc.topk, dc.temperature, cache_fp)  # before loading the model
     tokenizer = load_tokenizer(cfg.model)
     stage.begin()
-    stage.path("train_log.jsonl").unlink(missing_ok=True)  # a restarted run starts its log afresh
 
-    device = resolve_device(cfg.model.device)
+    device = resolve_device(dist.device_for_rank(cfg.model.device))
     model = load_model(cfg.model, device=device)
     examples = build_examples(rows, tokenizer, stop_token_ids(tokenizer, model), dc.paper_student_format)
     cache, cache_info = None, {}
     if use_cache:  # before the adapter exists: the plain base model is the teacher
         t_cache = time.time()
+        if not dist.is_main():
+            dist.barrier()  # rank 0 builds the cache; the others then only read it
         cache = build_topk_cache(model, examples, keys, dc, stage.path(CACHE_DIR), cache_fp,
                                  tokenizer.pad_token_id, device)
+        if dist.is_main():
+            dist.barrier()
         cache_info = {"teacher_cache": {"path": CACHE_DIR, "k": cache.k, "temperature": cache.temperature,
                                         "tokens": cache.total_tokens, "stored_bytes": cache.stored_bytes(),
                                         "bytes_per_token": bytes_per_token(cache.k, CACHE_DTYPE),
@@ -165,54 +193,31 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     model = _lora(model, dc, cfg.seed)
     causal = model.get_base_model()
     decoder, lm_head = causal.get_decoder(), causal.get_output_embeddings()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=dc.lr, weight_decay=dc.weight_decay)
-    per_epoch = math.ceil(len(examples) / dc.batch_size)
-    total = dc.max_steps or dc.epochs * per_epoch
-    from transformers import get_scheduler
-
-    sched = get_scheduler(dc.schedule, opt, num_warmup_steps=dc.warmup_steps, num_training_steps=total)
     loss_kw = dict(kind=dc.loss, temperature=dc.temperature, scale_t2=dc.scale_t2, beta=dc.jsd_beta,
                    chunk_size=dc.chunk_size)
 
-    model.train()
-    step, t_start, trained_tokens = 0, time.time(), 0
-    bar = progress(total, "distill", "step")
-    for epoch in range(math.ceil(total / per_epoch)):
-        order = list(range(len(examples)))
-        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-        for b in range(per_epoch):
-            if step >= total:
-                break
-            t0 = time.time()
-            idx = order[b * dc.batch_size:(b + 1) * dc.batch_size]
-            batch = collate([examples[i] for i in idx], tokenizer.pad_token_id, device)
-            cached = None if cache is None else cache.batch([keys[i] for i in idx], device)
-            loss = _loss(model, decoder, lm_head, batch, dc, loss_kw, cached)
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(params, dc.max_grad_norm if dc.max_grad_norm > 0 else float("inf"))
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            n_tok = int(batch["targets"].numel())
-            trained_tokens += n_tok
-            dt = time.time() - t0
-            log = {"step": step, "epoch": epoch, "loss": loss.item(), "grad_norm": float(norm),
-                   "lr": sched.get_last_lr()[0], "tokens": n_tok, "tokens_per_s": round(n_tok / dt, 1),
-                   "seconds": round(dt, 4)}
-            append_rows(stage.path("train_log.jsonl"), [log])
-            bar.update(1)
-            bar.set_postfix(loss=f"{log['loss']:.4f}", tok_s=f"{log['tokens_per_s']:.0f}")
-    bar.close()
+    def step_loss(idx: list[int]):
+        batch = collate([examples[i] for i in idx], tokenizer.pad_token_id, device)
+        cached = None if cache is None else cache.batch([keys[i] for i in idx], device)
+        return _loss(model, decoder, lm_head, batch, dc, loss_kw, cached), int(batch["targets"].numel())
 
-    out, tmp = stage.path("adapter"), stage.path(".adapter.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    counts = {"examples": len(examples), "steps": step, "trained_tokens": trained_tokens}
-    return stage.finish(counts, train_seconds=round(time.time() - t_start, 3), teacher=dc.teacher, **cache_info)
+    def norm_of(idx: list[int]) -> float:
+        return float(sum(len(examples[i].targets) for i in idx)) if dc.average == "token" else float(len(idx))
+
+    spec = TrainSpec(len(examples), dc.batch_size, dc.epochs, dc.max_steps, dc.lr, dc.weight_decay,
+                     dc.warmup_steps, dc.schedule, dc.max_grad_norm, dc.save_every, cfg.seed)
+    result = train(model, spec, stage.dir, step_loss, norm_of)
+
+    if dist.is_main():
+        out, tmp = stage.path("adapter"), stage.path(".adapter.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        shutil.rmtree(stage.path(CKPT), ignore_errors=True)
+    counts = {"examples": len(examples), "steps": result["steps"], "trained_tokens": result["trained_tokens"]}
+    return stage.finish(counts, train_seconds=result["train_seconds"], teacher=dc.teacher, targets=dc.targets,
+                        world_size=dist.world(), **cache_info)
 
 
 @torch.no_grad()
@@ -250,7 +255,8 @@ def build_topk_cache(model, examples: list[Example], keys: list[str], dc, path, 
 
 
 def _loss(model, decoder, lm_head, batch: dict, dc, loss_kw: dict, cached=None) -> torch.Tensor:
-    """Mean loss over the batch's reply tokens (``average=token``) or over its sequences (``sequence``).
+    """Sum of the per-token losses of a batch, each weighted 1 (``average=token``) or 1/len(its sequence)
+    (``sequence``); the caller divides by the global batch's tokens or sequences.
     ``cached``: the batch's (logprobs, ids, tail) from the top-k teacher cache; None = online teacher."""
     h = decoder(input_ids=batch["s_ids"], attention_mask=batch["s_mask"]).last_hidden_state
     student = h[batch["rows"], batch["s_pos"]]
@@ -260,14 +266,11 @@ def _loss(model, decoder, lm_head, batch: dict, dc, loss_kw: dict, cached=None) 
             teacher = th[batch["rows"], batch["t_pos"]]
     else:
         teacher = None
-    if dc.average == "token":
-        weights, norm = None, batch["targets"].numel()
-    else:
-        weights, norm = 1.0 / batch["seq_len"].float(), int(batch["s_ids"].shape[0])
+    weights = None if dc.average == "token" else 1.0 / batch["seq_len"].float()
     common = dict(lm_head_bias=lm_head.bias, kd_weight=dc.kd_weight, ce_weight=dc.ce_weight,
                   targets=batch["targets"], weights=weights, **loss_kw)
     if cached is not None:
         total = chunked_topk_distill_loss(student, *cached, lm_head.weight, teacher_tempered=True, **common)
     else:
         total = chunked_distill_loss(student, teacher, lm_head.weight, **common)
-    return total / norm
+    return total

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ssb import dist
 from ssb.common import generate_rows
 from ssb.config import Config, fingerprint
 from ssb.data import DatasetConfig, load_problems
@@ -90,7 +91,8 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
         rows, stats = generate_rows(stage, "samples.jsonl", problems, prompt_of, row_of, engine_factory, params,
                                     cfg.seed, ec.batch_size, f"evaluate {name}")
         metrics = {"benchmark": name, "adapter": adapter, **summarize(rows)}
-        write_json(stage.path("metrics.json"), metrics)
+        if dist.is_main():
+            write_json(stage.path("metrics.json"), metrics)
         stage.finish({"problems": len(rows), "samples": metrics["samples"]}, metrics=metrics, **stats)
         results[name] = metrics
     return results

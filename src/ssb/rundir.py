@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ssb import dist
 from ssb.errors import SsbError
 
 MANIFEST = "manifest.json"
@@ -154,7 +155,10 @@ class Stage:
             if not p.exists():
                 continue
             if self.force:
-                shutil.rmtree(self.dir)
+                dist.barrier()  # every rank has looked before rank 0 deletes
+                if dist.is_main():
+                    shutil.rmtree(self.dir)
+                dist.barrier()
                 return False
             old = read_json(p).get("fingerprint")
             if old != self.fingerprint:
@@ -166,9 +170,11 @@ class Stage:
         return False
 
     def begin(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if not self.path(STARTED).exists():
-            write_json(self.path(STARTED), {"fingerprint": self.fingerprint, "started_at": _now()})
+        if dist.is_main():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if not self.path(STARTED).exists():
+                write_json(self.path(STARTED), {"fingerprint": self.fingerprint, "started_at": _now()})
+        dist.barrier()
 
     def finish(self, counts: dict[str, Any], **extra: Any) -> dict:
         started = read_json(self.path(STARTED)) if self.path(STARTED).exists() else {}
@@ -189,8 +195,10 @@ class Stage:
             "config": self.config,
             **extra,
         }
-        write_json(self.path(MANIFEST), manifest)  # last: its existence means "done"
-        return manifest
+        if dist.is_main():  # under data parallelism rank 0 writes for all; the others wait for it
+            write_json(self.path(MANIFEST), manifest)  # last: its existence means "done"
+        dist.barrier()
+        return self.manifest
 
 
 def require_done(run_dir: str | Path, name: str) -> dict:

@@ -19,6 +19,9 @@ Processing stops once ``max_examples`` pairs are accepted.
 
 from __future__ import annotations
 
+import torch
+
+from ssb import dist
 from ssb.common import batch_seed, progress
 from ssb.config import Config, fingerprint
 from ssb.engine import SamplingParams, make_engine
@@ -48,15 +51,16 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     tc = cfg.teach
     params = SamplingParams(1, tc.temperature, tc.top_k, tc.top_p, tc.max_new_tokens)
     log_path = stage.path("attempts.jsonl")
-    tries: dict[str, list[dict]] = {}
-    for r in read_rows(log_path, repair=True):
-        tries.setdefault(r["id"], []).append(r)
+    own_log = log_path if dist.world() == 1 else stage.path(f"attempts.jsonl.part{dist.rank()}")
+    tries = _read_tries(log_path)
 
     def accepted_before(pid: str, attempt: int) -> bool:
         return any(r["accepted"] and r["attempt"] < attempt for r in tries.get(pid, []))
 
     def n_accepted() -> int:
         return sum(any(r["accepted"] for r in rs) for rs in tries.values())
+
+    resumed_accepted, new_accepted = n_accepted(), 0
 
     tokenizer = load_tokenizer(cfg.model)
     prompts: dict[str, list[int]] = {}
@@ -70,8 +74,11 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     engine, stats = None, {"generated_tokens": 0}
     bar = progress(len(pairs), "teach", "pair")
     for b, batch in batches(pairs, tc.batch_size):
-        if n_accepted() >= tc.max_examples:
-            break
+        if b % dist.world() == 0:  # a round of `world` batches, one per rank; all ranks agree when to stop
+            if resumed_accepted + int(dist.all_reduce_sum(torch.tensor(new_accepted))) >= tc.max_examples:
+                break
+        if b % dist.world() != dist.rank():
+            continue
         for attempt in range(tc.attempts):
             live = [p for p in batch if not accepted_before(p["id"], attempt)]
             missing = [p for p in live if not any(r["attempt"] == attempt for r in tries.get(p["id"], []))]
@@ -88,12 +95,22 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
                 rows.append({"id": p["id"], "attempt": attempt, "accepted": ok, "finish_reason": s.finish_reason,
                              "answer": extract_answer(s.text), "reply_text": s.text, "reply_ids": s.token_ids})
                 stats["generated_tokens"] += len(s.token_ids)
-            append_rows(log_path, rows)
+            append_rows(own_log, rows)
+            new_accepted += sum(r["accepted"] for r in rows)
             for r in rows:
                 tries.setdefault(r["id"], []).append(r)
         bar.update(len(batch))
         bar.set_postfix(accepted=n_accepted())
     bar.close()
+    if dist.world() > 1:
+        stats["generated_tokens"] = int(dist.all_reduce_sum(torch.tensor(stats["generated_tokens"])))
+        dist.barrier()  # every rank's part is complete
+        if not dist.is_main():
+            return stage.finish({})  # waits for rank 0's manifest
+        tries = _read_tries(log_path)
+        write_rows(log_path, [r for rs in tries.values() for r in rs])
+        for part in stage.dir.glob("attempts.jsonl.part*"):
+            part.unlink()
 
     examples = []
     for p in pairs:
@@ -110,3 +127,12 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     counts = {"pairs": len(pairs), "pairs_tried": processed, "examples": len(examples),
               "samples": sum(len(v) for v in tries.values())}
     return stage.finish(counts, acceptance=round(n_accepted() / max(processed, 1), 4), **stats)
+
+
+def _read_tries(log_path) -> dict[str, list[dict]]:
+    """Every teacher sample so far, by pair id, from the log and any ranks' part files."""
+    tries: dict[str, list[dict]] = {}
+    for path in [log_path, *sorted(log_path.parent.glob(log_path.name + ".part*"))]:
+        for r in read_rows(path, repair=True):
+            tries.setdefault(r["id"], []).append(r)
+    return tries

@@ -1,0 +1,176 @@
+"""The LoRA training loop shared by distill and its ablations (SFT, RFT): data parallel, checkpointed, resumable.
+
+Invariance to the number of processes: every optimizer step consumes one *global* batch of ``batch_size`` example
+indices (a seeded shuffle per epoch). Rank ``r`` of ``w`` takes ``batch[r::w]``, computes the *sum* of its
+per-token losses, divides by the global normaliser (tokens or sequences of the whole global batch, known locally),
+and the LoRA gradients are summed across ranks. That is exactly the single-process gradient, so 1 and N
+processes follow the same loss curve up to floating-point summation order.
+
+Checkpoints (every ``save_every`` steps, rank 0, atomically in ``<stage>/checkpoint/``): trainable weights and
+AdamW state as safetensors, step, torch RNG state, and the data position (which is the step: the order of every
+epoch is a function of the seed). Resuming loads them, replays the learning-rate schedule to that step, drops
+log rows after it and continues; the end weights equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ssb import dist
+from ssb.common import progress
+from ssb.rundir import append_rows, read_rows, write_rows
+
+CKPT = "checkpoint"
+
+
+@dataclass
+class TrainSpec:
+    n_examples: int
+    batch_size: int
+    epochs: int
+    max_steps: int | None
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    schedule: str
+    max_grad_norm: float
+    save_every: int
+    seed: int
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    return order
+
+
+def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int]], tuple[torch.Tensor, int]],
+          norm_of: Callable[[list[int]], float]) -> dict:
+    """Train ``model``'s trainable parameters. ``step_loss(indices)`` returns (sum of per-token losses over those
+    examples, their token count); ``norm_of(indices)`` the normaliser of a global batch. Appends
+    ``train_log.jsonl`` rows (rank 0). Returns {steps, trained_tokens, train_seconds}."""
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    per_epoch = math.ceil(spec.n_examples / spec.batch_size)
+    total = spec.max_steps or spec.epochs * per_epoch
+    sched = get_scheduler(spec.schedule, opt, num_warmup_steps=spec.warmup_steps, num_training_steps=total)
+    log_path = stage_dir / "train_log.jsonl"
+    step = _resume(stage_dir, model, names, opt, sched, log_path)
+
+    model.train()
+    t_start, trained = time.time(), 0
+    bar = progress(total, "distill", "step") if dist.is_main() else None
+    if bar is not None:
+        bar.update(step)
+    while step < total:
+        epoch, b = divmod(step, per_epoch)
+        t0 = time.time()
+        idx = epoch_order(spec.n_examples, spec.seed, epoch)[b * spec.batch_size:(b + 1) * spec.batch_size]
+        mine = idx[dist.rank()::dist.world()]
+        norm = norm_of(idx)
+        if mine:
+            loss_sum, n_tok = step_loss(mine)
+            (loss_sum / norm).backward()
+            stats = torch.tensor([loss_sum.item(), float(n_tok)], dtype=torch.float64)
+        else:  # fewer examples than ranks in this batch: contribute zero gradient
+            stats = torch.zeros(2, dtype=torch.float64)
+        _sync_grads(params)
+        stats = dist.all_reduce_sum(stats)
+        norm_val = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm if spec.max_grad_norm > 0 else math.inf)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        n_tok = int(stats[1])
+        trained += n_tok
+        dt = time.time() - t0
+        if dist.is_main():
+            log = {"step": step, "epoch": epoch, "loss": float(stats[0]) / norm, "grad_norm": float(norm_val),
+                   "lr": sched.get_last_lr()[0], "tokens": n_tok, "tokens_per_s": round(n_tok / max(dt, 1e-9), 1),
+                   "seconds": round(dt, 4)}
+            append_rows(log_path, [log])
+            bar.update(1)
+            bar.set_postfix(loss=f"{log['loss']:.4f}", tok_s=f"{log['tokens_per_s']:.0f}")
+            if spec.save_every and step % spec.save_every == 0 and step < total:
+                save_checkpoint(stage_dir, model, names, opt, step)
+        dist.barrier()
+    if bar is not None:
+        bar.close()
+    return {"steps": step, "trained_tokens": trained, "train_seconds": round(time.time() - t_start, 3)}
+
+
+def _sync_grads(params: list[torch.Tensor]) -> None:
+    if dist.world() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = dist.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def save_checkpoint(stage_dir: Path, model, names: list[str], opt, step: int) -> None:
+    from safetensors.torch import save_file
+
+    state = dict(zip(names, (p for p in model.parameters() if p.requires_grad)))
+    tmp, out = stage_dir / f".{CKPT}.tmp", stage_dir / CKPT
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "weights.safetensors"))
+    osd = opt.state_dict()
+    tensors = {f"{i}.{k}": v.cpu().contiguous() for i, s in osd["state"].items() for k, v in s.items()}
+    tensors["rng"] = torch.get_rng_state()
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    groups = [{k: v for k, v in g.items()} for g in osd["param_groups"]]
+    (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": groups}))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def _resume(stage_dir: Path, model, names: list[str], opt, sched, log_path: Path) -> int:
+    """Load ``<stage>/checkpoint`` if present; returns the step to continue from (0 = fresh start)."""
+    ckpt = stage_dir / CKPT
+    if not (ckpt / "state.json").exists():
+        if dist.is_main():
+            log_path.unlink(missing_ok=True)  # a fresh start begins its log afresh
+        dist.barrier()
+        return 0
+    from safetensors.torch import load_file
+
+    meta = json.loads((ckpt / "state.json").read_text())
+    weights = load_file(str(ckpt / "weights.safetensors"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in weights:
+                p.copy_(weights[n].to(p.device))
+    tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    state: dict = {}
+    for key, v in tensors.items():
+        if key == "rng":
+            continue
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    dev = next(model.parameters()).device
+    state = {i: {k: (v if k == "step" else v.to(dev)) for k, v in s.items()} for i, s in state.items()}
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    for _ in range(meta["step"]):
+        sched.step()
+    torch.set_rng_state(tensors["rng"])
+    if dist.is_main():
+        write_rows(log_path, [r for r in read_rows(log_path, repair=True) if r["step"] <= meta["step"]])
+    dist.barrier()
+    return meta["step"]
