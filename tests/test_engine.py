@@ -97,6 +97,36 @@ def test_refilled_small_batch_equals_one_big_batch(hf_engine, tiny_model_dir, mo
     assert {"left-pad", "compact", "drop-rows"} <= set(calls)  # every re-layout of the KV buffer was exercised
 
 
+def test_fixed_shape_step_equals_the_eager_one(tiny_model_dir, monkeypatch):
+    """The CUDA-graph decode step (static KV buffer written at a device index, mask as a tensor, grouped-query
+    attention over the whole buffer), run here without a graph: same samples as the eager step, through
+    refills, in-place re-layouts and reallocations."""
+    from ssb import engine as mod
+
+    calls = []
+    real = mod._Decoder._static_logits
+    monkeypatch.setattr(mod._Decoder, "_static_logits", lambda self, inp: calls.append(1) or real(self, inp))
+    eager = make_engine(_model_cfg(tiny_model_dir), engine_cfg=EngineConfig(max_batch_size=5))
+    fixed = make_engine(_model_cfg(tiny_model_dir), engine_cfg=EngineConfig(max_batch_size=5))
+    monkeypatch.setattr(fixed, "_static_step", lambda device: True)
+    moves = []
+    real_move = mod._StaticLayer.relayout
+    monkeypatch.setattr(mod._StaticLayer, "relayout", lambda self, lo, off, cap, rows=None: moves.append(
+        "realloc" if rows is not None or cap != self.kbuf.shape[2] else "in place") or real_move(
+        self, lo, off, cap, rows))
+    prompts = _prompts(eager)
+    for stops, params in ((None, SamplingParams(3, 1.0, 0, 1.0, 80)), (None, SamplingParams(2, 0.0, 0, 1.0, 24)),
+                          ([-1], SamplingParams(3, 1.0, 0, 1.0, 40))):  # no stop: rows end together
+        for eng in (eager, fixed):
+            monkeypatch.setattr(eng, "stop_ids", stops or eager.stop_ids)
+        want = _ids(eager.generate(prompts, params, seed=2))
+        assert not calls
+        assert _ids(fixed.generate(prompts, params, seed=2)) == want
+        assert calls
+        calls.clear()
+    assert {"realloc", "in place"} <= set(moves)
+
+
 def test_greedy_equals_transformers_generate_alone(hf_engine):
     prompts = _prompts(hf_engine)
     model, stops = hf_engine.model, hf_engine.stop_ids

@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -167,8 +168,10 @@ def _resume(stage_dir: Path, model, names: list[str], opt, sched, log_path: Path
     dev = next(model.parameters()).device
     state = {i: {k: (v if k == "step" else v.to(dev)) for k, v in s.items()} for i, s in state.items()}
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    for _ in range(meta["step"]):
-        sched.step()
+    with warnings.catch_warnings():  # replaying the schedule without optimizer steps is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(meta["step"]):
+            sched.step()
     torch.set_rng_state(tensors["rng"])
     if dist.is_main():
         write_rows(log_path, [r for r in read_rows(log_path, repair=True) if r["step"] <= meta["step"]])

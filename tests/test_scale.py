@@ -1,0 +1,114 @@
+"""Data parallelism on CPU (torchrun, gloo) and checkpoint/resume of distill, on the tiny model.
+
+The torchrun commands here are the README's "Scaling up" commands with the CPU backend."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import small_overrides
+from ssb import curate, distill, rollout, teach
+from ssb.config import load_config
+from ssb.rundir import read_rows
+
+pytestmark = pytest.mark.slow
+
+
+def _torchrun(nproc: int, *args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "ssb.cli", *args]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir, data_dir, tmp_path_factory):
+    """One single-process run of rollout → curate → teach; the reference for everything below."""
+    d = tmp_path_factory.mktemp("single")
+    over = small_overrides(tiny_model_dir, data_dir) + ["distill.batch_size=4", "distill.epochs=2"]
+    cfg = load_config(None, over)
+    for stage in (rollout, curate, teach):
+        stage.run(cfg, d)
+    return over, d
+
+
+def test_sharded_rollout_with_two_workers_equals_one(base, tmp_path):
+    over, single = base
+    _torchrun(2, "rollout", "--run-dir", str(tmp_path), *over)
+    assert read_rows(tmp_path / "rollout" / "rollouts.jsonl") == read_rows(single / "rollout" / "rollouts.jsonl")
+    assert not list((tmp_path / "rollout").glob("*.part*"))  # parts merged and removed
+
+
+def test_sharded_teach_with_two_workers_equals_one(base, tmp_path):
+    over, single = base
+    for s in ("rollout", "curate"):
+        shutil.copytree(single / s, tmp_path / s)
+    _torchrun(2, "teach", "--run-dir", str(tmp_path), *over)
+    assert read_rows(tmp_path / "teach" / "examples.jsonl") == read_rows(single / "teach" / "examples.jsonl")
+
+
+def test_ddp_distill_two_processes_same_loss_curve_as_one(base, tmp_path):
+    over, single = base
+    runs = {}
+    for n in (1, 2):
+        d = tmp_path / f"n{n}"
+        for s in ("rollout", "curate", "teach"):
+            shutil.copytree(single / s, d / s)
+        _torchrun(n, "distill", "--run-dir", str(d), *over)
+        runs[n] = d
+    l1 = [r["loss"] for r in read_rows(runs[1] / "distill" / "train_log.jsonl")]
+    l2 = [r["loss"] for r in read_rows(runs[2] / "distill" / "train_log.jsonl")]
+    assert len(l1) == len(l2) > 2
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-4, atol=1e-6)
+    w1 = load_file(str(runs[1] / "distill" / "adapter" / "adapter_model.safetensors"))
+    w2 = load_file(str(runs[2] / "distill" / "adapter" / "adapter_model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5)
+
+
+def test_distill_killed_then_resumed_ends_at_the_same_weights(base, tmp_path, monkeypatch):
+    over, single = base
+    cfg = load_config(None, over + ["distill.save_every=2"])
+    ref, crash = tmp_path / "ref", tmp_path / "crash"
+    for d in (ref, crash):
+        for s in ("rollout", "curate", "teach"):
+            shutil.copytree(single / s, d / s)
+    distill.run(cfg, ref)
+
+    import ssb.train
+
+    orig_train = ssb.train.train
+    calls = {"n": 0, "crash_at": 4}
+
+    def counting_train(model, spec, stage_dir, step_loss, norm_of):
+        def counted(idx):  # one call per optimizer step in a single process
+            calls["n"] += 1
+            if calls["n"] == calls["crash_at"]:
+                raise KeyboardInterrupt("simulated kill")
+            return step_loss(idx)
+        return orig_train(model, spec, stage_dir, counted, norm_of)
+
+    monkeypatch.setattr("ssb.distill.train", counting_train)
+    with pytest.raises(KeyboardInterrupt):  # killed during step 4; the last checkpoint is at step 2
+        distill.run(cfg, crash)
+    assert (crash / "distill" / "checkpoint" / "state.json").exists()
+    assert not (crash / "distill" / "manifest.json").exists()
+    calls.update(n=0, crash_at=-1)
+    distill.run(cfg, crash)
+    total = len(read_rows(ref / "distill" / "train_log.jsonl"))
+    assert calls["n"] == total - 2  # resumed at step 2, not restarted
+    log = read_rows(crash / "distill" / "train_log.jsonl")
+    assert [r["step"] for r in log] == list(range(1, len(log) + 1))  # no duplicated or missing steps
+    a = load_file(str(ref / "distill" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(crash / "distill" / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
+    assert not (crash / "distill" / "checkpoint").exists()  # removed once the adapter is written
