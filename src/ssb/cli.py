@@ -143,6 +143,7 @@ def _quiet_libraries() -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # per-file "Loading weights" bars; ours remain
     except ImportError:
         pass
 
