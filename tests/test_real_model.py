@@ -46,7 +46,7 @@ def test_smollm2_through_every_stage(smollm_dir, data_dir, tmp_path):
     cfg = load_config(None, [
         f"model.name_or_path={smollm_dir}", "model.device=cpu", f"data_dir={data_dir}",
         "rollout.data={name: gsm8k, split: train, limit: 4}", "rollout.max_new_tokens=96", "rollout.batch_size=4",
-        "teach.max_new_tokens=96", "teach.attempts=3", "teach.temperature=0.4", "teach.batch_size=4",
+        "teach.max_new_tokens=96", "teach.attempts=6", "teach.temperature=0.4", "teach.batch_size=4",
         "distill.max_steps=1", "distill.chunk_size=64",
         "evaluate.benchmarks=[{name: gsm8k, split: test, limit: 4}]", "evaluate.max_new_tokens=96",
     ])
