@@ -225,29 +225,24 @@ def plot_lengths(runs: list[Run], path: Path) -> bool:
 
 
 def plot_loss(runs: list[Run], path: Path) -> bool:
-    with_log = [r for r in runs if r.losses]
-    if not with_log:
-        return False
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for r in with_log:
-        ax.plot(*zip(*r.losses), marker="." if len(r.losses) < 50 else None, label=r.label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("distill loss")
-    ax.legend(fontsize="small")
-    return _save(plt, fig, path)
+    return _plot_curves([(r.label, r.losses) for r in runs], "distill loss", path)
 
 
 def plot_reward(runs: list[Run], path: Path) -> bool:
-    with_log = [r for r in runs if r.rewards]
-    if not with_log:
+    return _plot_curves([(r.label, r.rewards) for r in runs], "GRPO mean training reward", path)
+
+
+def _plot_curves(curves: list[tuple[str, list]], ylabel: str, path: Path) -> bool:
+    """One line per run of (step, value) points; False (nothing written) if no run has any."""
+    curves = [(label, pts) for label, pts in curves if pts]
+    if not curves:
         return False
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for r in with_log:
-        ax.plot(*zip(*r.rewards), marker="." if len(r.rewards) < 50 else None, label=r.label)
+    for label, pts in curves:
+        ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None, label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel("GRPO mean training reward")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize="small")
     return _save(plt, fig, path)
 
