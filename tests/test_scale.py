@@ -4,6 +4,7 @@ The torchrun commands here are the README's "Scaling up" commands with the CPU b
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -112,3 +113,93 @@ def test_distill_killed_then_resumed_ends_at_the_same_weights(base, tmp_path, mo
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
     assert not (crash / "distill" / "checkpoint").exists()  # removed once the adapter is written
+
+
+def _fsdp_runs(base, tmp_path, extra: list[str]):
+    """A single-process distill (no FSDP) and a 2-process FSDP one of the same config, with a global batch of
+    n - 1 examples so that one step gives rank 1 no example (it must still take part in FSDP's collectives)."""
+    over, single = base
+    n = len(read_rows(single / "teach" / "examples.jsonl"))
+    assert n >= 3
+    over = over + [f"distill.batch_size={n - 1}"] + extra
+    runs = {n: tmp_path / f"n{n}" for n in (1, 2)}
+    for d in runs.values():
+        for s in ("rollout", "curate", "teach"):
+            shutil.copytree(single / s, d / s)
+    return over, runs
+
+
+def test_fsdp_distill_two_processes_same_loss_curve_as_one(base, tmp_path):
+    over, runs = _fsdp_runs(base, tmp_path, ["distill.save_every=1"])  # also gathers shards into checkpoints
+    distill.run(load_config(None, over), runs[1])
+    _torchrun(2, "distill", "--run-dir", str(runs[2]), *over, "distill.fsdp=true")
+    log1, log2 = (read_rows(runs[n] / "distill" / "train_log.jsonl") for n in (1, 2))
+    assert len(log1) == len(log2) > 2
+    for key in ("loss", "grad_norm", "lr"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in log2]), torch.tensor([r[key] for r in log1]),
+                                   rtol=1e-4, atol=1e-6)
+    manifest = json.loads((runs[2] / "distill" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["fsdp"] is True
+    assert not (runs[2] / "distill" / "checkpoint").exists()
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(None, over)
+    adapters = {}
+    for n, d in runs.items():  # the FSDP adapter is a plain peft adapter
+        m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path),
+                                      str(d / "distill" / "adapter"))
+        adapters[n] = {k: v for k, v in m.state_dict().items() if "lora_" in k}
+    assert adapters[1] and adapters[1].keys() == adapters[2].keys()
+    for k, v in adapters[1].items():  # AdamW turns summation-order noise in near-zero gradients into up to lr
+        torch.testing.assert_close(adapters[2][k], v, rtol=1e-3, atol=1e-4)
+    assert any(v.abs().sum() > 0 for k, v in adapters[2].items() if "lora_B" in k)  # trained, not the init
+
+
+def test_fsdp_distill_resumes_a_single_process_checkpoint(base, tmp_path, monkeypatch):
+    """Checkpoints hold whole tensors whatever the sharding: a 2-process FSDP run resumes a 1-process one's."""
+    over, runs = _fsdp_runs(base, tmp_path, ["distill.save_every=2"])
+    cfg = load_config(None, over)
+    ref = tmp_path / "ref"
+    shutil.copytree(runs[1], ref)
+    distill.run(cfg, ref)
+
+    import ssb.train
+
+    orig_train, calls = ssb.train.train, {"n": 0}
+
+    def crash_at_step_3(model, spec, stage_dir, step_loss, norm_of):
+        def counted(idx):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt("simulated kill")
+            return step_loss(idx)
+        return orig_train(model, spec, stage_dir, counted, norm_of)
+
+    monkeypatch.setattr("ssb.distill.train", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        distill.run(cfg, runs[1])
+    assert (runs[1] / "distill" / "checkpoint" / "state.json").exists()
+    _torchrun(2, "distill", "--run-dir", str(runs[1]), *over, "distill.fsdp=true")
+    log = read_rows(runs[1] / "distill" / "train_log.jsonl")
+    ref_log = read_rows(ref / "distill" / "train_log.jsonl")
+    assert [r["step"] for r in log] == [r["step"] for r in ref_log]
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in log]), torch.tensor([r["loss"] for r in ref_log]),
+                               rtol=1e-4, atol=1e-6)
+    a = load_file(str(ref / "distill" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(runs[1] / "distill" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
+
+
+def test_fsdp_refuses_the_topk_teacher_cache(base, tmp_path):
+    over, single = base
+    for s in ("rollout", "curate", "teach"):
+        shutil.copytree(single / s, tmp_path / s)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ssb.cli",
+           "distill", "--run-dir", str(tmp_path), *over, "distill.fsdp=true", "distill.teacher=topk"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "distill.fsdp does not support distill.teacher=topk" in r.stderr + r.stdout

@@ -118,6 +118,9 @@ class DistillConfig:
                       ("teacher", "rollouts"))
     save_every: int = _f(100, "Checkpoint adapter + optimizer + RNG + data position every N steps (0 = never); "
                          "an interrupted distill resumes from the last checkpoint.")
+    fsdp: bool = _f(False, "Shard the frozen base model and the LoRA weights across ranks with FSDP2 "
+                    "(torch.distributed.fsdp.fully_shard) for models that do not fit one GPU (torchrun with more "
+                    "than one process; ignored in a single process). Same loss curve as without; teacher=online only.")
 
 
 @dataclass
@@ -176,6 +179,8 @@ class EngineConfig:
                       "vLLM (pip install ssb[vllm]).", ("transformers", "vllm"))
     max_batch_size: int = _f(256, "transformers: most sequences decoded at once (finished ones are refilled).")
     prefill_tokens: int = _f(16384, "transformers: prompt tokens (padding included) per prefill forward.")
+    cuda_graphs: bool = _f(True, "transformers, CUDA only: capture the fixed-shape decode step in a CUDA graph "
+                           "(false = eager steps).")
     gpu_memory_utilization: float = _f(0.9, "vllm: fraction of GPU memory vLLM may use.")
     tensor_parallel_size: int = _f(1, "vllm: GPUs one model is split over.")
     max_model_len: int | None = _f(None, "vllm: longest prompt + reply (None = the model's).")

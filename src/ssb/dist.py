@@ -4,7 +4,8 @@ and sets RANK / WORLD_SIZE / LOCAL_RANK; this module turns that into a process g
 - generation stages give every rank a deterministic slice of the batches (batch ``b`` goes to rank
   ``b % world``); each rank appends to its own part file and rank 0 merges them in item order;
 - ``distill`` splits every global batch across ranks and all-reduces the LoRA gradients, so the loss curve does not
-  depend on the number of processes;
+  depend on the number of processes; with ``distill.fsdp`` the model is sharded instead (:func:`fsdp_shard`) and
+  FSDP's reduce-scatter sums the gradients;
 - everything else (curate, manifests, merges) runs on rank 0 while the others wait at a barrier.
 
 A single process (no torchrun) is world size 1 and none of this costs anything.
@@ -63,3 +64,41 @@ def device_for_rank(requested: str) -> str:
     if requested == "auto" and world() > 1 and torch.cuda.is_available():
         return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return requested
+
+
+def fsdp_shard(peft_model, device):
+    """Shard a peft causal LM across all ranks with FSDP2: every decoder layer is one unit (its frozen base weights
+    and LoRA weights together), and the root unit holds the rest (embeddings, final norm, lm_head).
+
+    Returns the root: a module whose forward ``(input_ids, attention_mask)`` is the decoder's last hidden state (no
+    logits). FSDP2 requires its root to be the first module to run forward, and the distill loss needs hidden states,
+    not the model's logits, hence this wrapper instead of the peft model itself. The root keeps its parameters
+    unsharded from its forward until the end of backward, so ``lm_head.weight`` is whole while the loss uses it.
+    ``peft_model.disable_adapter()`` still works (it only toggles the LoRA layers). Gradients are *summed* over ranks
+    (divide factor 1, SUM collectives), matching the loop's global normaliser. The module may sit on the CPU:
+    FSDP moves each rank's shards to the mesh's device, so no rank ever holds the whole model on its GPU."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ssb.errors import SsbError
+
+    decoder = peft_model.get_base_model().get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise SsbError(f"distill.fsdp: {type(decoder).__name__} has no `layers` list of decoder layers to shard")
+
+    class Root(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.peft = peft_model
+
+        def forward(self, input_ids, attention_mask):
+            return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    mesh = init_device_mesh(torch.device(device).type, (world(),))
+    units = [fully_shard(layer, mesh=mesh) for layer in layers] + [fully_shard(Root(), mesh=mesh)]
+    for unit in units:
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)
+    return units[-1]

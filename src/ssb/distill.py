@@ -25,6 +25,10 @@ teacher's replies); RFT is ``targets=rollouts kd_weight=0 ce_weight=1`` (the stu
 
 Training (:mod:`ssb.train`) runs under torchrun with any number of processes and the same loss curve, and
 checkpoints every ``save_every`` steps into ``distill/checkpoint/``; an interrupted distill resumes from there.
+``distill.fsdp`` (with more than one process) shards the base model and the adapter with FSDP2 for models that do
+not fit one GPU: every rank loads the model on the CPU, the adapter is attached, then :func:`ssb.dist.fsdp_shard`
+puts each rank's shards on its device; the loss curve, checkpoints and adapter are the same as without it. The
+top-k teacher cache is not supported with it (its build is a single-process pass over the whole model).
 
 Outputs: ``distill/adapter/`` (a standard peft adapter: ``PeftModel.from_pretrained(base, path)`` loads it),
 ``distill/train_log.jsonl`` (per step: step, epoch, loss, grad_norm, lr, tokens, tokens_per_s, seconds).
@@ -35,7 +39,7 @@ from __future__ import annotations
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -43,13 +47,13 @@ import torch.nn.functional as F
 
 from ssb import dist
 from ssb.common import progress
-from ssb.config import Config, fingerprint
+from ssb.config import Config, fingerprint, to_dict
 from ssb.errors import SsbError
 from ssb.losses import chunked_distill_loss, chunked_topk_distill_loss, topk_teacher
-from ssb.models import load_model, load_tokenizer, render_chat, resolve_device, stop_token_ids
+from ssb.models import load_model, load_tokenizer, render_chat, resolve_device, resolve_dtype, stop_token_ids
 from ssb.prompts import student_messages
 from ssb.rundir import Stage, batches, read_rows, require_done
-from ssb.train import CKPT, TrainSpec, train
+from ssb.train import CKPT, TrainSpec, train, trainable_state
 from ssb.teacher_cache import TopkCacheReader, TopkCacheWriter, bytes_per_token, check_existing
 
 CACHE_DIR, CACHE_DTYPE = "teacher_topk", "float16"
@@ -134,7 +138,8 @@ def rollout_targets(run_dir, max_examples: int, seed: int) -> list[dict]:
 
 def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
     up = require_done(run_dir, "teach" if cfg.distill.targets == "teacher" else "curate")["fingerprint"]
-    fp = fingerprint("distill", up, cfg.model, cfg.seed, cfg.distill)
+    result_fields = {k: v for k, v in to_dict(cfg.distill).items() if k != "fsdp"}  # fsdp: how, not what
+    fp = fingerprint("distill", up, cfg.model, cfg.seed, result_fields)
     return Stage(run_dir, "distill", fp, {"model": cfg.model, "seed": cfg.seed, "distill": cfg.distill,
                                           "teach": up}, force)
 
@@ -161,6 +166,10 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     if not rows:
         raise SsbError(f"no training examples ({'teach/examples.jsonl' if dc.targets == 'teacher' else 'no correct rollouts'}): nothing to distill")
     use_cache = dc.teacher == "topk" and dc.kd_weight > 0
+    fsdp = dc.fsdp and dist.world() > 1
+    if fsdp and use_cache:
+        raise SsbError("distill.fsdp does not support distill.teacher=topk (the cache is built by one process from "
+                       "the whole model); use teacher=online, or fsdp=false")
     keys = [str(r.get("id", i)) for i, r in enumerate(rows)]
     cache_fp = fingerprint("teacher_topk", stage.config["teach"], cfg.model, dc.topk, dc.temperature,
                            dc.paper_student_format, CACHE_DTYPE)
@@ -172,7 +181,11 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     stage.begin()
 
     device = resolve_device(dist.device_for_rank(cfg.model.device))
-    model = load_model(cfg.model, device=device)
+    if fsdp:  # whole model in CPU memory only; fsdp_shard moves this rank's shards to `device`
+        dtype = str(resolve_dtype(cfg.model, device)).removeprefix("torch.")
+        model = load_model(replace(cfg.model, dtype=dtype), device=torch.device("cpu"))
+    else:
+        model = load_model(cfg.model, device=device)
     examples = build_examples(rows, tokenizer, stop_token_ids(tokenizer, model), dc.paper_student_format)
     cache, cache_info = None, {}
     if use_cache:  # before the adapter exists: the plain base model is the teacher
@@ -193,6 +206,8 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     model = _lora(model, dc, cfg.seed)
     causal = model.get_base_model()
     decoder, lm_head = causal.get_decoder(), causal.get_output_embeddings()
+    if fsdp:
+        decoder = dist.fsdp_shard(model, device)  # the FSDP root: runs the decoder, returns hidden states
     loss_kw = dict(kind=dc.loss, temperature=dc.temperature, scale_t2=dc.scale_t2, beta=dc.jsd_beta,
                    chunk_size=dc.chunk_size)
 
@@ -208,16 +223,17 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
                      dc.warmup_steps, dc.schedule, dc.max_grad_norm, dc.save_every, cfg.seed)
     result = train(model, spec, stage.dir, step_loss, norm_of)
 
+    lora = trainable_state(model) if fsdp else None  # shards gathered on every rank
     if dist.is_main():
         out, tmp = stage.path("adapter"), stage.path(".adapter.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), state_dict=lora)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
         shutil.rmtree(stage.path(CKPT), ignore_errors=True)
     counts = {"examples": len(examples), "steps": result["steps"], "trained_tokens": result["trained_tokens"]}
     return stage.finish(counts, train_seconds=result["train_seconds"], teacher=dc.teacher, targets=dc.targets,
-                        world_size=dist.world(), **cache_info)
+                        world_size=dist.world(), fsdp=fsdp, **cache_info)
 
 
 @torch.no_grad()
@@ -258,19 +274,30 @@ def _loss(model, decoder, lm_head, batch: dict, dc, loss_kw: dict, cached=None) 
     """Sum of the per-token losses of a batch, each weighted 1 (``average=token``) or 1/len(its sequence)
     (``sequence``); the caller divides by the global batch's tokens or sequences.
     ``cached``: the batch's (logprobs, ids, tail) from the top-k teacher cache; None = online teacher."""
-    h = decoder(input_ids=batch["s_ids"], attention_mask=batch["s_mask"]).last_hidden_state
-    student = h[batch["rows"], batch["s_pos"]]
+    student = _hidden(decoder, batch["s_ids"], batch["s_mask"])[batch["rows"], batch["s_pos"]]
     if dc.kd_weight > 0 and cached is None:
         with torch.no_grad(), model.disable_adapter():
-            th = decoder(input_ids=batch["t_ids"], attention_mask=batch["t_mask"]).last_hidden_state
-            teacher = th[batch["rows"], batch["t_pos"]]
+            teacher = _hidden(decoder, batch["t_ids"], batch["t_mask"])[batch["rows"], batch["t_pos"]]
     else:
         teacher = None
     weights = None if dc.average == "token" else 1.0 / batch["seq_len"].float()
-    common = dict(lm_head_bias=lm_head.bias, kd_weight=dc.kd_weight, ce_weight=dc.ce_weight,
+    common = dict(lm_head_bias=_whole(lm_head.bias), kd_weight=dc.kd_weight, ce_weight=dc.ce_weight,
                   targets=batch["targets"], weights=weights, **loss_kw)
     if cached is not None:
-        total = chunked_topk_distill_loss(student, *cached, lm_head.weight, teacher_tempered=True, **common)
+        total = chunked_topk_distill_loss(student, *cached, _whole(lm_head.weight), teacher_tempered=True, **common)
     else:
-        total = chunked_distill_loss(student, teacher, lm_head.weight, **common)
+        total = chunked_distill_loss(student, teacher, _whole(lm_head.weight), **common)
     return total
+
+
+def _hidden(decoder, ids, mask) -> torch.Tensor:
+    """Last hidden state of the decoder, or of the FSDP root (:func:`ssb.dist.fsdp_shard`), which returns it."""
+    out = decoder(input_ids=ids, attention_mask=mask)
+    return out if isinstance(out, torch.Tensor) else out.last_hidden_state
+
+
+def _whole(t):
+    """The FSDP root keeps lm_head unsharded from its forward to the end of backward; a shard is gathered anyway."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t

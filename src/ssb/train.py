@@ -6,6 +6,11 @@ per-token losses, divides by the global normaliser (tokens or sequences of the w
 and the LoRA gradients are summed across ranks. That is exactly the single-process gradient, so 1 and N
 processes follow the same loss curve up to floating-point summation order.
 
+With FSDP (``distill.fsdp``, :func:`ssb.dist.fsdp_shard`) the parameters are DTensor shards: FSDP's reduce-scatter
+sums the gradients (no manual all-reduce), a rank with no example in a global batch still runs forward and backward
+on one example with weight 0 (FSDP's collectives must match across ranks), and checkpoints gather every shard into
+the same whole-tensor files as without FSDP (and scatter them back on resume), so either can resume the other.
+
 Checkpoints (every ``save_every`` steps, rank 0, atomically in ``<stage>/checkpoint/``): trainable weights and
 AdamW state as safetensors, step, torch RNG state, and the data position (which is the step: the order of every
 epoch is a function of the seed). Resuming loads them, replays the learning-rate schedule to that step, drops
@@ -26,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ssb import dist
 from ssb.common import progress
@@ -70,6 +76,7 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
     sched = get_scheduler(spec.schedule, opt, num_warmup_steps=spec.warmup_steps, num_training_steps=total)
     log_path = stage_dir / "train_log.jsonl"
     step = _resume(stage_dir, model, names, opt, sched, log_path)
+    sharded = any(isinstance(p, DTensor) for p in params)
 
     model.train()
     t_start, trained = time.time(), 0
@@ -87,10 +94,14 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
             (loss_sum / norm).backward()
             stats = torch.tensor([loss_sum.item(), float(n_tok)], dtype=torch.float64)
         else:  # fewer examples than ranks in this batch: contribute zero gradient
+            if sharded:  # ... but take part in FSDP's all-gathers and reduce-scatters like every rank
+                (step_loss(idx[:1])[0] * 0.0).backward()
             stats = torch.zeros(2, dtype=torch.float64)
-        _sync_grads(params)
+        if not sharded:
+            _sync_grads(params)
         stats = dist.all_reduce_sum(stats)
-        norm_val = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm if spec.max_grad_norm > 0 else math.inf)
+        norm_val = _full(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm if spec.max_grad_norm > 0
+                                                        else math.inf))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -105,8 +116,8 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
             append_rows(log_path, [log])
             bar.update(1)
             bar.set_postfix(loss=f"{log['loss']:.4f}", tok_s=f"{log['tokens_per_s']:.0f}")
-            if spec.save_every and step % spec.save_every == 0 and step < total:
-                save_checkpoint(stage_dir, model, names, opt, step)
+        if spec.save_every and step % spec.save_every == 0 and step < total:
+            save_checkpoint(stage_dir, model, names, opt, step)  # every rank: gathering shards is collective
         dist.barrier()
     if bar is not None:
         bar.close()
@@ -124,16 +135,37 @@ def _sync_grads(params: list[torch.Tensor]) -> None:
         offset += g.numel()
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor: an FSDP shard (DTensor) is all-gathered (collective: every rank must call), others pass."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _placed_like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``full`` on ``ref``'s device, or sharded like ``ref`` if that is a DTensor (collective then)."""
+    if isinstance(ref, DTensor):
+        return distribute_tensor(full.to(ref.device_mesh.device_type), ref.device_mesh, ref.placements)
+    return full.to(ref.device)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """Name → whole CPU tensor of every trainable parameter (the LoRA weights), gathered if sharded. Every rank
+    must call it; every rank gets the result."""
+    return {n: _full(p.detach()).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def save_checkpoint(stage_dir: Path, model, names: list[str], opt, step: int) -> None:
+    """Called on every rank (shards are gathered); rank 0 writes."""
     from safetensors.torch import save_file
 
-    state = dict(zip(names, (p for p in model.parameters() if p.requires_grad)))
+    state = trainable_state(model)
+    osd = opt.state_dict()
+    tensors = {f"{i}.{k}": _full(v).cpu().contiguous() for i, s in osd["state"].items() for k, v in s.items()}
+    if not dist.is_main():
+        return
     tmp, out = stage_dir / f".{CKPT}.tmp", stage_dir / CKPT
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "weights.safetensors"))
-    osd = opt.state_dict()
-    tensors = {f"{i}.{k}": v.cpu().contiguous() for i, s in osd["state"].items() for k, v in s.items()}
+    save_file(state, str(tmp / "weights.safetensors"))
     tensors["rng"] = torch.get_rng_state()
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     groups = [{k: v for k, v in g.items()} for g in osd["param_groups"]]
@@ -157,7 +189,7 @@ def _resume(stage_dir: Path, model, names: list[str], opt, sched, log_path: Path
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in weights:
-                p.copy_(weights[n].to(p.device))
+                p.copy_(_placed_like(weights[n], p))
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     state: dict = {}
     for key, v in tensors.items():
@@ -165,8 +197,9 @@ def _resume(stage_dir: Path, model, names: list[str], opt, sched, log_path: Path
             continue
         i, name = key.split(".", 1)
         state.setdefault(int(i), {})[name] = v
-    dev = next(model.parameters()).device
-    state = {i: {k: (v if k == "step" else v.to(dev)) for k, v in s.items()} for i, s in state.items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    state = {i: {k: (v if k == "step" else _placed_like(v, params[i])) for k, v in sorted(s.items())}
+             for i, s in sorted(state.items())}
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     with warnings.catch_warnings():  # replaying the schedule without optimizer steps is the point here
         warnings.simplefilter("ignore", UserWarning)
