@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from ssb.engine import SamplingParams, TransformersEngine
+from ssb.engine import SamplingParams, TransformersEngine, _Decoder
 
 PRESETS = {
     "cpu-small": dict(model=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
@@ -93,10 +93,110 @@ def run_padded(model, prompts, k, new, stops, fixed, device, batch):
     return n
 
 
-def run_engine(model, prompts, k, new, stops, batch):
-    eng = TransformersEngine(model, _Tok(), sorted(stops) or [-1], max_batch_size=batch)
+STEPS: list[tuple[int, float]] = []  # (rows, seconds) of every engine decode step (each ends in a device sync)
+
+
+def _timed_step(real):
+    def step(self):
+        t0 = time.perf_counter()
+        real(self)
+        STEPS.append((len(self.sid), time.perf_counter() - t0))
+    return step
+
+
+_Decoder._step = _timed_step(_Decoder._step)
+
+
+def run_engine(model, prompts, k, new, stops, batch, cuda_graphs=True):
+    eng = TransformersEngine(model, _Tok(), sorted(stops) or [-1], max_batch_size=batch, cuda_graphs=cuda_graphs)
     outs = eng.generate(prompts, SamplingParams(k, 1.0, 0, 1.0, new), seed=0)
     return sum(len(s.token_ids) for samples in outs for s in samples)
+
+
+def step_stats(batch: int) -> str:
+    """Median ms of full-width decode steps (the steady state; a step that captured a graph is an outlier)."""
+    if not STEPS:
+        return "no steps"
+    width = max(rows for rows, _ in STEPS)
+    full = sorted(dt for rows, dt in STEPS if rows == width)
+    return (f"{len(STEPS)} steps, {len(full)} at width {width}: median {full[len(full) // 2] * 1e3:.2f} ms, "
+            f"min {full[0] * 1e3:.2f} ms; all steps {sum(dt for _, dt in STEPS):.2f} s")
+
+
+def profile_engine(model, prompts, k, batch, device):
+    """Where a steady decode step's time goes: the (captured) forward alone, synchronised on both sides, vs the
+    whole step; then the top kernels of a few steps under torch.profiler."""
+    real, fwd = _Decoder._static_logits, []
+
+    def timed_logits(self, inp):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        out = real(self, inp)
+        torch.cuda.synchronize(device)
+        fwd.append(time.perf_counter() - t0)
+        return out
+
+    _Decoder._static_logits = timed_logits
+    STEPS.clear()
+    run_engine(model, prompts, k, 64, set(), batch)
+    _Decoder._static_logits = real
+    fwd = sorted(fwd[1:])
+    print(f"\n## profile: forward (graph replay) median {fwd[len(fwd) // 2] * 1e3:.2f} ms; {step_stats(batch)}")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run_engine(model, prompts, k, 16, set(), batch)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+
+
+def check_graphs(device):
+    """The captured decode step against the eager one on a small random Qwen2 model (fp32 and bf16):
+    greedy and sampled outputs, reproducibility, batch independence, greedy vs transformers' generate."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    cfg = Qwen2Config(**PRESETS["cpu-small"]["model"], max_position_embeddings=4096)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, cfg.vocab_size, (int(torch.randint(8, 120, (1,), generator=g)),),
+                             generator=g).tolist() for _ in range(12)]
+    stops = sorted(torch.randperm(cfg.vocab_size - 3, generator=g)[:600].add(3).tolist())  # mean length ~55
+
+    def same(a, b):
+        pairs = [(x.token_ids, y.token_ids) for xs, ys in zip(a, b) for x, y in zip(xs, ys)]
+        return f"{sum(x == y for x, y in pairs)}/{len(pairs)} sequences identical"
+
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+        graph = TransformersEngine(model, _Tok(), stops, max_batch_size=8)
+        eager = TransformersEngine(model, _Tok(), stops, max_batch_size=8, cuda_graphs=False)
+        wide = TransformersEngine(model, _Tok(), stops, max_batch_size=64)
+        print(f"\n## check, {dtype}")
+        for name, params in (("greedy", SamplingParams(2, 0.0, 0, 1.0, 150)),
+                             ("T=1", SamplingParams(3, 1.0, 0, 1.0, 150)),
+                             ("T=0.8 top-k 50", SamplingParams(2, 0.8, 50, 1.0, 100)),
+                             ("T=0.7 top-p 0.9", SamplingParams(2, 0.7, 0, 0.9, 100))):
+            a = graph.generate(prompts, params, seed=7)
+            a2 = graph.generate(prompts, params, seed=7)
+            rev = graph.generate(prompts[::-1], params, seed=7)[::-1]
+            b = eager.generate(prompts, params, seed=7)
+            w = wide.generate(prompts, params, seed=7)
+            lens = [len(s.token_ids) for xs in a for s in xs]
+            print(f"  {name:16s} graph vs eager: {same(a, b)}; graph twice: {same(a, a2)}; reversed order: "
+                  f"{same(a, rev)}; batch 8 vs 64: {same(a, w)}; lengths {min(lens)}-{max(lens)}")
+        ref = []
+        for p in prompts:
+            ids = torch.tensor([p], device=device)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=150, do_sample=False,
+                                 eos_token_id=stops, pad_token_id=0)
+            r = out[0, len(p):].tolist()
+            ref.append(r[: next((k + 1 for k, t in enumerate(r) if t in stops), len(r))])
+        a = graph.generate(prompts, SamplingParams(1, 0.0, 0, 1.0, 150), seed=0)
+        b = eager.generate(prompts, SamplingParams(1, 0.0, 0, 1.0, 150), seed=0)
+        print(f"  greedy == HF generate: graph {sum(x[0].token_ids == r for x, r in zip(a, ref))}/{len(ref)}, "
+              f"eager {sum(x[0].token_ids == r for x, r in zip(b, ref))}/{len(ref)}; graphs captured "
+              f"{graph.captures + wide.captures}, eager engine {eager.captures}")
+        del model, graph, eager, wide
 
 
 def run_generate_batch(model, prompts, k, new, stops, fixed):
@@ -126,7 +226,12 @@ def main():
     ap.add_argument("--workloads", default="fixed,varied")
     ap.add_argument("--generate-batch", action="store_true", help="also time transformers' generate_batch")
     ap.add_argument("--skip", default="", help="comma-separated methods to skip: one,padded,engine")
+    ap.add_argument("--engine-eager", action="store_true", help="also time the engine with cuda_graphs=False")
+    ap.add_argument("--check", action="store_true", help="first compare graph and eager decoding (small model)")
+    ap.add_argument("--profile", action="store_true", help="finally split a decode step's time (CUDA)")
     args = ap.parse_args()
+    if args.check:
+        check_graphs(torch.device(args.device))
     pre = PRESETS[args.preset]
     P, K, NEW = args.prompts or pre["prompts"], pre["k"], args.new or pre["new"]
     B, ONE = args.batch or pre["batch"], args.one_prompts or pre["one_prompts"]
@@ -166,8 +271,16 @@ def main():
         if "padded" not in skip:
             res["b padded batched generate"] = timed(
                 lambda: run_padded(model, prompts, K, cap, stops, fixed, device, B), device)
+        steps = {}
+        if args.engine_eager:
+            STEPS.clear()
+            res["c0 ssb engine, eager steps"] = timed(
+                lambda: run_engine(model, prompts, K, cap, stops, B, cuda_graphs=False), device)
+            steps["c0 ssb engine, eager steps"] = step_stats(B)
         if "engine" not in skip:
+            STEPS.clear()
             res["c ssb engine"] = timed(lambda: run_engine(model, prompts, K, cap, stops, B), device)
+            steps["c ssb engine"] = step_stats(B) + f" (roofline {step * 1e3:.2f} ms)"
         if args.generate_batch:
             try:
                 res["d transformers generate_batch"] = timed(
@@ -179,12 +292,16 @@ def main():
         for name, (n, s) in res.items():
             rates[name] = n / s
             print(f"  {name:32s} {n:7d} tokens {s:8.2f} s {n / s:9.1f} tok/s")
+        for name, line in steps.items():
+            print(f"  {name} decode steps: {line}")
         if "c ssb engine" in rates:
             for name, r in rates.items():
                 if name != "c ssb engine":
-                    print(f"  engine / {name[2:]}: {rates['c ssb engine'] / r:.2f}x")
+                    print(f"  engine / {name.split(' ', 1)[1]}: {rates['c ssb engine'] / r:.2f}x")
             print(f"  engine vs roofline at batch {B}: {rates['c ssb engine'] / (B / step):.3f} of "
                   f"{B / step:.0f} tok/s ({(B / step) / rates['c ssb engine']:.1f}x from it)")
+    if args.profile:
+        profile_engine(model, prompts, K, B, device)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,11 @@ over the plain transformers model:
 - only ``SamplingParams`` apply: nothing comes from the model's ``generation_config`` (no repetition penalty, no
   default top-k/top-p).
 
-Not done yet: CUDA graphs / ``torch.compile``. Steps run eagerly (the KV buffer grows and is relaid), so on an
-H100 a batch-256 step of a 3B model costs ~50 ms of launch overhead against a 1.8 ms weight-read roofline
-(benchmarks/RESULTS.md); a static-shape step (fixed rows x capacity, captured once) would close most of that.
+On CUDA (``cuda_graphs=True``, models with full attention only) a decode step is a fixed-shape computation over the
+whole buffer (``ssb._static_decode``), captured once in a CUDA graph and replayed; compaction moves columns inside
+the same buffer, so only a reallocation (more columns, fewer rows) captures again. Sampling and bookkeeping stay
+outside the graph. On an H100 that takes a batch-256 step of a 3B model from ~100 ms (eager: launch overhead) to
+~11 ms, against a 1.8 ms weight-read roofline (benchmarks/RESULTS.md). Elsewhere steps run eagerly.
 
 Why not ``model.generate_batch`` (transformers' continuous batching with paged attention, present in v5): it
 seeds one global RNG per manager and samples for whatever batch its background thread has assembled, so a
@@ -40,6 +42,8 @@ from typing import Protocol
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from ssb._static_decode import CudaGraphStep, _StaticLayer, fixed_forward, round_capacity, supports_fixed_step
 
 
 @dataclass(frozen=True)
@@ -133,12 +137,17 @@ class _BufferLayer(DynamicLayer):
 
 class TransformersEngine:
     def __init__(self, model, tokenizer, stop_ids: list[int], max_batch_size: int = 256,
-                 prefill_tokens: int = 16384):
+                 prefill_tokens: int = 16384, cuda_graphs: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.stop_ids = list(stop_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
-        self.max_batch_size, self.prefill_tokens = max_batch_size, prefill_tokens
+        self.max_batch_size, self.prefill_tokens, self.cuda_graphs = max_batch_size, prefill_tokens, cuda_graphs
+        self.captures = 0  # CUDA graphs captured so far (each decode-buffer allocation captures one)
+
+    def _static_step(self, device: torch.device) -> bool:
+        """Whether decode steps use the fixed-shape step (captured in a CUDA graph on CUDA)."""
+        return device.type == "cuda" and self.cuda_graphs and supports_fixed_step(self.model)
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[list[Sample]]:
@@ -174,8 +183,15 @@ class _Decoder:
         self.start, self.pos, self.out = [0] * rows, [0] * rows, [[] for _ in range(rows)]
         udtype = torch.float32 if self.device.type == "mps" else torch.float64
         self.u = torch.ones(rows, params.max_new_tokens, dtype=udtype)
-        self.layers: list[_BufferLayer] = []
+        self.layers: list[_BufferLayer | _StaticLayer] = []
         self.t = 0  # the shared column clock: next column written
+        self.static = eng._static_step(self.device)  # fixed-shape steps over _StaticLayer buffers
+        self.graph = None
+        if self.static and self.device.type == "cuda":
+            self.graph = CudaGraphStep(lambda inp: fixed_forward(self.model, self.cache, inp), self._captured)
+
+    def _captured(self):
+        self.eng.captures += 1
 
     # ---------------------------------------------------------------- prefill and admission
 
@@ -253,9 +269,10 @@ class _Decoder:
     def _alloc(self, longest: int):
         kv, _ = next(iter(self.prefilled.values()))
         cap = longest + min(self.params.max_new_tokens, 256) + 1
+        layer_cls, cap = (_StaticLayer, round_capacity(cap)) if self.static else (_BufferLayer, cap)
         for k, _ in kv:
             shape = (len(self.sid), k.shape[0], cap, k.shape[2])
-            self.layers.append(_BufferLayer(k.new_zeros(shape), k.new_zeros(shape), longest))
+            self.layers.append(layer_cls(k.new_zeros(shape), k.new_zeros(shape), longest))
         self.cache = Cache(layers=self.layers)
         self.t = longest
 
@@ -267,6 +284,10 @@ class _Decoder:
         return min(live) if live else self.t
 
     def _relayout(self, lo: int, off: int, cap: int, rows=None):
+        if self.static:  # a fixed-shape buffer moves in place unless it must change shape
+            cap = round_capacity(cap)
+            if self.graph is not None and (rows is not None or cap != self._cap()):
+                self.graph.reset()  # the captured graph writes the old buffers: capture again
         for layer in self.layers:
             layer.relayout(lo, off, cap, rows)
         shift = off - lo
@@ -301,6 +322,30 @@ class _Decoder:
 
     def _step(self):
         rows = len(self.sid)
+        logits = self._fixed_step() if self.static else self._eager_step()
+        steps = torch.tensor([len(o) if s >= 0 else 0 for s, o in zip(self.sid, self.out)])  # the token's index
+        u = self.u[torch.arange(rows), steps]
+        toks = pick_tokens(logits, u.to(self.device), self.params).tolist()
+        for r in range(rows):
+            if self.sid[r] >= 0:
+                self._push(r, toks[r])
+
+    def _fixed_step(self) -> torch.Tensor:
+        """Fill column ``t`` of the whole fixed-shape buffer; free rows attend to their own new column only."""
+        t = self.t
+        inp = torch.tensor([[o[-1], p - 1, st, t] if s >= 0 else [self.eng.pad_id, 0, t, t]
+                            for s, o, p, st in zip(self.sid, self.out, self.pos, self.start)])
+        logits = self._static_logits(inp.to(self.device))
+        for layer in self.layers:
+            layer.n += 1
+        self.t += 1
+        return logits
+
+    def _static_logits(self, inp: torch.Tensor) -> torch.Tensor:
+        """The fixed-shape forward: replayed from a CUDA graph on CUDA, run directly elsewhere."""
+        return self.graph(inp) if self.graph is not None else fixed_forward(self.model, self.cache, inp)
+
+    def _eager_step(self) -> torch.Tensor:
         ids = torch.tensor([[o[-1] if s >= 0 else self.eng.pad_id] for s, o in zip(self.sid, self.out)])
         pos = torch.tensor([[p - 1 if s >= 0 else 0] for s, p in zip(self.sid, self.pos)])
         start = torch.tensor([st if s >= 0 else self.t for s, st in zip(self.sid, self.start)])
@@ -309,12 +354,7 @@ class _Decoder:
                          position_ids=pos.to(self.device), past_key_values=self.cache, use_cache=True,
                          logits_to_keep=1)
         self.t = self.layers[0].n
-        steps = torch.tensor([len(o) if s >= 0 else 0 for s, o in zip(self.sid, self.out)])  # the token's index
-        u = self.u[torch.arange(rows), steps]
-        toks = pick_tokens(out.logits[:, -1], u.to(self.device), self.params).tolist()
-        for r in range(rows):
-            if self.sid[r] >= 0:
-                self._push(r, toks[r])
+        return out.logits[:, -1]
 
 
 def make_engine(model_cfg, adapter=None, engine_cfg=None):
@@ -329,5 +369,6 @@ def make_engine(model_cfg, adapter=None, engine_cfg=None):
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(model_cfg, adapter=adapter, merge=adapter is not None)
     kw = {} if engine_cfg is None else dict(max_batch_size=engine_cfg.max_batch_size,
-                                            prefill_tokens=engine_cfg.prefill_tokens)
+                                            prefill_tokens=engine_cfg.prefill_tokens,
+                                            cuda_graphs=engine_cfg.cuda_graphs)
     return TransformersEngine(model, tokenizer, stop_token_ids(tokenizer, model), **kw)

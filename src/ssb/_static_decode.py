@@ -1,0 +1,153 @@
+"""The fixed-shape decode step of :class:`ssb.engine.TransformersEngine` and its CUDA graph.
+
+Every step has the same shapes: ``rows`` one-token queries against the whole KV buffer of ``cap`` columns (a
+multiple of 64). The new key/value column is written with ``index_copy_`` at a *device* index; tokens, positions,
+each row's first live column and the current column arrive as one small ``[rows, 4]`` tensor; the attention mask
+is built from it on the device and handed to the model as a 4D tensor, which transformers takes as prepared and
+builds no mask of its own (unlike a ``{"full_attention": mask}`` mapping, this also works for models whose forward
+takes no mapping, e.g. Llama). Attention is ``ssb_decode`` (registered below, switched in only while the step runs
+or is captured): SDPA with the query heads of each KV head on SDPA's query-length axis, so grouped-query attention
+needs no ``repeat_kv``. Nothing in the step reads a host value, so it can be captured once in a
+``torch.cuda.CUDAGraph`` and replayed while the buffers stay the same tensors: compaction and room-making move
+columns inside them (in place); only a reallocation (more columns, or fewer rows) needs a new capture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.cache_utils import DynamicLayer
+
+ATTENTION = "ssb_decode"
+COLUMNS = 64  # the KV capacity is rounded up to a multiple of this
+
+
+def round_capacity(cap: int) -> int:
+    return -(-cap // COLUMNS) * COLUMNS
+
+
+def _decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """One query token per row: ``query`` [b, h, 1, d] against ``key``/``value`` [b, kvh, cap, d]."""
+    b, h, _, d = query.shape
+    out = F.scaled_dot_product_attention(query.reshape(b, key.shape[1], h // key.shape[1], d), key, value,
+                                         attn_mask=attention_mask, scale=scaling)
+    return out.reshape(b, 1, h, d), None
+
+
+AttentionInterface.register(ATTENTION, _decode_attention)
+
+
+def supports_fixed_step(model) -> bool:
+    """Full attention everywhere: no sliding-window layers, no attention-logit soft-capping."""
+    cfg = model.config.get_text_config()
+    return (set(getattr(cfg, "layer_types", None) or ["full_attention"]) == {"full_attention"}
+            and getattr(cfg, "sliding_window", None) is None
+            and getattr(cfg, "attn_logit_softcapping", None) is None)
+
+
+@contextlib.contextmanager
+def _decode_attention_on(model):
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None),
+                                                                           "_attn_implementation_internal")}
+    saved = {k: c._attn_implementation_internal for k, c in configs.items()}
+    for c in configs.values():
+        c._attn_implementation_internal = ATTENTION
+    try:
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation_internal = saved[k]
+
+
+class _StaticLayer(DynamicLayer):
+    """A KV layer over a ``[rows, heads, cap, dim]`` buffer written at the device column ``col`` (set before each
+    step); attention always reads the whole buffer (the mask hides dead columns). ``n`` columns are in use."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, n: int):
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
+        self.kbuf, self.vbuf, self.n = k, v, n
+        self.col: torch.Tensor | None = None
+        self._view()
+
+    def _view(self):
+        self.keys, self.values = self.kbuf, self.vbuf
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.kbuf.index_copy_(2, self.col, key_states)
+        self.vbuf.index_copy_(2, self.col, value_states)
+        return self.kbuf, self.vbuf
+
+    def relayout(self, lo: int, off: int, cap: int, rows: torch.Tensor | None = None):
+        """Keep columns ``[lo, n)`` (and only ``rows``), moved to start at ``off`` in a buffer of ``cap``: in place
+        (same tensors, so a captured graph stays valid) unless ``rows`` is given or ``cap`` changes."""
+        for name in ("kbuf", "vbuf"):
+            old = getattr(self, name)
+            if rows is None and cap == old.shape[2]:
+                old[:, :, off: off + self.n - lo] = old[:, :, lo: self.n].clone()
+                continue
+            old = old if rows is None else old[rows]
+            new = old.new_zeros(old.shape[0], old.shape[1], cap, old.shape[3])
+            new[:, :, off: off + self.n - lo] = old[:, :, lo: self.n]
+            setattr(self, name, new)
+        self.n = off + self.n - lo
+        self._view()
+
+
+def fixed_forward(model, cache, inp: torch.Tensor) -> torch.Tensor:
+    """Last-position logits of one decode step. ``inp`` [rows, 4]: token, position, first live column, current
+    column (the same in every row)."""
+    col = inp[:1, 3]
+    for layer in cache.layers:
+        layer.col = col
+    cols = torch.arange(cache.layers[0].kbuf.shape[2], device=inp.device)
+    mask = ((cols >= inp[:, 2:3]) & (cols <= inp[:, 3:4]))[:, None, None]  # [rows, 1, 1, cap]
+    with _decode_attention_on(model):  # a 4D mask is taken as prepared: transformers builds none
+        out = model(input_ids=inp[:, :1], position_ids=inp[:, 1:2], attention_mask=mask,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+class CudaGraphStep:
+    """``forward(inp)`` captured in a CUDA graph on first use, then replayed; ``reset()`` after the buffers it
+    writes are reallocated. If capture fails it warns once and runs ``forward`` eagerly from then on."""
+
+    def __init__(self, forward, on_capture=None):
+        self.forward, self.on_capture, self.failed = forward, on_capture, False
+        self.reset()
+
+    def reset(self):
+        self.graph = self.inp = self.out = None
+
+    def __call__(self, inp: torch.Tensor) -> torch.Tensor:
+        if self.graph is None and not self.failed:
+            self._capture(inp)
+        if self.graph is None:
+            return self.forward(inp)
+        self.inp.copy_(inp)
+        self.graph.replay()
+        return self.out
+
+    def _capture(self, inp: torch.Tensor):
+        static_inp = inp.clone()
+        try:
+            side = torch.cuda.Stream(inp.device)
+            side.wait_stream(torch.cuda.current_stream(inp.device))
+            with torch.cuda.stream(side):  # warm-up (lazy kernel/workspace set-up); rewrites this step's column
+                self.forward(static_inp)
+            torch.cuda.current_stream(inp.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # a private memory pool per graph (one shared pool tripped an assert)
+                out = self.forward(static_inp)
+        except Exception as e:  # noqa: BLE001 - any capture failure falls back to the same step without a graph
+            warnings.warn(f"CUDA graph capture of the decode step failed ({type(e).__name__}: {e}); running the "
+                          "fixed-shape step without a graph", RuntimeWarning, stacklevel=3)
+            self.failed = True
+            return
+        self.graph, self.inp, self.out = graph, static_inp, out
+        if self.on_capture is not None:
+            self.on_capture()
