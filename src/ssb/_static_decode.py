@@ -63,6 +63,23 @@ def _decode_attention_on(model):
             c._attn_implementation_internal = saved[k]
 
 
+def relayout_buffers(layer, lo: int, off: int, cap: int, rows: torch.Tensor | None = None,
+                     in_place: bool = False) -> None:
+    """Keep columns ``[lo, n)`` of ``layer.kbuf``/``layer.vbuf`` (and only ``rows``), moved to start at ``off`` in a
+    buffer of ``cap`` columns. ``in_place``: reuse the same tensors when neither rows nor capacity change."""
+    for name in ("kbuf", "vbuf"):
+        old = getattr(layer, name)
+        if in_place and rows is None and cap == old.shape[2]:
+            old[:, :, off: off + layer.n - lo] = old[:, :, lo: layer.n].clone()
+            continue
+        old = old if rows is None else old[rows]
+        new = old.new_zeros(old.shape[0], old.shape[1], cap, old.shape[3])
+        new[:, :, off: off + layer.n - lo] = old[:, :, lo: layer.n]
+        setattr(layer, name, new)
+    layer.n = off + layer.n - lo
+    layer._view()
+
+
 class _StaticLayer(DynamicLayer):
     """A KV layer over a ``[rows, heads, cap, dim]`` buffer written at the device column ``col`` (set before each
     step); attention always reads the whole buffer (the mask hides dead columns). ``n`` columns are in use."""
@@ -83,19 +100,9 @@ class _StaticLayer(DynamicLayer):
         return self.kbuf, self.vbuf
 
     def relayout(self, lo: int, off: int, cap: int, rows: torch.Tensor | None = None):
-        """Keep columns ``[lo, n)`` (and only ``rows``), moved to start at ``off`` in a buffer of ``cap``: in place
-        (same tensors, so a captured graph stays valid) unless ``rows`` is given or ``cap`` changes."""
-        for name in ("kbuf", "vbuf"):
-            old = getattr(self, name)
-            if rows is None and cap == old.shape[2]:
-                old[:, :, off: off + self.n - lo] = old[:, :, lo: self.n].clone()
-                continue
-            old = old if rows is None else old[rows]
-            new = old.new_zeros(old.shape[0], old.shape[1], cap, old.shape[3])
-            new[:, :, off: off + self.n - lo] = old[:, :, lo: self.n]
-            setattr(self, name, new)
-        self.n = off + self.n - lo
-        self._view()
+        """As :func:`relayout_buffers`, in place (same tensors, so a captured graph stays valid) unless ``rows`` is
+        given or ``cap`` changes."""
+        relayout_buffers(self, lo, off, cap, rows, in_place=True)
 
 
 def fixed_forward(model, cache, inp: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,8 @@ from typing import Protocol
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from ssb._static_decode import CudaGraphStep, _StaticLayer, fixed_forward, round_capacity, supports_fixed_step
+from ssb._static_decode import (CudaGraphStep, _StaticLayer, fixed_forward, relayout_buffers, round_capacity,
+                               supports_fixed_step)
 
 
 @dataclass(frozen=True)
@@ -124,15 +125,8 @@ class _BufferLayer(DynamicLayer):
         return self.keys, self.values
 
     def relayout(self, lo: int, off: int, cap: int, rows: torch.Tensor | None = None):
-        """Keep columns ``[lo, n)`` (and only ``rows``), moved to start at ``off`` in a buffer of ``cap``."""
-        for name in ("kbuf", "vbuf"):
-            old = getattr(self, name)
-            old = old if rows is None else old[rows]
-            new = old.new_zeros(old.shape[0], old.shape[1], cap, old.shape[3])
-            new[:, :, off: off + self.n - lo] = old[:, :, lo: self.n]
-            setattr(self, name, new)
-        self.n = off + self.n - lo
-        self._view()
+        """Keep columns ``[lo, n)`` (and only ``rows``), moved to start at ``off`` in a new buffer of ``cap``."""
+        relayout_buffers(self, lo, off, cap, rows)
 
 
 class TransformersEngine:
