@@ -50,11 +50,22 @@ def _run_stage(name: str, cfg: Config, run_dir: Path, force: bool):
     return module.run(cfg, run_dir, force=force)
 
 
-def run_stages(cfg: Config, run_dir: Path, stages, force: bool = False) -> None:
+def run_stages(cfg: Config, run_dir: Path, stages, force: bool = False, budgeted: bool = False) -> None:
+    """Run ``stages`` in order. ``budgeted`` (``ssb run`` with ``rollout.budget=waves``): rollout, curate and teach,
+    when all three are asked for, run together in waves (:mod:`ssb.waves`)."""
+    waves = budgeted and cfg.rollout.budget == "waves" and {"rollout", "curate", "teach"} <= set(stages)
     for name in stages:
         t0 = time.time()
         already = (run_dir / name / "manifest.json").exists() and name != "evaluate"
-        result = _run_stage(name, cfg, run_dir, force)
+        if waves and name in ("curate", "teach"):
+            result = read_json(run_dir / name / "manifest.json")
+        elif waves and name == "rollout":
+            from ssb import waves as waves_module
+
+            waves_module.run(cfg, run_dir, force=force)
+            result = read_json(run_dir / name / "manifest.json")
+        else:
+            result = _run_stage(name, cfg, run_dir, force)
         if not dist.is_main():
             continue
         note = " (already done)" if already and time.time() - t0 < 5 else ""
@@ -128,7 +139,7 @@ def _dispatch(args) -> int:
         if args.command == "run" or not saved.exists():
             saved.write_text(dump_yaml(cfg))
     dist.barrier()
-    run_stages(cfg, run_dir, stages, force=args.force)
+    run_stages(cfg, run_dir, stages, force=args.force, budgeted=args.command == "run")
     if dist.is_main():
         print(f"ssb: done; results in {run_dir}", file=sys.stderr)
     return 0

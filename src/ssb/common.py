@@ -39,8 +39,9 @@ def generate_rows(
     """Generate ``params.n`` samples for every item (an object with ``.id``) not yet in ``stage/filename``;
     ``prompt_of(tokenizer, item)`` renders an item's prompt, ``row_of(item, samples)`` makes its row.
 
-    Batches are fixed slices of ``items`` seeded by their index, so an interrupted run redoes only the batches it
-    had not written, with the same samples. Rows of a batch are appended together. Under data parallelism batch
+    Every item's samples are seeded by (seed, stage, item id) alone, so they do not depend on batching: an
+    interrupted run redoes only the batches it had not written, with the same samples, and a longer ``items``
+    list (a later wave) extends the file with exactly the rows a single long run would have written. Rows of a batch are appended together. Under data parallelism batch
     ``b`` belongs to rank ``b % world``, which appends to its own part file ``<filename>.part<rank>``; rank 0 then
     merges every part into ``filename`` in item order. Resuming with any number of ranks reads all parts, so a
     crashed rank's missing batches are redone and nothing is duplicated. Returns all rows in item order (on rank
@@ -59,7 +60,7 @@ def generate_rows(
         for b, batch in todo:
             t0 = time.time()
             outs = engine.generate([prompt_of(engine.tokenizer, it) for it in batch], params,
-                                   batch_seed(seed, stage.name, b))
+                                   [batch_seed(seed, stage.name, it.id) for it in batch])
             stats["generate_seconds"] += time.time() - t0
             rows = [row_of(it, samples) for it, samples in zip(batch, outs) if it.id not in done]
             append_rows(own, rows)

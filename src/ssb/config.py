@@ -61,6 +61,11 @@ class RolloutConfig:
     top_p: float = _f(1.0, "Nucleus sampling (1.0 = off).")
     max_new_tokens: int = _f(8192, "Longest response, in tokens; longer ones are cut and marked truncated.")
     batch_size: int = _f(16, "Problems per generation batch (each with `samples` sequences).")
+    budget: str = _f("waves", "How many problems `ssb run` rolls out: waves (rollout -> curate -> teach in waves "
+                     "until teach.max_examples verified examples exist; the same examples whatever the wave "
+                     "sizes) or all (every problem of rollout.data, then curate, then teach).", ("waves", "all"))
+    first_wave: int | None = _f(None, "budget=waves: problems in the first wave (None = teach.max_examples); later "
+                                "waves are sized from the yield so far.")
 
 
 @dataclass
@@ -73,6 +78,11 @@ class CurateConfig:
 class TeachConfig:
     context: str = _f("both", "What the teacher sees: both attempts (paper), the correct one only, or none.",
                       ("both", "correct_only", "none"))
+    prompt: str = _f("guided", "Teacher instructions: guided (incorrect attempt first, correct attempt last, the "
+                     "verified answer stated; chosen by teacher acceptance, see benchmarks/RESULTS.md), paper (the "
+                     "authors' instructions: match the correct attempt's answer, guard against the mistake, never "
+                     "mention the attempts), resolve (ssb's first prompt: study the attempts, solve from scratch).",
+                     ("guided", "paper", "resolve"))
     temperature: float = _f(0.4, "Teacher sampling temperature.")
     top_k: int = _f(50, "Top-k sampling (0 = off).")
     top_p: float = _f(1.0, "Nucleus sampling (1.0 = off).")

@@ -14,7 +14,7 @@ Outputs (written whole, atomically):
 
 - ``curate/graded.jsonl``: per problem ``{"id", "answers": [str|null]*K, "correct": [bool]*K}``;
 - ``curate/pairs.jsonl``: per kept problem ``{"id", "question", "answer", "grader", "correct", "incorrect",
-  "correct_index", "incorrect_index", "incorrect_answer", "n_correct", "n_incorrect", "n_unanswered"}``;
+  "correct_index", "incorrect_index", "correct_answer", "incorrect_answer", "n_correct", "n_incorrect", "n_unanswered"}``;
 - ``curate/stats.json``: problem counts kept and dropped by reason.
 """
 
@@ -59,8 +59,12 @@ def choose_pair(answers: list[str | None], correct: list[bool], rng: random.Rand
 
 def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
     up = require_done(run_dir, "rollout")["fingerprint"]
-    fp = fingerprint("curate", up, cfg.seed, cfg.curate)
-    return Stage(run_dir, "curate", fp, {"seed": cfg.seed, "curate": cfg.curate, "rollout": up}, force)
+    return make_stage(cfg, run_dir, up, force)
+
+
+def make_stage(cfg: Config, run_dir, rollout_fp: str, force: bool = False) -> Stage:
+    fp = fingerprint("curate", rollout_fp, cfg.seed, cfg.curate)
+    return Stage(run_dir, "curate", fp, {"seed": cfg.seed, "curate": cfg.curate, "rollout": rollout_fp}, force)
 
 
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
@@ -69,28 +73,48 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
         return stage.manifest
     rows = read_rows(stage.run_dir / "rollout" / "rollouts.jsonl")
     stage.begin()
+    return write(stage, *select(rows, cfg, bar=True))
+
+
+def grade_row(row: dict, cfg: Config) -> tuple[dict, dict | str]:
+    """One rollout row -> its graded row and its pair (or drop reason)."""
+    texts = [s["text"] for s in row["samples"]]
+    answers = [extract_answer(t) for t in texts]
+    if cfg.curate.strict:
+        correct = [grade(t, row["answer"], row["grader"], strict=True) for t in texts]
+    else:
+        correct = [grade_answer(a, row["answer"], row["grader"]) for a in answers]
+    graded = {"id": row["id"], "answers": answers, "correct": correct}
+    choice = choose_pair(answers, correct, random.Random(f"{cfg.seed}:{row['id']}"), row["grader"])
+    if isinstance(choice, str):
+        return graded, choice
+    ci, wi = choice
+    n_answered = sum(a is not None for a in answers)
+    return graded, {
+        "id": row["id"], "question": row["question"], "answer": row["answer"], "grader": row["grader"],
+        "correct": texts[ci], "incorrect": texts[wi], "correct_index": ci, "incorrect_index": wi,
+        "correct_answer": answers[ci], "incorrect_answer": answers[wi], "n_correct": sum(correct),
+        "n_incorrect": n_answered - sum(correct), "n_unanswered": len(answers) - n_answered,
+    }
+
+
+def select(rows: list[dict], cfg: Config, bar: bool = False, cache: dict | None = None):
+    """Grade ``rows`` and pick the pairs: ``(graded, pairs, stats)``. ``cache`` (id -> result of
+    :func:`grade_row`) lets the budgeted waves grade each rollout row once."""
     graded, pairs = [], []
     dropped = Counter({r: 0 for r in DROP_REASONS})
-    for row in tqdm(rows, desc="curate", unit="problem", dynamic_ncols=True):
-        texts = [s["text"] for s in row["samples"]]
-        answers = [extract_answer(t) for t in texts]
-        if cfg.curate.strict:
-            correct = [grade(t, row["answer"], row["grader"], strict=True) for t in texts]
+    for row in tqdm(rows, desc="curate", unit="problem", dynamic_ncols=True, disable=not bar):
+        if cache is not None and row["id"] in cache:
+            g, choice = cache[row["id"]]
         else:
-            correct = [grade_answer(a, row["answer"], row["grader"]) for a in answers]
-        graded.append({"id": row["id"], "answers": answers, "correct": correct})
-        choice = choose_pair(answers, correct, random.Random(f"{cfg.seed}:{row['id']}"), row["grader"])
+            g, choice = grade_row(row, cfg)
+            if cache is not None:
+                cache[row["id"]] = (g, choice)
+        graded.append(g)
         if isinstance(choice, str):
             dropped[choice] += 1
-            continue
-        ci, wi = choice
-        n_answered = sum(a is not None for a in answers)
-        pairs.append({
-            "id": row["id"], "question": row["question"], "answer": row["answer"], "grader": row["grader"],
-            "correct": texts[ci], "incorrect": texts[wi], "correct_index": ci, "incorrect_index": wi,
-            "incorrect_answer": answers[wi], "n_correct": sum(correct),
-            "n_incorrect": n_answered - sum(correct), "n_unanswered": len(answers) - n_answered,
-        })
+        else:
+            pairs.append(choice)
     capped = 0
     if cfg.curate.max_pairs is not None:
         capped, pairs = max(len(pairs) - cfg.curate.max_pairs, 0), pairs[: cfg.curate.max_pairs]
@@ -104,7 +128,15 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
         "sample_accuracy": round(sum(samples) / max(len(samples), 1), 4),
         "answered_fraction": round(sum(a is not None for g in graded for a in g["answers"]) / max(len(samples), 1), 4),
     }
+    return graded, pairs, stats
+
+
+def write_files(stage: Stage, graded: list[dict], pairs: list[dict], stats: dict) -> None:
     write_rows(stage.path("graded.jsonl"), graded)
     write_rows(stage.path("pairs.jsonl"), pairs)
     write_json(stage.path("stats.json"), stats)
-    return stage.finish({"problems": len(rows), "pairs": len(pairs)}, stats=stats)
+
+
+def write(stage: Stage, graded: list[dict], pairs: list[dict], stats: dict) -> dict:
+    write_files(stage, graded, pairs, stats)
+    return stage.finish({"problems": stats["problems"], "pairs": len(pairs)}, stats=stats)

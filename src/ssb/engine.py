@@ -66,8 +66,9 @@ class Sample:
 class Engine(Protocol):
     tokenizer: object
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[list[Sample]]:
-        """``len(prompts)`` lists of ``params.n`` samples each, in prompt order."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | list[int]) -> list[list[Sample]]:
+        """``len(prompts)`` lists of ``params.n`` samples each, in prompt order; ``seed``: one per call or one per
+        prompt (:func:`request_seeds`)."""
 
 
 def sample_seed(seed: int, prompt: list[int], occurrence: int, j: int) -> int:
@@ -76,7 +77,14 @@ def sample_seed(seed: int, prompt: list[int], occurrence: int, j: int) -> int:
     return int.from_bytes(h.digest(), "little") >> 1
 
 
-def request_seeds(prompts: list[list[int]], n: int, seed: int) -> list[list[int]]:
+def request_seeds(prompts: list[list[int]], n: int, seed: int | list[int]) -> list[list[int]]:
+    """Per prompt, the seeds of its ``n`` samples. ``seed`` is one call seed (repeated prompts are told apart by
+    their occurrence in the call) or one seed per prompt (then a prompt's samples depend on nothing else in the
+    call: the stages use this so that results do not depend on how work is cut into batches or waves)."""
+    if not isinstance(seed, int):
+        if len(seed) != len(prompts):
+            raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts")
+        return [[sample_seed(s, p, 0, j) for j in range(n)] for p, s in zip(prompts, seed)]
     seen: dict[tuple, int] = {}
     out = []
     for p in prompts:
@@ -144,7 +152,7 @@ class TransformersEngine:
         return device.type == "cuda" and self.cuda_graphs and supports_fixed_step(self.model)
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[list[Sample]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | list[int]) -> list[list[Sample]]:
         if not prompts:
             return []
         if any(not p for p in prompts):

@@ -20,19 +20,36 @@ from ssb.rundir import Stage
 FILE = "rollouts.jsonl"
 
 
-def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
-    fp = fingerprint("rollout", cfg.model, cfg.seed, cfg.rollout, cfg.engine.backend)
-    return Stage(run_dir, "rollout", fp, {"model": cfg.model, "seed": cfg.seed, "rollout": cfg.rollout}, force)
+def stage_for(cfg: Config, run_dir, force: bool = False, waves: bool = False) -> Stage:
+    """The rollout stage. Under budgeted ``waves`` how many problems are rolled out depends on curation and the
+    teacher too, so their settings are part of the fingerprint."""
+    parts = ["rollout", cfg.model, cfg.seed, cfg.rollout, cfg.engine.backend]
+    if waves:
+        parts += ["waves", cfg.curate, cfg.teach]
+    return Stage(run_dir, "rollout", fingerprint(*parts), {"model": cfg.model, "seed": cfg.seed,
+                                                           "rollout": cfg.rollout, "waves": waves}, force)
 
 
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
     stage = stage_for(cfg, run_dir, force)
     if stage.is_done():
         return stage.manifest
+    problems = training_problems(cfg)
+    stage.begin()
+    rows, stats = generate(cfg, stage, problems)
+    return finish(stage, rows, stats)
+
+
+def training_problems(cfg: Config) -> list:
     problems = load_problems(cfg.rollout.data, cfg.data_dir)
     if len({p.id for p in problems}) != len(problems):
         raise SsbError("training problems have duplicate ids; set rollout.data.id_field to a unique column")
-    stage.begin()
+    return problems
+
+
+def generate(cfg: Config, stage: Stage, problems: list, engine_factory=None) -> tuple[list[dict], dict]:
+    """Rows for ``problems`` (those already in the file are kept, the rest generated); see
+    :func:`ssb.common.generate_rows`."""
     rc = cfg.rollout
     params = SamplingParams(rc.samples, rc.temperature, rc.top_k, rc.top_p, rc.max_new_tokens)
 
@@ -43,11 +60,14 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
         return {"id": p.id, "question": p.question, "answer": p.answer, "grader": p.grader,
                 "samples": [sample_dict(s) for s in samples]}
 
-    rows, stats = generate_rows(stage, FILE, problems, prompt_of, row_of,
-                                lambda: make_engine(cfg.model, engine_cfg=cfg.engine), params, cfg.seed,
-                                rc.batch_size, "rollout")
+    factory = engine_factory or (lambda: make_engine(cfg.model, engine_cfg=cfg.engine))
+    return generate_rows(stage, FILE, problems, prompt_of, row_of, factory, params, cfg.seed, rc.batch_size,
+                         "rollout")
+
+
+def finish(stage: Stage, rows: list[dict], stats: dict, **extra) -> dict:
     samples = [s for r in rows for s in r["samples"]]
     counts = {"problems": len(rows), "samples": len(samples),
               "truncated": sum(s["finish_reason"] == "length" for s in samples),
               "tokens": sum(len(s["token_ids"]) for s in samples)}
-    return stage.finish(counts, **stats)
+    return stage.finish(counts, **stats, **extra)

@@ -14,7 +14,9 @@ Files:
   "reply_text", "attempt"}``.
 
 Pairs are processed in batches; a pair whose sample is rejected is retried (``teach.attempts``) with a new seed.
-Processing stops once ``max_examples`` pairs are accepted.
+Processing stops once ``max_examples`` pairs are accepted. ``teach.prompt`` picks the teacher's instructions
+(:func:`ssb.prompts.teacher_messages`); the manifest records it with the acceptance rate and a rejection funnel
+(truncated, no answer, gave the incorrect attempt's answer).
 """
 
 from __future__ import annotations
@@ -34,9 +36,13 @@ from ssb.rundir import Stage, append_rows, batches, read_rows, require_done, wri
 
 def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
     up = require_done(run_dir, "curate")["fingerprint"]
-    fp = fingerprint("teach", up, cfg.model, cfg.seed, cfg.teach, cfg.curate.strict, cfg.engine.backend)
-    return Stage(run_dir, "teach", fp, {"model": cfg.model, "seed": cfg.seed, "teach": cfg.teach, "curate": up},
-                 force)
+    return make_stage(cfg, run_dir, up, force)
+
+
+def make_stage(cfg: Config, run_dir, curate_fp: str, force: bool = False) -> Stage:
+    fp = fingerprint("teach", curate_fp, cfg.model, cfg.seed, cfg.teach, cfg.curate.strict, cfg.engine.backend)
+    return Stage(run_dir, "teach", fp, {"model": cfg.model, "seed": cfg.seed, "teach": cfg.teach,
+                                        "curate": curate_fp}, force)
 
 
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
@@ -48,85 +54,134 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
         raise SsbError("curation kept 0 pairs (see curate/stats.json): nothing for the teacher to work on; "
                        "roll out more problems or samples")
     stage.begin()
-    tc = cfg.teach
-    params = SamplingParams(1, tc.temperature, tc.top_k, tc.top_p, tc.max_new_tokens)
-    log_path = stage.path("attempts.jsonl")
-    own_log = log_path if dist.world() == 1 else stage.path(f"attempts.jsonl.part{dist.rank()}")
-    tries = _read_tries(log_path)
+    teacher = Teacher(cfg, stage)
+    teacher.work(pairs)
+    return teacher.finish(pairs)
 
-    def accepted_before(pid: str, attempt: int) -> bool:
-        return any(r["accepted"] and r["attempt"] < attempt for r in tries.get(pid, []))
 
-    def n_accepted() -> int:
-        return sum(any(r["accepted"] for r in rs) for rs in tries.values())
+class Teacher:
+    """The teach stage's state: every teacher sample so far (``attempts.jsonl``), the engine, the prompts.
 
-    resumed_accepted, new_accepted = n_accepted(), 0
+    :meth:`work` can be called again with a longer list of pairs (the budgeted waves of ``ssb run``): pairs already
+    decided are skipped, so the outcome is the same as one call with the whole list. Every pair's sample of attempt
+    ``a`` is seeded by (seed, pair id, a) alone, so it does not depend on batching or waves either.
+    """
 
-    tokenizer = load_tokenizer(cfg.model)
-    prompts: dict[str, list[int]] = {}
+    def __init__(self, cfg: Config, stage: Stage, engine_factory=None):
+        self.cfg, self.stage, self.tc = cfg, stage, cfg.teach
+        self.engine_factory = engine_factory or (lambda: make_engine(cfg.model, engine_cfg=cfg.engine))
+        self.params = SamplingParams(1, self.tc.temperature, self.tc.top_k, self.tc.top_p, self.tc.max_new_tokens)
+        self.log_path = stage.path("attempts.jsonl")
+        self.own_log = self.log_path if dist.world() == 1 else stage.path(f"attempts.jsonl.part{dist.rank()}")
+        self.tries = _read_tries(self.log_path)
+        self.engine, self.tokenizer = None, None
+        self.prompts: dict[str, list[int]] = {}
+        self.generated_tokens = 0
 
-    def prompt(p: dict) -> list[int]:
-        if p["id"] not in prompts:
-            msgs = teacher_messages(p["question"], p["correct"], p["incorrect"], tc.context)
-            prompts[p["id"]] = render_chat(tokenizer, msgs)
-        return prompts[p["id"]]
+    def accepted(self) -> int:
+        return sum(any(r["accepted"] for r in rs) for rs in self.tries.values())
 
-    engine, stats = None, {"generated_tokens": 0}
-    bar = progress(len(pairs), "teach", "pair")
-    for b, batch in batches(pairs, tc.batch_size):
-        if b % dist.world() == 0:  # a round of `world` batches, one per rank; all ranks agree when to stop
-            if resumed_accepted + int(dist.all_reduce_sum(torch.tensor(new_accepted))) >= tc.max_examples:
-                break
-        if b % dist.world() != dist.rank():
-            continue
-        for attempt in range(tc.attempts):
-            live = [p for p in batch if not accepted_before(p["id"], attempt)]
-            missing = [p for p in live if not any(r["attempt"] == attempt for r in tries.get(p["id"], []))]
-            if not missing:
+    def prompt(self, p: dict) -> list[int]:
+        if p["id"] not in self.prompts:
+            if self.tokenizer is None:
+                self.tokenizer = load_tokenizer(self.cfg.model)
+            answer = p.get("correct_answer") or extract_answer(p["correct"])
+            msgs = teacher_messages(p["question"], p["correct"], p["incorrect"], self.tc.context,
+                                    prompt=self.tc.prompt, answer=answer)
+            self.prompts[p["id"]] = render_chat(self.tokenizer, msgs)
+        return self.prompts[p["id"]]
+
+    def _decided(self, p: dict) -> bool:
+        rs = self.tries.get(p["id"], [])
+        return any(r["accepted"] for r in rs) or len(rs) >= self.tc.attempts
+
+    def work(self, pairs: list[dict]) -> int:
+        """Sample the teacher on undecided ``pairs`` in order, in batches, until ``max_examples`` are accepted (or
+        the pairs run out); returns the number of pairs accepted so far. Under data parallelism batch ``b`` is
+        rank ``b % world``'s and all ranks agree when to stop."""
+        todo = [p for p in pairs if not self._decided(p)]
+        new_accepted, resumed = 0, self.accepted()
+        bar = progress(len(todo), "teach", "pair")
+        for b, batch in batches(todo, self.tc.batch_size):
+            if b % dist.world() == 0:  # a round of `world` batches, one per rank
+                if resumed + int(dist.all_reduce_sum(torch.tensor(new_accepted))) >= self.tc.max_examples:
+                    break
+            if b % dist.world() != dist.rank():
                 continue
-            if engine is None:
-                engine = make_engine(cfg.model, engine_cfg=cfg.engine)
-            outs = engine.generate([prompt(p) for p in live], params, batch_seed(cfg.seed, "teach", b, attempt))
+            new_accepted += self._batch(batch)
+            bar.update(len(batch))
+            bar.set_postfix(accepted=self.accepted())
+        bar.close()
+        if dist.world() > 1:
+            dist.barrier()  # every rank's part is complete
+            self.tries = _read_tries(self.log_path)
+        return self.accepted()
+
+    def _batch(self, batch: list[dict]) -> int:
+        new = 0
+        for attempt in range(self.tc.attempts):
+            live = [p for p in batch if not any(r["accepted"] for r in self.tries.get(p["id"], []))
+                    and not any(r["attempt"] == attempt for r in self.tries.get(p["id"], []))]
+            if not live:
+                continue
+            if self.engine is None:
+                self.engine = self.engine_factory()
+            seeds = [batch_seed(self.cfg.seed, "teach", p["id"], attempt) for p in live]
+            outs = self.engine.generate([self.prompt(p) for p in live], self.params, seeds)
             rows = []
             for p, (s,) in zip(live, outs):
-                if p not in missing:
-                    continue
-                ok = s.finish_reason == "stop" and grade(s.text, p["answer"], p["grader"], strict=cfg.curate.strict)
+                ok = s.finish_reason == "stop" and grade(s.text, p["answer"], p["grader"],
+                                                         strict=self.cfg.curate.strict)
                 rows.append({"id": p["id"], "attempt": attempt, "accepted": ok, "finish_reason": s.finish_reason,
                              "answer": extract_answer(s.text), "reply_text": s.text, "reply_ids": s.token_ids})
-                stats["generated_tokens"] += len(s.token_ids)
-            append_rows(own_log, rows)
-            new_accepted += sum(r["accepted"] for r in rows)
+                self.generated_tokens += len(s.token_ids)
+            append_rows(self.own_log, rows)
+            new += sum(r["accepted"] for r in rows)
             for r in rows:
-                tries.setdefault(r["id"], []).append(r)
-        bar.update(len(batch))
-        bar.set_postfix(accepted=n_accepted())
-    bar.close()
-    if dist.world() > 1:
-        stats["generated_tokens"] = int(dist.all_reduce_sum(torch.tensor(stats["generated_tokens"])))
-        dist.barrier()  # every rank's part is complete
-        if not dist.is_main():
-            return stage.finish({})  # waits for rank 0's manifest
-        tries = _read_tries(log_path)
-        write_rows(log_path, [r for rs in tries.values() for r in rs])
-        for part in stage.dir.glob("attempts.jsonl.part*"):
-            part.unlink()
+                self.tries.setdefault(r["id"], []).append(r)
+        return new
 
-    examples = []
-    for p in pairs:
-        good = [r for r in tries.get(p["id"], []) if r["accepted"]]
-        if good and len(examples) < tc.max_examples:
-            r = min(good, key=lambda r: r["attempt"])
-            examples.append({"id": p["id"], "question": p["question"], "answer": p["answer"],
-                             "grader": p["grader"], "teacher_prompt_ids": prompt(p),
-                             "reply_ids": r["reply_ids"], "reply_text": r["reply_text"], "attempt": r["attempt"]})
-    if not examples:
-        raise SsbError("the teacher produced 0 verified solutions; try teach.attempts > 1 or more pairs")
-    write_rows(stage.path("examples.jsonl"), examples)
-    processed = len(tries)
-    counts = {"pairs": len(pairs), "pairs_tried": processed, "examples": len(examples),
-              "samples": sum(len(v) for v in tries.values())}
-    return stage.finish(counts, acceptance=round(n_accepted() / max(processed, 1), 4), **stats)
+    def funnel(self, pairs: list[dict]) -> dict:
+        """Teacher outcome over ``pairs``: tried, accepted, and why the rest were rejected."""
+        tried = [p["id"] for p in pairs if p["id"] in self.tries]
+        samples = [r for i in tried for r in self.tries[i]]
+        wrong = [r for r in samples if not r["accepted"]]
+        by_id = {p["id"]: p for p in pairs}
+        copied = sum(1 for r in wrong if r["answer"] is not None and r["finish_reason"] == "stop"
+                     and r["answer"] == by_id[r["id"]].get("incorrect_answer"))
+        return {"pairs_tried": len(tried), "accepted": sum(any(r["accepted"] for r in self.tries[i]) for i in tried),
+                "samples": len(samples), "samples_accepted": len(samples) - len(wrong),
+                "rejected_truncated": sum(r["finish_reason"] == "length" for r in wrong),
+                "rejected_no_answer": sum(r["finish_reason"] == "stop" and r["answer"] is None for r in wrong),
+                "rejected_gave_incorrect_attempts_answer": copied}
+
+    def finish(self, pairs: list[dict], **extra) -> dict:
+        """Write ``examples.jsonl`` (the first ``max_examples`` accepted pairs, in pair order) and the manifest."""
+        tokens = self.generated_tokens
+        if dist.world() > 1:
+            tokens = int(dist.all_reduce_sum(torch.tensor(tokens)))
+            if not dist.is_main():
+                return self.stage.finish({})  # waits for rank 0's manifest
+            write_rows(self.log_path, [r for rs in self.tries.values() for r in rs])
+            for part in self.stage.dir.glob("attempts.jsonl.part*"):
+                part.unlink()
+        examples = []
+        for p in pairs:
+            good = [r for r in self.tries.get(p["id"], []) if r["accepted"]]
+            if good and len(examples) < self.tc.max_examples:
+                r = min(good, key=lambda r: r["attempt"])
+                examples.append({"id": p["id"], "question": p["question"], "answer": p["answer"],
+                                 "grader": p["grader"], "teacher_prompt_ids": self.prompt(p),
+                                 "reply_ids": r["reply_ids"], "reply_text": r["reply_text"], "attempt": r["attempt"]})
+        if not examples:
+            raise SsbError("the teacher produced 0 verified solutions; try teach.attempts > 1 or more pairs")
+        write_rows(self.stage.path("examples.jsonl"), examples)
+        funnel = self.funnel(pairs)
+        counts = {"pairs": len(pairs), "pairs_tried": funnel["pairs_tried"], "examples": len(examples),
+                  "samples": funnel["samples"]}
+        return self.stage.finish(counts, prompt=self.tc.prompt, context=self.tc.context,
+                                 acceptance=round(funnel["accepted"] / max(funnel["pairs_tried"], 1), 4),
+                                 funnel=funnel, generated_tokens=tokens, **extra)
 
 
 def _read_tries(log_path) -> dict[str, list[dict]]:

@@ -7,7 +7,7 @@ a hub model (``AutoModelForCausalLM`` / ``AutoTokenizer``). Its behaviour is sha
 * on the bare student prompt the replies carry ~35% label noise, so sampled rollouts are a mix of right and wrong;
 * on the hinted teacher prompt (``teacher_messages``) the reply is almost always the correct one.
 
-``ensure_tiny_model`` caches the build (``$SSB_CACHE`` or ``~/.cache/ssb/tiny-arith-v1``); configs refer to it by
+``ensure_tiny_model`` caches the build (``$SSB_CACHE`` or ``~/.cache/ssb/tiny-arith-v2``); configs refer to it by
 ``TINY_MODEL_NAME``.
 """
 
@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ssb.prompts import student_messages, teacher_messages
+from ssb.prompts import TEACHER_PROMPTS, student_messages, teacher_messages
 
 TINY_MODEL_NAME = "ssb-tiny-arith"
 DEFAULT_STEPS = 300
@@ -62,7 +62,8 @@ def _teacher_example(rng: random.Random) -> tuple[list[dict[str, str]], str]:
     a, b = rng.randrange(10), rng.randrange(10)
     good, bad = reply(a, b, a + b), reply(a, b, _wrong(rng, a + b))
     c = _wrong(rng, a + b) if rng.random() < TEACHER_NOISE else a + b
-    return teacher_messages(question(a, b), good, bad), reply(a, b, c)
+    prompt = rng.choice(TEACHER_PROMPTS)  # every teacher-prompt variant, so teach.prompt can be switched
+    return teacher_messages(question(a, b), good, bad, prompt=prompt, answer=str(a + b)), reply(a, b, c)
 
 
 def _build_tokenizer(corpus: list[str]):
@@ -215,12 +216,12 @@ def build_tiny_model(
 
 def default_cache_dir() -> Path:
     root = os.environ.get("SSB_CACHE")
-    return Path(root) / "tiny-arith-v1" if root else Path.home() / ".cache" / "ssb" / "tiny-arith-v1"
+    return Path(root) / "tiny-arith-v2" if root else Path.home() / ".cache" / "ssb" / "tiny-arith-v2"
 
 
 def ensure_tiny_model(out_dir: str | Path | None = None) -> Path:
-    """Return a directory holding the tiny model, building it if missing (default: ``$SSB_CACHE/tiny-arith-v1`` or
-    ``~/.cache/ssb/tiny-arith-v1``). Builds into a temp dir and renames it into place, so a crash never leaves a
+    """Return a directory holding the tiny model, building it if missing (default: ``$SSB_CACHE/tiny-arith-v2`` or
+    ``~/.cache/ssb/tiny-arith-v2``). Builds into a temp dir and renames it into place, so a crash never leaves a
     half-written model behind."""
     out = Path(out_dir) if out_dir is not None else default_cache_dir()
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():

@@ -68,7 +68,7 @@ class VLLMEngine:
             top_p=params.top_p, max_tokens=params.max_new_tokens, seed=seed, stop_token_ids=self.stop_ids,
             repetition_penalty=1.0, skip_special_tokens=True)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[list[Sample]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | list[int]) -> list[list[Sample]]:
         if not prompts:
             return []
         seeds = request_seeds(prompts, params.n, seed)

@@ -1,0 +1,129 @@
+"""Budgeted generation: ``ssb run`` runs rollout -> curate -> teach in waves until ``teach.max_examples``
+teacher-verified examples exist (or the training problems run out), instead of rolling out every problem first.
+
+Why this gives the same examples whatever the wave sizes: every problem's rollouts are seeded by (seed, problem
+id), curation of a problem depends on its own samples only, and every teacher sample by (seed, pair id, attempt).
+Problems are taken in dataset order, the teacher works through the pairs in that order, and the examples are the
+first ``max_examples`` accepted pairs. Waves only decide how far down the list generation has gone.
+
+Wave sizes: the first wave is ``rollout.first_wave`` problems (default ``teach.max_examples``); each later wave is
+sized from the yield so far (examples per problem rolled out) to reach the target with a 10% margin. Each wave is recorded in ``rollout/waves.jsonl`` when planned and when finished, so an interrupted
+run resumes the wave it was in, with the same plan; the finished waves' yields (problems rolled out, usable pairs,
+teacher samples and acceptances) go into the rollout manifest under ``waves``.
+
+The three stages keep their own directories, files and manifests (rollout's fingerprint also covers the curate
+and teach settings, since they decide how much is rolled out); one engine serves the rollouts and the teacher.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from ssb import curate, dist, rollout, teach
+from ssb.config import Config
+from ssb.engine import make_engine
+from ssb.errors import SsbError
+from ssb.rundir import append_rows, read_rows
+
+LOG = "waves.jsonl"
+MARGIN = 1.1
+
+
+def next_total(done: int, accepted: int, target: int, available: int, min_wave: int) -> int:
+    """Problems to have rolled out after the next wave, from the yield so far.
+
+    >>> next_total(100, 25, 50, 1000, 16)  # 0.25 examples/problem: 25 more need 100 problems, +10%
+    210
+    >>> next_total(100, 0, 50, 150, 16)  # nothing yet: double, within what exists
+    150
+    """
+    need = target - accepted
+    more = math.ceil(need * done / accepted * MARGIN) if accepted else done
+    return min(available, done + max(more, min_wave))
+
+
+def run(cfg: Config, run_dir, force: bool = False) -> dict:
+    """Run (or resume, or skip if finished) rollout, curate and teach under the budget; returns the teach manifest."""
+    r_stage = rollout.stage_for(cfg, run_dir, force, waves=True)
+    r_done = r_stage.is_done()
+    c_stage = curate.make_stage(cfg, run_dir, r_stage.fingerprint, force)
+    t_stage = teach.make_stage(cfg, run_dir, c_stage.fingerprint, force)
+    c_done, t_done = c_stage.is_done(), t_stage.is_done()
+    if r_done and c_done and t_done:
+        return t_stage.manifest
+    problems = rollout.training_problems(cfg)
+    if not problems:
+        raise SsbError("rollout.data has no problems")
+    target = cfg.teach.max_examples
+    for stage in (r_stage, t_stage):
+        stage.begin()
+    t0 = time.time()
+    engine: dict = {}
+
+    def engine_factory():
+        if "e" not in engine:
+            engine["e"] = make_engine(cfg.model, engine_cfg=cfg.engine)
+        return engine["e"]
+
+    teacher = teach.Teacher(cfg, t_stage, engine_factory)
+    log = read_rows(r_stage.path(LOG), repair=dist.is_main())
+    planned = [r for r in log if "accepted" not in r]
+    finished = [r for r in log if "accepted" in r]
+    total = planned[-1]["problems_total"] if planned else min(len(problems), cfg.rollout.first_wave or target)
+    cache: dict = {}
+    gen = {"generated_tokens": 0, "generate_seconds": 0.0}
+    while True:
+        wave = len(planned) - 1
+        if r_done:  # finished earlier: the rows are all there
+            rows = read_rows(r_stage.path(rollout.FILE))
+        else:
+            if not planned or planned[-1]["problems_total"] != total:
+                wave += 1
+                planned.append({"wave": wave, "problems_total": total})
+                if dist.is_main():
+                    append_rows(r_stage.path(LOG), [planned[-1]])
+            _, stats = rollout.generate(cfg, r_stage, problems[:total], engine_factory)
+            gen["generated_tokens"] += stats["generated_tokens"]
+            gen["generate_seconds"] += stats["generate_seconds"]
+            dist.barrier()  # rank 0 has merged every rank's rows
+            rows = read_rows(r_stage.path(rollout.FILE))
+        graded, pairs, stats = curate.select(rows, cfg, cache=cache)
+        accepted = teacher.work(pairs)
+        if not any(r["wave"] == wave for r in finished) and not r_done:
+            funnel = teacher.funnel(pairs)
+            before = finished[-1] if finished else {"problems_total": 0, "pairs_total": 0, "teacher_samples_total": 0,
+                                                    "examples_total": 0}
+            rec = {"wave": wave, "problems": len(rows) - before["problems_total"], "problems_total": len(rows),
+                   "pairs": len(pairs) - before["pairs_total"], "pairs_total": len(pairs),
+                   "teacher_samples": funnel["samples"] - before["teacher_samples_total"],
+                   "teacher_samples_total": funnel["samples"],
+                   "accepted": min(accepted, target) - before["examples_total"],
+                   "examples_total": min(accepted, target)}
+            finished.append(rec)
+            if dist.is_main():
+                append_rows(r_stage.path(LOG), [rec])
+        if r_done or accepted >= target or len(rows) >= len(problems):
+            break
+        total = next_total(len(rows), accepted, target, len(problems), 1)
+    return _finish(cfg, (r_stage, c_stage, t_stage), (r_done, c_done), rows, (graded, pairs, stats), teacher,
+                   finished, gen, time.time() - t0)
+
+
+def _finish(cfg, stages, done, rows, curated, teacher, finished, gen, seconds) -> dict:
+    r_stage, c_stage, t_stage = stages
+    graded, pairs, stats = curated
+    accepted_ids = [p["id"] for p in pairs if any(r["accepted"] for r in teacher.tries.get(p["id"], []))]
+    used = accepted_ids[: cfg.teach.max_examples]
+    position = {r["id"]: i for i, r in enumerate(rows)}
+    needed = position[used[-1]] + 1 if used else len(rows)
+    budget = {"target_examples": cfg.teach.max_examples, "problems_needed": needed,
+              "rollout_overshoot": round(len(rows) / max(needed, 1), 4), "waves": finished}
+    if not done[0]:
+        rollout.finish(r_stage, rows, gen, **budget)
+    if not done[1]:
+        c_stage.begin()
+        if dist.is_main():
+            curate.write_files(c_stage, graded, pairs, stats)
+        c_stage.finish({"problems": stats["problems"], "pairs": len(pairs)}, stats=stats)
+    return teacher.finish(pairs, budget=budget)
