@@ -133,7 +133,8 @@ def per_problem_scores(rows: list[dict], field: str = "correct") -> dict[str, fl
     """``{row id: mean of field over its samples}``; rows without samples are left out (rows sharing an id are
     pooled).
 
-    >>> per_problem_scores([{"id": "a", "samples": [{"correct": True}, {"correct": False}]}, {"id": "b", "samples": []}])
+    >>> rows = [{"id": "a", "samples": [{"correct": True}, {"correct": False}]}, {"id": "b", "samples": []}]
+    >>> per_problem_scores(rows)
     {'a': 0.5}
     """
     sums: dict[str, list[float]] = {}

@@ -1,7 +1,14 @@
 """The PNG plots of ``ssb report`` (matplotlib, Agg backend, imported only when a plot is drawn).
 
 Each ``plot_*(runs, path)`` takes :class:`ssb.report.Run` objects, writes ``path`` and returns True, or returns
-False and writes nothing when no run has the data.
+False and writes nothing when no run has the data:
+
+- ``accuracy.png``: accuracy with CI error bars per benchmark, grouped by run;
+- ``lengths.png``: response-length box plots per run per benchmark;
+- ``loss.png``: training loss per step (``distill/train_log.jsonl``);
+- ``reward.png``: mean training reward per step of a GRPO baseline run (``grpo/train_log.jsonl``);
+- ``cost.png``: per benchmark, accuracy (CI error bars) against training cost, one labelled point per run (x:
+  GPU-seconds including reused stages, or wall seconds when no run used a GPU).
 """
 
 from __future__ import annotations
@@ -92,3 +99,38 @@ def _save(plt, fig, path: Path) -> bool:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def training_cost_axis(runs: list[Run]) -> tuple[str, dict[str, float | None]]:
+    """(axis label, run label -> training cost): GPU-seconds, or wall seconds when no run used a GPU (CPU runs).
+    A run with no training stage (the base model) costs 0; None when its GPU-seconds were not recorded."""
+    train = {r.label: (r.cost or {}).get("training") or {} for r in runs}
+    if any(t.get("gpu_seconds") for t in train.values()):
+        return "training GPU-seconds (incl. reused stages)", {k: t.get("gpu_seconds", 0) for k, t in train.items()}
+    wall = {k: t.get("wall_seconds", 0) for k, t in train.items()}
+    return "training wall seconds (incl. reused stages; no GPU)", wall
+
+
+def plot_cost(runs: list[Run], path: Path) -> bool:
+    """Per benchmark: accuracy (95% CI error bars) against training cost, one labelled point per run."""
+    benches = sorted({b for r in runs for b in r.benches})
+    if not benches:
+        return False
+    xlabel, cost = training_cost_axis(runs)
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(benches), figsize=(1 + 3.8 * len(benches), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], benches):
+        for i, r in enumerate(runs):
+            if name not in r.benches or cost[r.label] is None:
+                continue
+            m = r.benches[name].metrics
+            acc, (lo, hi) = 100 * m["accuracy"], m.get("accuracy_ci95") or (m["accuracy"],) * 2
+            ax.errorbar([cost[r.label]], [acc], yerr=[[max(acc - 100 * lo, 0)], [max(100 * hi - acc, 0)]], fmt="o",
+                        capsize=3, color=f"C{i % 10}")
+            ax.annotate(r.label, (cost[r.label], acc), textcoords="offset points", xytext=(5, 4), fontsize="x-small")
+        ax.set_title(name, fontsize="medium")
+        ax.set_xlabel(xlabel, fontsize="small")
+        ax.set_ylim(0, 102)
+        ax.margins(x=0.15)
+    axes[0][0].set_ylabel("accuracy % (95% CI)")
+    return _save(plt, fig, path)
