@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from ssb.metrics import bootstrap_ci, default_ks, majority_correct, pass_at_k, summarize
+from ssb.metrics import (bootstrap_ci, default_ks, majority_correct, paired_bootstrap, pass_at_k,
+                         per_problem_scores, summarize)
 
 
 def sample(answer, correct, strict=None, n_tokens=10, finish="stop"):
@@ -159,3 +160,69 @@ def test_keeps_the_original_keys():
     assert {"problems", "samples", "accuracy", "strict_accuracy", "mean_response_tokens", "median_response_tokens",
             "truncated_fraction", "no_answer_fraction"} <= set(m)
     assert m["mean_response_tokens"] == 20 and m["truncated_fraction"] == 0.5 and m["no_answer_fraction"] == 0.5
+
+
+def reference_paired(a: dict, b: dict, n_boot: int, seed: int) -> tuple[float, list[float]]:
+    """Plain loops over the same RNG draws (problems in sorted-id order); numpy only for the draws and percentiles."""
+    import numpy as np
+
+    ids = sorted(set(a) & set(b))
+    diffs = [b[i] - a[i] for i in ids]
+    draws = np.random.default_rng(seed).integers(0, len(ids), size=(n_boot, len(ids)))
+    means = []
+    for row_ in draws:
+        total = 0.0
+        for j in row_:
+            total += diffs[j]
+        means.append(total / len(ids))
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return sum(diffs) / len(diffs), [float(lo), float(hi)]
+
+
+def test_paired_bootstrap_matches_a_plain_loop():
+    import random
+
+    rnd = random.Random(7)
+    a = {f"p{i}": rnd.choice([0.0, 0.25, 0.5, 1.0]) for i in range(40)}
+    b = {f"p{i}": min(1.0, v + rnd.choice([0.0, 0.0, 0.25, 0.5, -0.25])) for i, v in enumerate(a.values())}
+    b = {k: max(v, 0.0) for k, v in b.items()}
+    a["only_a"], b["only_b"] = 1.0, 0.0  # unpaired: ignored
+    r = paired_bootstrap(a, b, n_boot=300, seed=3)
+    diff, ci = reference_paired(a, b, 300, 3)
+    assert r["n"] == 40
+    assert r["diff"] == pytest.approx(diff, abs=1e-6)
+    assert r["ci95"] == pytest.approx(ci, abs=1e-6)
+    assert r["ci95"][0] <= r["diff"] <= r["ci95"][1]
+    shared = [k for k in a if k in b]
+    assert r["wins"] == sum(b[k] > a[k] for k in shared) and r["losses"] == sum(b[k] < a[k] for k in shared)
+    assert r["wins"] + r["losses"] + r["ties"] == 40
+    assert r["mean_b"] - r["mean_a"] == pytest.approx(r["diff"], abs=1e-5)
+    assert paired_bootstrap(a, b, n_boot=300, seed=3) == r  # deterministic
+    assert paired_bootstrap(dict(reversed(list(a.items()))), b, n_boot=300, seed=3) == r  # dict order irrelevant
+    json.dumps(r)
+
+
+def test_paired_bootstrap_obvious_cases():
+    a = {str(i): i % 3 / 2 for i in range(12)}
+    same = paired_bootstrap(a, dict(a))
+    assert same["diff"] == 0.0 and same["ci95"] == [0.0, 0.0] and same["wins"] == same["losses"] == 0
+    right, wrong = {str(i): 1.0 for i in range(10)}, {str(i): 0.0 for i in range(10)}
+    up = paired_bootstrap(wrong, right)
+    assert up["diff"] == 1.0 and up["ci95"] == [1.0, 1.0] and (up["wins"], up["losses"], up["n"]) == (10, 0, 10)
+    down = paired_bootstrap(right, wrong)
+    assert down["diff"] == -1.0 and down["ci95"] == [-1.0, -1.0] and down["losses"] == 10
+    # only the shared ids count: b is wrong on the unpaired ones, which must not drag it down
+    part = paired_bootstrap({**wrong, "x": 1.0}, {"0": 1.0, "1": 1.0, "y": 0.0})
+    assert part["n"] == 2 and part["diff"] == 1.0
+    empty = paired_bootstrap({"a": 1.0}, {"b": 1.0})
+    assert empty["n"] == 0 and empty["diff"] == 0.0 and empty["ci95"] == [0.0, 0.0] and finite(empty)
+    assert paired_bootstrap(a, {k: 1 - v for k, v in a.items()}, seed=1) != paired_bootstrap(
+        a, {k: 1 - v for k, v in a.items()}, seed=2)
+
+
+def test_per_problem_scores():
+    rows = [{**row([sample("1", True), sample("2", False), sample("1", True, strict=False)]), "id": "a"},
+            {**row([sample("3", False)]), "id": "b"}, {**row([]), "id": "empty"}]
+    assert per_problem_scores(rows) == {"a": pytest.approx(2 / 3), "b": 0.0}
+    assert per_problem_scores(rows, "strict_correct") == {"a": pytest.approx(1 / 3), "b": 0.0}
+    assert per_problem_scores([]) == {}

@@ -142,3 +142,153 @@ def test_not_a_run_dir_is_a_clean_error(runs, tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1
     assert main(["report", str(full), "--out", str(tmp_path / "out"), "--labels", "a,b"]) == 2
     assert "--labels" in capsys.readouterr().err
+
+
+# ---- paired differences, cost with reused stages, waves ----
+
+BASE = [[False, False], [True, False], [False, False], [True, True], [False, False], [False, True], [True, True]]
+SSB = [[True, True], [True, True], [True, True], [True, False], [True, True], [True, True]]  # 6 problems: 7th unpaired
+GRPO = [[True, False], [True, False], [False, True], [True, True], [False, False], [True, True]]
+
+
+def scores(outcomes):
+    return {f"arith-{i}": sum(f) / len(f) for i, f in enumerate(outcomes)}
+
+
+@pytest.fixture
+def family(tmp_path) -> dict[str, Path]:
+    """base / ssb / sft / grpo runs; sft's rollout, curate and teach are symlinks into ssb's (relative links)."""
+    root = tmp_path / "runs"
+    base, ssb, sft, grpo = (root / n for n in ("base", "ssb", "sft", "grpo"))
+    write_benchmark(base, "arith", BASE, None)
+    for stage, wall, gpu, tok in (("rollout", 100.0, 200.0, 5000), ("curate", 1.0, 0.0, 0),
+                                  ("teach", 50.0, 100.0, 2000), ("distill", 30.0, 60.0, 0)):
+        counts = {"trained_tokens": 900} if stage == "distill" else {}
+        write(ssb / stage / "manifest.json",
+              manifest(stage, wall, counts, gpus=2, gpu_seconds=gpu, generated_tokens=tok))
+    write(ssb / "curate" / "stats.json", {"problems": 40, "with_answer": 30, "kept": 20})
+    write_benchmark(ssb, "arith", SSB, str(ssb / "distill" / "adapter"))
+    for stage in ("rollout", "curate", "teach"):
+        sft.mkdir(parents=True, exist_ok=True)
+        (sft / stage).symlink_to(Path("..") / "ssb" / stage)
+    write(sft / "distill" / "manifest.json", manifest("distill", 10.0, {}, gpus=2, gpu_seconds=20.0))
+    write_benchmark(sft, "arith", BASE[:6], str(sft / "distill" / "adapter"))  # no better than base
+    write(grpo / "grpo" / "manifest.json", manifest("grpo", 400.0, {}, gpus=2, gpu_seconds=800.0,
+                                                    generated_tokens=9000))
+    write_benchmark(grpo, "arith", GRPO, str(grpo / "grpo" / "adapter"))
+    return {"base": base, "ssb": ssb, "sft": sft, "grpo": grpo}
+
+
+def test_paired_differences_against_base_and_focus(family, tmp_path):
+    from ssb.metrics import paired_bootstrap
+    from ssb.report import main_report
+
+    out = tmp_path / "out"
+    dirs = [family[k] for k in ("base", "ssb", "sft", "grpo")]
+    main_report(dirs, out, focus="ssb")
+    paired = json.loads((out / "paired.json").read_text())
+    assert paired["base"] == "base" and paired["focus"] == "ssb" and paired["skipped"] == []
+    got = {(c["run"], c["against"]): c for c in paired["comparisons"]}
+    assert list(got) == [("ssb", "base"), ("sft", "base"), ("grpo", "base"), ("ssb", "sft"), ("ssb", "grpo")]
+    outcomes = {"base": BASE, "ssb": SSB, "sft": BASE[:6], "grpo": GRPO}
+    for (run, against), c in got.items():
+        want = paired_bootstrap(scores(outcomes[against]), scores(outcomes[run]))
+        assert {k: c[k] for k in want} == want
+        assert c["benchmark"] == "arith" and c["n"] == 6  # base's 7th problem has no partner
+    ssb = got[("ssb", "base")]
+    assert ssb["diff"] == pytest.approx(3.5 / 6, abs=1e-6) and (ssb["wins"], ssb["losses"]) == (5, 1)
+    assert ssb["excludes_zero"] and ssb["ci95"][0] > 0
+    assert got[("sft", "base")]["diff"] == 0 and not got[("sft", "base")]["excludes_zero"]
+
+    text = (out / "report.md").read_text()
+    assert "## Paired differences" in text
+    row = table_row(text, "arith", "ssb − base", "+58.3")
+    assert "| 6 | 5 / 1 | ▲ |" in row
+    assert table_row(text, "arith", "sft − base", "+0.0", "[+0.0, +0.0]", "6", "0 / 0").endswith("|  |")
+    table_row(text, "arith", "ssb − grpo")
+
+    # --base picks another run; without --focus there are no focus rows; the CLI passes both through
+    assert main(["report", *map(str, dirs), "--out", str(out), "--base", "grpo"]) == 0
+    paired = json.loads((out / "paired.json").read_text())
+    assert [(c["run"], c["against"]) for c in paired["comparisons"]] == [("base", "grpo"), ("ssb", "grpo"),
+                                                                          ("sft", "grpo")]
+    assert main(["report", *map(str, dirs), "--out", str(out), "--base", "sft", "--focus", "ssb"]) == 0
+    paired = json.loads((out / "paired.json").read_text())
+    assert [(c["run"], c["against"]) for c in paired["comparisons"]][-2:] == [("ssb", "base"), ("ssb", "grpo")]
+
+
+def test_paired_needs_samples_and_known_labels(family, tmp_path, capsys):
+    (family["grpo"] / "evaluate" / "arith" / "samples.jsonl").unlink()  # metrics.json only: cannot pair
+    write(family["grpo"] / "evaluate" / "arith" / "metrics.json", {"accuracy": 0.5, "problems": 6})
+    out = tmp_path / "out"
+    assert main(["report", str(family["base"]), str(family["grpo"]), "--out", str(out)]) == 0
+    paired = json.loads((out / "paired.json").read_text())
+    assert paired["comparisons"] == [] and paired["skipped"][0]["run"] == "grpo"
+    assert "Not paired (no per-problem samples): arith: grpo − base" in (out / "report.md").read_text()
+    for flag in ("--base", "--focus"):
+        assert main(["report", str(family["base"]), "--out", str(out), flag, "nope"]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and "'nope'" in err and "base" in err
+
+
+def test_training_cost_counts_reused_stages_and_funnel_reads_through_links(family, tmp_path):
+    from ssb.plots import training_cost_axis
+    from ssb.report import load_run
+
+    out = tmp_path / "out"
+    assert main(["report", *(str(family[k]) for k in ("base", "ssb", "sft", "grpo")), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    # stage walls, training wall / GPU-s / tokens, eval wall / GPU-s / tokens, total tokens, trained tokens, reused
+    ssb = table_row(text, "ssb", "100.0", "1.0", "50.0", "30.0", "0.5", "–", "181.0", "360.0", "7000", "0.5")
+    assert ssb.endswith(f"| {7000 + 20 * 12} | 900 | – |")
+    sft = table_row(text, "sft", "100.0*", "1.0*", "50.0*", "10.0", "0.5", "–", "161.0", "320.0", "7000")
+    assert sft.endswith("| rollout, curate, teach from `ssb` |")
+    table_row(text, "grpo", "–", "–", "–", "–", "0.5", "400.0", "400.0", "800.0", "9000")
+    table_row(text, "base", "–", "–", "–", "–", "0.5", "–", "0.0", "0.0", "0")
+    assert table_row(text, "sft", "40", "30 (75%)", "20 (50%)") == table_row(text, "ssb", "40", "30 (75%)")\
+        .replace("| ssb |", "| sft |")  # the funnel is read through the links
+    assert (out / "cost.png").read_bytes()[:8] == PNG_MAGIC and "](cost.png)" in text
+
+    runs = [load_run(family[k], k) for k in ("base", "ssb", "sft", "grpo")]
+    label, cost = training_cost_axis(runs)
+    assert "GPU-seconds" in label and cost == {"base": 0, "ssb": 360.0, "sft": 320.0, "grpo": 800.0}
+    for r in runs:  # on CPU every gpu_seconds is 0: the x axis falls back to wall seconds
+        for t in r.cost["training"], r.cost["evaluation"]:
+            t["gpu_seconds"] = 0.0
+    label, cost = training_cost_axis(runs)
+    assert "wall seconds" in label and cost == {"base": 0, "ssb": 181.0, "sft": 161.0, "grpo": 400.0}
+
+
+def test_broken_stage_link_is_reported(family, tmp_path):
+    (family["sft"] / "teach").unlink()
+    (family["sft"] / "teach").symlink_to(Path("..") / "gone" / "teach")
+    out = tmp_path / "out"
+    assert main(["report", str(family["ssb"]), str(family["sft"]), "--out", str(out)]) == 0
+    row = table_row((out / "report.md").read_text(), "sft", "100.0*", "1.0*", "–")
+    assert row.endswith("| rollout, curate from `ssb`; teach (broken link) |")
+
+
+def test_waves_and_teacher_prompt_when_recorded(runs, tmp_path):
+    full, base = runs
+    out = tmp_path / "out"
+    assert main(["report", str(full), str(base), "--out", str(out)]) == 0
+    old = (out / "report.md").read_text()
+    assert "Generation waves" not in old and "Teacher prompt" not in old  # older runs: not shown
+    assert table_row(old, "ssb_run", "48", "46 (96%)").endswith("| 16 (33%) | 68.8 |")  # acceptance was recorded
+
+    waves = [{"wave": 0, "problems": 256, "problems_total": 256, "pairs": 118, "teacher_samples": 118,
+              "accepted": 90, "examples_total": 90},
+             {"wave": 1, "problems": 128, "problems_total": 384, "pairs": 50, "teacher_samples": 61,
+              "accepted": 30, "examples_total": 120}]
+    rollout = json.loads((full / "rollout" / "manifest.json").read_text())
+    write(full / "rollout" / "manifest.json", {**rollout, "waves": waves})
+    teach = json.loads((full / "teach" / "manifest.json").read_text())
+    write(full / "teach" / "manifest.json", {**teach, "prompt": "hinted-v2", "acceptance": 0.5})
+    assert main(["report", str(full), str(base), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "## Generation waves" in text and "### ssb_run" in text and "### base" not in text
+    assert "| wave | problems | problems_total | pairs | teacher_samples | accepted | examples_total |" in text
+    table_row(text, "0", "256", "256", "118", "118", "90", "90")
+    table_row(text, "1", "128", "384", "50", "61", "30", "120")
+    assert table_row(text, "ssb_run", "48", "46 (96%)").endswith("| 16 (33%) | hinted-v2 | 50.0 |")
+    assert "| Teacher prompt | Acceptance % |" in text

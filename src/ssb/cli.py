@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="Directory to write report.md and its plots to.")
     p.add_argument("--labels", help="Comma-separated run labels (default: the directories' names).")
+    p.add_argument("--base", metavar="LABEL", help="Run the paired differences are taken against (default: the first).")
+    p.add_argument("--focus", metavar="LABEL",
+                   help="Also compare this run with every other non-base run (paired differences; default: none).")
 
     args = parser.parse_args(argv)
     try:
@@ -113,7 +116,7 @@ def _dispatch(args) -> int:
     if args.command == "report":
         from ssb.report import main_report
 
-        print(f"ssb: report written to {main_report(args.run_dirs, args.out, args.labels)}")
+        print(f"ssb: report written to {main_report(args.run_dirs, args.out, args.labels, args.base, args.focus)}")
         return 0
     if args.command == "config":
         if args.keys:

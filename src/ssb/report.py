@@ -6,26 +6,35 @@ Writes ``DIR/report.md`` and PNG plots next to it:
   there are several samples per problem, response length, truncation, and the adapter that was evaluated. Metrics
   are recomputed from ``evaluate/<bench>/samples.jsonl`` with :func:`ssb.metrics.summarize` (so runs evaluated by
   an older ssb get the same columns); ``metrics.json`` is the fallback when the samples are gone;
-- the curation funnel per run (``curate/stats.json``, ``teach/manifest.json``) and the cost per run (every stage
-  manifest's ``wall_seconds``, ``generated_tokens``, distill's ``trained_tokens``);
-- ``accuracy.png`` (accuracy with CI error bars per benchmark, grouped by run), ``lengths.png`` (response-length
-  box plots per run per benchmark), ``loss.png`` (training loss per step from ``distill/train_log.jsonl``),
-  ``reward.png`` (mean training reward per step of a GRPO baseline run, ``grpo/train_log.jsonl``).
+- paired differences per benchmark (:func:`paired_rows`): every run minus the base run (``base``, default the
+  first), and with ``focus`` the focus run minus every other non-base run, on the problems both were evaluated on,
+  with a paired-bootstrap 95% CI (:func:`ssb.metrics.paired_bootstrap`); the same data goes to ``DIR/paired.json``;
+- the curation funnel per run (``curate/stats.json``, ``teach/manifest.json``: counts, and the teacher prompt
+  variant and acceptance when recorded), the generation waves of ``rollout/manifest.json`` when recorded, and the
+  cost per run: every stage manifest's ``wall_seconds``, ``gpu_seconds``, ``generated_tokens`` (distill's
+  ``trained_tokens``), training stages (:data:`TRAINING`) summed apart from evaluation;
+- ``accuracy.png``, ``lengths.png``, ``loss.png``, ``reward.png``, ``cost.png`` (see :mod:`ssb.plots`).
 
-Anything a run lacks (a base-model run has only ``evaluate/``) is left out; a path that is not a run directory is
-an :class:`~ssb.errors.SsbError`.
+Stage folders may be symlinks into another run (an ablation reusing the SSB run's rollout/curate/teach): they are
+read through the link, their cost counts for every run that uses them (so a run's training cost includes work
+another run paid for), and the cost table marks them as reused. Anything a run lacks (a base-model run has only
+``evaluate/``) is left out; a path that is not a run directory is an :class:`~ssb.errors.SsbError`.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ssb.errors import SsbError
-from ssb.metrics import summarize
+from ssb.metrics import paired_bootstrap, per_problem_scores, summarize
+from ssb.plots import plot_accuracy, plot_cost, plot_lengths, plot_loss, plot_reward
 from ssb.rundir import MANIFEST, read_json, read_rows
 
 STAGES = ("rollout", "curate", "teach", "distill", "evaluate", "grpo")  # grpo: the RL baseline (ssb grpo)
+TRAINING = ("rollout", "curate", "teach", "distill", "grpo")  # what producing the model cost (not evaluate)
+N_BOOT, SEED = 1000, 0  # of the paired bootstrap
 
 
 @dataclass
@@ -34,6 +43,7 @@ class Bench:
     tokens: list[int]
     adapter: str
     finished: bool
+    scores: dict[str, float] | None = None  # problem id -> mean correctness; None when only metrics.json is left
 
 
 @dataclass
@@ -42,6 +52,7 @@ class Run:
     path: Path
     benches: dict[str, Bench] = field(default_factory=dict)
     funnel: dict | None = None
+    waves: list[dict] = field(default_factory=list)
     cost: dict | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
     rewards: list[tuple[int, float]] = field(default_factory=list)
@@ -73,26 +84,74 @@ def load_run(path: str | Path, label: str) -> Run:
         metrics = summarize(rows) if rows else saved
         adapter = (saved or {}).get("adapter") or ((manifest or {}).get("config") or {}).get("adapter")
         tokens = [s["n_tokens"] for r in rows for s in r["samples"]]
-        run.benches[d.name] = Bench(metrics, tokens, _adapter_name(adapter, path), manifest is not None)
+        run.benches[d.name] = Bench(metrics, tokens, _adapter_name(adapter, path), manifest is not None,
+                                    per_problem_scores(rows) if rows else None)
     stats, teach = _json(path / "curate" / "stats.json"), _json(path / "teach" / MANIFEST)
     if stats is not None or teach is not None:
-        stats, counts = stats or {}, (teach or {}).get("counts", {})
+        stats, teach = stats or {}, teach or {}
+        counts = teach.get("counts", {})
         run.funnel = {"problems": stats.get("problems"), "with_answer": stats.get("with_answer"),
                       "pairs": stats.get("kept", counts.get("pairs")), "pairs_tried": counts.get("pairs_tried"),
-                      "examples": counts.get("examples")}
-    manifests = {s: _json(path / s / MANIFEST) for s in STAGES if s != "evaluate"}
-    manifests.update({f"evaluate/{d.name}": _json(d / MANIFEST) for d in sorted((path / "evaluate").glob("*"))})
-    manifests = {k: m for k, m in manifests.items() if m}
-    if manifests:
-        wall = {s: sum(m.get("wall_seconds", 0) for k, m in manifests.items() if k.split("/")[0] == s)
-                for s in STAGES if any(k.split("/")[0] == s for k in manifests)}
-        run.cost = {"wall": wall, "generated_tokens": sum(m.get("generated_tokens", 0) for m in manifests.values()),
-                    "trained_tokens": (manifests.get("distill") or {}).get("counts", {}).get("trained_tokens")}
+                      "examples": counts.get("examples"), "prompt": teach.get("prompt"),
+                      "acceptance": teach.get("acceptance")}
+    run.waves = list((_json(path / "rollout" / MANIFEST) or {}).get("waves") or [])
+    run.cost = _cost(path)
     log = read_rows(path / "distill" / "train_log.jsonl")
     run.losses = [(r["step"], r["loss"]) for r in log if "step" in r and "loss" in r]
     log = read_rows(path / "grpo" / "train_log.jsonl")
     run.rewards = [(r["step"], r["reward"]) for r in log if "step" in r and r.get("reward") is not None]
     return run
+
+
+def _cost(path: Path) -> dict | None:
+    """Wall seconds per stage, training and evaluation totals, and the stages read through a link out of the run."""
+    keys = [s for s in STAGES if s != "evaluate"]
+    keys += [f"evaluate/{d.name}" for d in sorted((path / "evaluate").glob("*"))]
+    manifests = {k: m for k in keys if (m := _json(path / k / MANIFEST))}
+    root = path.resolve()
+    broken = [s for s in STAGES if (path / s).is_symlink() and not (path / s).exists()]
+    if not manifests and not broken:
+        return None
+    reused = {k: str((path / k).resolve()) for k in manifests if not (path / k).resolve().is_relative_to(root)}
+    wall = {s: sum(m.get("wall_seconds", 0) for k, m in manifests.items() if k.split("/")[0] == s)
+            for s in STAGES if any(k.split("/")[0] == s for k in manifests)}
+    training = [m for k, m in manifests.items() if k in TRAINING]
+    evaluation = [m for k, m in manifests.items() if k.startswith("evaluate/")]
+    return {"wall": wall, "training": _totals(training), "evaluation": _totals(evaluation),
+            "generated_tokens": sum(m.get("generated_tokens", 0) for m in manifests.values()),
+            "trained_tokens": (manifests.get("distill") or {}).get("counts", {}).get("trained_tokens"),
+            "reused": reused, "broken": broken}
+
+
+def _totals(manifests: list[dict]) -> dict:
+    """Summed cost; ``gpu_seconds`` is None when a manifest predates its recording."""
+    gpu = [m.get("gpu_seconds") for m in manifests]
+    return {"wall_seconds": sum(m.get("wall_seconds", 0) for m in manifests),
+            "gpu_seconds": None if None in gpu else sum(gpu),
+            "generated_tokens": sum(m.get("generated_tokens", 0) for m in manifests)}
+
+
+def paired_rows(runs: list[Run], base: Run, focus: Run | None = None, n_boot: int = N_BOOT,
+                seed: int = SEED) -> tuple[list[dict], list[dict]]:
+    """Per benchmark: each run minus ``base``, then ``focus`` minus each other non-base run, paired by problem id
+    (lenient correctness). Returns (comparisons, skipped); a pair is skipped when one side lacks the benchmark's
+    per-problem samples. ``diff`` and ``ci95`` are fractions (``run`` minus ``against``)."""
+    pairs = [(r, base, "vs_base") for r in runs if r is not base]
+    if focus is not None and focus is not base:
+        pairs += [(focus, r, "focus_vs_other") for r in runs if r is not base and r is not focus]
+    done, skipped = [], []
+    for bench in sorted({b for r in runs for b in r.benches}):
+        for run, against, kind in pairs:
+            head = {"benchmark": bench, "run": run.label, "against": against.label, "kind": kind}
+            x, y = against.benches.get(bench), run.benches.get(bench)
+            if x is None or y is None:
+                continue
+            if x.scores is None or y.scores is None:
+                skipped.append({**head, "reason": "no per-problem samples (samples.jsonl missing)"})
+                continue
+            r = paired_bootstrap(x.scores, y.scores, n_boot, seed)
+            done.append({**head, **r, "excludes_zero": r["n"] > 0 and (r["ci95"][0] > 0 or r["ci95"][1] < 0)})
+    return done, skipped
 
 
 # ---- markdown ----
@@ -124,9 +183,32 @@ def _funnel_cell(n, total) -> str:
     return "–" if n is None else (f"{n} ({100 * n / total:.0f}%)" if total else str(n))
 
 
-def render_markdown(runs: list[Run], plots: list[str]) -> str:
-    out = ["# ssb report", "", "Runs: " + ", ".join(f"`{r.label}` ({r.path})" for r in runs), "", "## Evaluation", ""]
-    rows = []
+def _signed(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def render_markdown(runs: list[Run], plots: list[str], paired: dict | None = None) -> str:
+    """The report; ``paired`` is what :func:`main_report` writes to ``paired.json`` (no section when None)."""
+    out = ["# ssb report", "", "Runs: " + ", ".join(f"`{r.label}` ({r.path})" for r in runs), ""]
+    out += _evaluation_md(runs)
+    out += _paired_md(paired) if paired and len(runs) > 1 else []
+    out += _funnel_md(runs) + _waves_md(runs) + _cost_md(runs)
+    if plots:
+        out += ["## Plots", ""] + [f"![{Path(p).stem}]({p})\n" for p in plots]
+    out += ["## How the numbers are computed", "",
+            "- Accuracy is the mean over all samples (pass@1 as avg@n); the 95% CI is a percentile bootstrap over "
+            "problems (1000 resamples, seed 0). Strict = the paper's exact `\\boxed{}` match.",
+            "- pass@k is the unbiased estimator of Chen et al. (2021); maj@k votes over each problem's first k samples "
+            "(answers grouped by `answer_key`; ties go to the answer seen first; unanswered samples do not vote).",
+            "- Paired differences: per problem, the mean correctness over its samples; the difference of the means "
+            "over the problems both runs were evaluated on; the CI resamples those problems (1000 resamples, seed 0).",
+            "- Metrics are recomputed from `samples.jsonl`; `metrics.json` is used only when the samples are missing.",
+            ""]
+    return "\n".join(out)
+
+
+def _evaluation_md(runs: list[Run]) -> list[str]:
+    out, rows = ["## Evaluation", ""], []
     for r in runs:
         for name, b in r.benches.items():
             m, multi = b.metrics, b.metrics.get("samples_per_problem", 1) > 1
@@ -140,118 +222,92 @@ def render_markdown(runs: list[Run], plots: list[str]) -> str:
                        "Strict % [95% CI]", "pass@k %", "maj@k %", "Mean tokens", "Truncated %", "No answer %"], rows)
     missing = [r.label for r in runs if not r.benches]
     out += [f"No evaluation results in: {', '.join(missing)}.", ""] if missing else []
-    if not rows:
-        out += ["No evaluation results.", ""]
+    return out + (["No evaluation results.", ""] if not rows else [])
+
+
+def _paired_md(paired: dict) -> list[str]:
+    focus = f", then `{paired['focus']}` minus each other non-base run" if paired["focus"] else ""
+    out = ["## Paired differences", "",
+           f"Each run minus the base run `{paired['base']}`{focus}, per benchmark, on the problems both were evaluated "
+           "on (lenient correctness, per-problem mean over samples), in accuracy points, with a 95% paired-bootstrap "
+           "CI. Wins / losses: problems where the first run scores higher / lower. ▲ / ▼: the CI excludes 0 (the "
+           "first run is better / worse). Data: `paired.json`.", ""]
+    rows = []
+    for c in paired["comparisons"]:
+        lo, hi = c["ci95"]
+        rows.append([c["benchmark"], f"{c['run']} − {c['against']}", _signed(c["diff"]) if c["n"] else None,
+                     f"[{_signed(lo)}, {_signed(hi)}]" if c["n"] else None, c["n"], f"{c['wins']} / {c['losses']}",
+                     ("▲" if lo > 0 else "▼") if c["excludes_zero"] else ""])
+    out += _table(["Benchmark", "Comparison", "Δ points", "95% CI", "Problems", "Wins / losses", "CI excludes 0"],
+                  rows) if rows else ["No benchmark shared by the compared runs.", ""]
+    skipped = [f"{c['benchmark']}: {c['run']} − {c['against']}" for c in paired["skipped"]]
+    return out + ([f"Not paired (no per-problem samples): {'; '.join(skipped)}.", ""] if skipped else [])
+
+
+def _funnel_md(runs: list[Run]) -> list[str]:
     funnels = [r for r in runs if r.funnel]
-    if funnels:
-        out += ["## Curation funnel", "", "problems → with an answer → usable pairs (a correct and an incorrect "
-                "answer) → teacher-verified examples (% of problems).", ""]
-        out += _table(["Run", "Problems", "With an answer", "Usable pairs", "Pairs tried by teacher",
-                       "Teacher-verified"],
-                      [[r.label, f.get("problems"), *(_funnel_cell(f.get(k), f.get("problems"))
-                                                      for k in ("with_answer", "pairs", "pairs_tried", "examples"))]
-                       for r in funnels for f in [r.funnel]])
+    if not funnels:
+        return []
+    extra = [(k, h) for k, h in (("prompt", "Teacher prompt"), ("acceptance", "Acceptance %"))
+             if any(r.funnel.get(k) is not None for r in funnels)]  # recorded by newer runs only
+    out = ["## Curation funnel", "", "problems → with an answer → usable pairs (a correct and an incorrect "
+           "answer) → teacher-verified examples (% of problems). Acceptance: teacher-verified share of the pairs "
+           "tried.", ""]
+    return out + _table(["Run", "Problems", "With an answer", "Usable pairs", "Pairs tried by teacher",
+                         "Teacher-verified", *(h for _, h in extra)],
+                        [[r.label, f.get("problems"),
+                          *(_funnel_cell(f.get(k), f.get("problems"))
+                            for k in ("with_answer", "pairs", "pairs_tried", "examples")),
+                          *(_pct(f.get(k)) if k == "acceptance" else f.get(k) for k, _ in extra)]
+                         for r in funnels for f in [r.funnel]])
+
+
+def _waves_md(runs: list[Run]) -> list[str]:
+    runs = [r for r in runs if r.waves]
+    if not runs:
+        return []
+    out = ["## Generation waves", "", "Per wave of `rollout` (from `rollout/manifest.json`).", ""]
+    for r in runs:
+        keys = list(dict.fromkeys(k for w in r.waves for k in w))
+        out += [f"### {r.label}", ""] + _table(keys, [[w.get(k) for k in keys] for w in r.waves])
+    return out
+
+
+def _cost_md(runs: list[Run]) -> list[str]:
     costs = [r for r in runs if r.cost]
-    if costs:
-        out += ["## Cost", "", "Wall-clock seconds per stage (summed over benchmarks for evaluate), tokens generated "
-                "by every stage, tokens trained on by distill.", ""]
-        out += _table(["Run", *(f"{s} s" for s in STAGES), "Total s", "Generated tokens", "Trained tokens"],
-                      [[r.label, *(f"{r.cost['wall'][s]:.1f}" if s in r.cost["wall"] else None for s in STAGES),
-                        f"{sum(r.cost['wall'].values()):.1f}", r.cost["generated_tokens"], r.cost["trained_tokens"]]
-                       for r in costs])
-    if plots:
-        out += ["## Plots", ""] + [f"![{Path(p).stem}]({p})\n" for p in plots]
-    out += ["## How the numbers are computed", "",
-            "- Accuracy is the mean over all samples (pass@1 as avg@n); the 95% CI is a percentile bootstrap over "
-            "problems (1000 resamples, seed 0). Strict = the paper's exact `\\boxed{}` match.",
-            "- pass@k is the unbiased estimator of Chen et al. (2021); maj@k votes over each problem's first k samples "
-            "(answers grouped by `answer_key`; ties go to the answer seen first; unanswered samples do not vote).",
-            "- Metrics are recomputed from `samples.jsonl`; `metrics.json` is used only when the samples are missing.",
-            ""]
-    return "\n".join(out)
+    if not costs:
+        return []
+    out = ["## Cost", "", f"Wall-clock seconds per stage (summed over benchmarks for evaluate); training "
+           f"({', '.join(TRAINING)}) summed apart from evaluation: wall seconds, GPU-seconds (wall × GPUs; "
+           "0 on CPU), tokens generated; tokens trained on by distill. * = a stage reused from another run (a "
+           "symlinked stage folder): its cost counts for every run that uses it.", ""]
+    rows = []
+    for r in costs:
+        c, stages = r.cost, {k.split("/")[0] for k in r.cost["reused"]}
+        tr, ev = c["training"], c["evaluation"]
+        rows.append([r.label, *(f"{c['wall'][s]:.1f}" + ("*" if s in stages else "") if s in c["wall"] else None
+                                for s in STAGES),
+                     f"{tr['wall_seconds']:.1f}", _secs(tr["gpu_seconds"]), tr["generated_tokens"],
+                     f"{ev['wall_seconds']:.1f}", _secs(ev["gpu_seconds"]), ev["generated_tokens"],
+                     c["generated_tokens"], c["trained_tokens"], _reused_cell(r, runs)])
+    return out + _table(["Run", *(f"{s} s" for s in STAGES), "Training wall s", "Training GPU-s (incl. reused)",
+                         "Training tokens generated", "Eval wall s", "Eval GPU-s", "Eval tokens generated",
+                         "Total tokens generated", "Trained tokens", "Reused stages"], rows)
 
 
-# ---- plots ----
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def _secs(x) -> str | None:
+    return None if x is None else f"{x:.1f}"
 
 
-def plot_accuracy(runs: list[Run], path: Path) -> bool:
-    benches = sorted({b for r in runs for b in r.benches})
-    if not benches:
-        return False
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(benches) * max(len(runs), 1) ** 0.5 + 2), 3.5))
-    width = 0.8 / len(runs)
-    for i, r in enumerate(runs):
-        xs, ys, errs = [], [], [[], []]
-        for j, name in enumerate(benches):
-            if name in r.benches:
-                m = r.benches[name].metrics
-                acc, (lo, hi) = 100 * m["accuracy"], m.get("accuracy_ci95") or (m["accuracy"],) * 2
-                xs.append(j - 0.4 + width * (i + 0.5))
-                ys.append(acc)
-                errs[0].append(max(acc - 100 * lo, 0))
-                errs[1].append(max(100 * hi - acc, 0))
-        bars = ax.bar(xs, ys, width, yerr=errs, capsize=3, label=r.label)
-        ax.bar_label(bars, fmt="%.1f", fontsize="x-small", label_type="center")
-    ax.set_xticks(range(len(benches)), benches, rotation=20, ha="right")
-    ax.set_ylabel("accuracy % (95% CI)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize="small")
-    return _save(plt, fig, path)
-
-
-def plot_lengths(runs: list[Run], path: Path) -> bool:
-    benches = sorted({b for r in runs for b, v in r.benches.items() if v.tokens})
-    if not benches:
-        return False
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(benches), figsize=(2.5 + 2.2 * len(benches) * max(1, len(runs) / 2), 3.5),
-                             squeeze=False)
-    for ax, name in zip(axes[0], benches):
-        have = [r for r in runs if name in r.benches and r.benches[name].tokens]
-        ax.boxplot([r.benches[name].tokens for r in have])
-        ax.set_xticks(range(1, len(have) + 1), [r.label for r in have], rotation=20, ha="right")
-        ax.set_title(name, fontsize="medium")
-    axes[0][0].set_ylabel("response tokens")
-    return _save(plt, fig, path)
-
-
-def plot_loss(runs: list[Run], path: Path) -> bool:
-    return _plot_curves([(r.label, r.losses) for r in runs], "distill loss", path)
-
-
-def plot_reward(runs: list[Run], path: Path) -> bool:
-    return _plot_curves([(r.label, r.rewards) for r in runs], "GRPO mean training reward", path)
-
-
-def _plot_curves(curves: list[tuple[str, list]], ylabel: str, path: Path) -> bool:
-    """One line per run of (step, value) points; False (nothing written) if no run has any."""
-    curves = [(label, pts) for label, pts in curves if pts]
-    if not curves:
-        return False
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for label, pts in curves:
-        ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize="small")
-    return _save(plt, fig, path)
-
-
-def _save(plt, fig, path: Path) -> bool:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+def _reused_cell(run: Run, runs: list[Run]) -> str:
+    by_owner: dict[str, list[str]] = {}
+    for key, target in run.cost["reused"].items():
+        owner = next((f"`{r.label}`" for r in runs if r is not run and Path(target).is_relative_to(r.path.resolve())),
+                     str(Path(target).parent))
+        by_owner.setdefault(owner, []).append(key)
+    parts = [f"{', '.join(keys)} from {owner}" for owner, keys in by_owner.items()]
+    parts += [f"{s} (broken link)" for s in run.cost["broken"]]
+    return "; ".join(parts) or "–"
 
 
 def _labels(run_dirs: list, labels: str | list[str] | None) -> list[str]:
@@ -267,15 +323,33 @@ def _labels(run_dirs: list, labels: str | list[str] | None) -> list[str]:
     return names
 
 
-def main_report(run_dirs: list, out, labels: str | list[str] | None = None) -> Path:
-    """Write ``out/report.md`` (and its plots) comparing ``run_dirs``; returns the report's path."""
+def _find(runs: list[Run], label: str | None, option: str) -> Run | None:
+    if label is None:
+        return None
+    hit = next((r for r in runs if r.label == label), None)
+    if hit is None:
+        raise SsbError(f"{option}: no run labelled '{label}' (labels: {', '.join(r.label for r in runs)})")
+    return hit
+
+
+def main_report(run_dirs: list, out, labels: str | list[str] | None = None, base: str | None = None,
+                focus: str | None = None) -> Path:
+    """Write ``out/report.md`` (and its plots, and ``paired.json``) comparing ``run_dirs``; returns the report's
+    path. ``base``/``focus`` are run labels: the paired differences are against ``base`` (default: the first run),
+    and ``focus`` (default: none) is also compared with every other non-base run."""
     if not run_dirs:
         raise SsbError("report: give at least one run directory")
     runs = [load_run(d, name) for d, name in zip(run_dirs, _labels(run_dirs, labels))]
+    base_run, focus_run = _find(runs, base, "--base") or runs[0], _find(runs, focus, "--focus")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    comparisons, skipped = paired_rows(runs, base_run, focus_run)
+    paired = {"base": base_run.label, "focus": focus_run.label if focus_run else None, "metric": "correct",
+              "n_boot": N_BOOT, "seed": SEED, "comparisons": comparisons, "skipped": skipped}
+    (out / "paired.json").write_text(json.dumps(paired, indent=2) + "\n")
     plots = [name for name, fn in (("accuracy.png", plot_accuracy), ("lengths.png", plot_lengths),
-                                   ("loss.png", plot_loss), ("reward.png", plot_reward)) if fn(runs, out / name)]
+                                   ("loss.png", plot_loss), ("reward.png", plot_reward), ("cost.png", plot_cost))
+             if fn(runs, out / name)]
     report = out / "report.md"
-    report.write_text(render_markdown(runs, plots))
+    report.write_text(render_markdown(runs, plots, paired))
     return report
