@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         common(sub.add_parser(name, help=f"Run the {name} stage alone."))
     common(sub.add_parser("grpo", help="The RL baseline: GRPO with LoRA on the training problems (TRL; not part "
                           "of `ssb run`); writes RUN_DIR/grpo/adapter, which `ssb evaluate` then picks up."))
+    p = sub.add_parser("compare", help="One command, one harness: base, SSB, GRPO at SSB's training cost, SFT and "
+                       "RFT, each in RUN_DIR/<run>, then RUN_DIR/report (paired differences, accuracy vs cost).")
+    common(p)
+    p.add_argument("--runs", default="base,ssb,grpo,sft,rft", help="Comma-separated subset of the runs, in order.")
     p = sub.add_parser("config", help="Print the resolved config, or every key with its help (--keys).")
     common(p, run_dir_required=False)
     p.add_argument("--keys", action="store_true")
@@ -124,6 +128,17 @@ def _dispatch(args) -> int:
                 print(f"{key} = {default}\n    {help}")
         else:
             print(dump_yaml(resolve_config(args)), end="")
+        return 0
+    if args.command == "compare":
+        from ssb import compare
+
+        cfg = load_config(args.config, args.overrides)
+        _quiet_libraries()
+        dist.init()
+        runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+        path = compare.run(cfg, Path(args.run_dir), runs, force=args.force)
+        if dist.is_main():
+            print(f"ssb: comparison written to {path}", file=sys.stderr)
         return 0
     cfg = resolve_config(args)
     run_dir = Path(args.run_dir)

@@ -1,0 +1,111 @@
+"""``ssb compare --config C --run-dir R``: the question users run ssb for, in one resumable command — does SSB make
+this model better at math, and by how much compared with the alternatives at the same cost?
+
+On one model, one grader and one evaluation harness it runs, each in its own run directory under ``R``:
+
+| run | what | how |
+|---|---|---|
+| ``base`` | the model as it is | ``evaluate.adapter=none`` |
+| ``ssb`` | Semantic Soft Bootstrapping | ``ssb run`` (budgeted waves, distill, evaluate) |
+| ``grpo`` | RL at equal cost | ``ssb grpo`` on the problems SSB rolled out, stopped when its device-seconds reach SSB's training device-seconds (rollout + curate + teach + distill), then evaluate |
+| ``sft`` | is the soft target needed? | cross-entropy on the teacher's replies: ``distill.kd_weight=0 distill.ce_weight=1`` |
+| ``rft`` | is the teacher needed? | cross-entropy on the student's own correct rollouts: ``distill.targets=rollouts`` + the above |
+
+``sft`` and ``rft`` reuse SSB's finished upstream stages through relative symbolic links (``R/sft/teach ->
+../ssb/teach``), not copies: the work is done and paid for once, and ``ssb report`` marks reused stages. The budget
+unit is device-seconds (GPU-seconds on GPUs, wall seconds on CPU); both GPU-seconds and generated tokens are
+recorded for every run. Then ``R/report/`` gets the report with paired differences (every run against ``base``,
+``ssb`` against each baseline, 95% paired-bootstrap CIs) and accuracy against cost (``cost.png``).
+
+Every run is an ordinary run directory, so each step resumes like the rest and a finished step is skipped:
+rerunning the same command continues where it stopped; ``--runs`` picks a subset (in this order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from ssb import dist
+from ssb.config import Config, dump_yaml, load_config, to_dict
+from ssb.errors import SsbError
+from ssb.rundir import MANIFEST, read_json
+
+RUNS = ("base", "ssb", "grpo", "sft", "rft")
+SSB_UPSTREAM = {"sft": ("rollout", "curate", "teach"), "rft": ("rollout", "curate")}
+OVERRIDES = {
+    "base": ["evaluate.adapter=none"],
+    "ssb": [],
+    "grpo": [],
+    "sft": ["distill.kd_weight=0", "distill.ce_weight=1"],
+    "rft": ["distill.targets=rollouts", "distill.kd_weight=0", "distill.ce_weight=1"],
+}
+TRAINING = ("rollout", "curate", "teach", "distill")
+STEPS = {"base": ["evaluate"], "ssb": ["rollout", "curate", "teach", "distill", "evaluate"],
+         "grpo": ["grpo", "evaluate"], "sft": ["distill", "evaluate"], "rft": ["distill", "evaluate"]}
+
+
+def training_cost(run_dir: Path) -> dict:
+    """SSB's training cost from its manifests: device-seconds (GPU-seconds, or wall seconds where no GPU was
+    used), GPU-seconds, wall seconds and generated tokens."""
+    cost = {"device_seconds": 0.0, "gpu_seconds": 0.0, "wall_seconds": 0.0, "generated_tokens": 0}
+    for stage in TRAINING:
+        m = read_json(Path(run_dir) / stage / MANIFEST)
+        cost["gpu_seconds"] += m.get("gpu_seconds") or 0.0
+        cost["wall_seconds"] += m.get("wall_seconds") or 0.0
+        cost["device_seconds"] += (m.get("gpu_seconds") or 0.0) if m.get("gpus") else (m.get("wall_seconds") or 0.0)
+        cost["generated_tokens"] += m.get("generated_tokens") or 0
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in cost.items()}
+
+
+def _config(base: Config, extra: list[str]) -> Config:
+    return load_config(None, extra, base=to_dict(base))
+
+
+def _link_upstream(run_dir: Path, ssb_dir: Path, stages) -> None:
+    for stage in stages:
+        link, target = run_dir / stage, Path(os.path.relpath(ssb_dir / stage, run_dir))
+        if link.is_symlink() and os.readlink(link) == str(target):
+            continue
+        if link.exists() or link.is_symlink():
+            raise SsbError(f"{link} exists and is not a link to {ssb_dir / stage}; remove it or use another --run-dir")
+        link.symlink_to(target, target_is_directory=True)
+
+
+def run(cfg: Config, root, runs=RUNS, force: bool = False) -> Path:
+    """Run the comparison under ``root``; returns the report's path."""
+    from ssb.cli import run_stages
+    from ssb.report import main_report
+
+    root = Path(root)
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown:
+        raise SsbError(f"--runs: unknown run '{unknown[0]}'; runs are {', '.join(RUNS)}")
+    ssb_dir = root / "ssb"
+    for name in [r for r in RUNS if r in runs]:
+        run_dir = root / name
+        sub = _config(cfg, OVERRIDES[name])
+        needs_ssb = name in ("grpo", *SSB_UPSTREAM)
+        if needs_ssb and not (ssb_dir / "distill" / MANIFEST).exists():
+            raise SsbError(f"compare: the '{name}' run needs the finished ssb run in {ssb_dir}; "
+                           f"run with --runs ssb,{name} (or all runs) first")
+        if name == "grpo":
+            budget = training_cost(ssb_dir)
+            problems = read_json(ssb_dir / "rollout" / MANIFEST)["counts"]["problems"]
+            data = {**to_dict(sub.rollout.data), "limit": problems}
+            sub = _config(sub, [f"grpo.max_seconds={max(budget['device_seconds'], 1e-3)}",
+                                f"rollout.data={json.dumps(data)}"])
+        if dist.is_main():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _link_upstream(run_dir, ssb_dir, SSB_UPSTREAM.get(name, ()))
+            (run_dir / "config.yaml").write_text(dump_yaml(sub))
+        dist.barrier()
+        print(f"ssb compare: {name} -> {run_dir}", file=sys.stderr, flush=True)
+        run_stages(sub, run_dir, STEPS[name], force=force, budgeted=True)
+    if not dist.is_main():
+        return root / "report" / "report.md"
+    present = [r for r in RUNS if (root / r / "evaluate").is_dir()]
+    return main_report([root / r for r in present], root / "report", labels=present,
+                       base="base" if "base" in present else None, focus="ssb" if "ssb" in present else None)
