@@ -291,7 +291,7 @@ def _build(cls, values: dict, prefix: str = ""):
 # Numeric fields must be > 0 unless listed here.
 _RANGES = {
     **dict.fromkeys(("temperature", "top_k", "warmup_steps", "weight_decay", "max_grad_norm", "kd_weight",
-                     "ce_weight", "lora_dropout", "seed", "beta", "format_reward", "save_every"), (">= 0", 0, None)),
+                     "ce_weight", "lora_dropout", "seed", "beta", "format_reward", "save_every", "skip"), (">= 0", 0, None)),
     "top_p": ("in (0, 1]", None, 1), "jsd_beta": ("in [0, 1]", 0, 1), "gpu_memory_utilization": ("in (0, 1]", None, 1),
 }
 

@@ -50,8 +50,10 @@ class DatasetConfig:
     """Column with a stable id; None -> the known default or 'id' if present, else '<name>-<row>'."""
     grader: str | None = None
     """Grading rules: 'gsm8k' | 'math500' | 'aime' | 'math'; None -> the benchmark's default, else 'math'."""
+    skip: int = 0
+    """Drop the first N problems (after shuffling, before `limit`): a held-out slice disjoint from a `limit`."""
     limit: int | None = None
-    """Keep the first N problems (after shuffling); None -> all ('arith': 64)."""
+    """Keep the first N problems (after shuffling and `skip`); None -> all ('arith': 64)."""
     shuffle: bool = False
     """Shuffle the problems (deterministically, by `seed`) before applying `limit`."""
     seed: int = 0
@@ -87,6 +89,8 @@ def arith_problems(n: int, seed: int = 0) -> list[Problem]:
 
 def load_problems(cfg: DatasetConfig, data_dir: str | Path | None = None) -> list[Problem]:
     """Resolve `cfg.name` (local file, offline copy of a known benchmark, or hub) and return its problems."""
+    if cfg.skip < 0:
+        raise DataError(f"dataset {cfg.name!r}: skip must be >= 0, got {cfg.skip}")
     if cfg.limit is not None and cfg.limit < 0:
         raise DataError(f"dataset {cfg.name!r}: limit must be >= 0, got {cfg.limit}")
     if cfg.grader is not None and cfg.grader not in GRADERS:
@@ -205,6 +209,8 @@ def _from_rows(rows: list[tuple[str, dict]], cfg: DatasetConfig, tag: str, bench
 def _finish(probs: list[Problem], cfg: DatasetConfig, tag: str, shuffled: bool) -> list[Problem]:
     if shuffled:
         random.Random(cfg.seed).shuffle(probs)
+    if cfg.skip:
+        probs = probs[cfg.skip:]
     if cfg.limit is not None:
         probs = probs[: cfg.limit]
     if not probs:

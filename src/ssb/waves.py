@@ -17,7 +17,6 @@ and teach settings, since they decide how much is rolled out); one engine serves
 
 from __future__ import annotations
 
-import math
 import time
 
 from ssb import curate, dist, rollout, teach
@@ -27,7 +26,7 @@ from ssb.errors import SsbError
 from ssb.rundir import append_rows, read_rows
 
 LOG = "waves.jsonl"
-MARGIN = 1.1
+MARGIN_PCT = 110  # plan 10% more problems than the yield so far says are needed
 
 
 def next_total(done: int, accepted: int, target: int, available: int, min_wave: int) -> int:
@@ -39,7 +38,7 @@ def next_total(done: int, accepted: int, target: int, available: int, min_wave: 
     150
     """
     need = target - accepted
-    more = math.ceil(need * done / accepted * MARGIN) if accepted else done
+    more = -(-need * done * MARGIN_PCT // (accepted * 100)) if accepted else done  # ceil, in integers
     return min(available, done + max(more, min_wave))
 
 
