@@ -22,12 +22,13 @@ from __future__ import annotations
 import torch
 
 from ssb import dist
-from ssb.common import batch_seed, progress
+from ssb.common import batch_seed
 from ssb.config import Config, fingerprint
 from ssb.engine import SamplingParams, make_engine
 from ssb.errors import SsbError
 from ssb.grading import extract_answer, grade
 from ssb.models import load_tokenizer, render_chat
+from ssb.progress import GenerationBar
 from ssb.prompts import teacher_messages
 from ssb.rundir import Stage, append_rows, batches, read_rows, require_done, write_rows
 
@@ -72,7 +73,7 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
         return prompts[p["id"]]
 
     engine, stats = None, {"generated_tokens": 0}
-    bar = progress(len(pairs), "teach", "pair")
+    bar = GenerationBar(len(pairs), "teach", "pair")
     for b, batch in batches(pairs, tc.batch_size):
         if b % dist.world() == 0:  # a round of `world` batches, one per rank; all ranks agree when to stop
             if resumed_accepted + int(dist.all_reduce_sum(torch.tensor(new_accepted))) >= tc.max_examples:
@@ -86,7 +87,10 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
                 continue
             if engine is None:
                 engine = make_engine(cfg.model, engine_cfg=cfg.engine)
-            outs = engine.generate([prompt(p) for p in live], params, batch_seed(cfg.seed, "teach", b, attempt))
+            hook = bar.begin(samples=len(live))
+            outs = engine.generate([prompt(p) for p in live], params, batch_seed(cfg.seed, "teach", b, attempt),
+                                   progress=hook)
+            bar.end(tokens=sum(len(s.token_ids) for (s,) in outs))
             rows = []
             for p, (s,) in zip(live, outs):
                 if p not in missing:
@@ -99,8 +103,8 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
             new_accepted += sum(r["accepted"] for r in rows)
             for r in rows:
                 tries.setdefault(r["id"], []).append(r)
-        bar.update(len(batch))
-        bar.set_postfix(accepted=n_accepted())
+        bar.note(accepted=n_accepted())
+        bar.advance(len(batch))
     bar.close()
     if dist.world() > 1:
         stats["generated_tokens"] = int(dist.all_reduce_sum(torch.tensor(stats["generated_tokens"])))
