@@ -81,6 +81,27 @@ def test_samples_do_not_depend_on_batch_mates(engine):
     assert dup[0] == full[0] and dup[1] != dup[0]  # a repeated prompt gets fresh samples
 
 
+def test_progress_hook_reports_tokens_and_finished_samples(engine):
+    prompts, params = _prompts(engine), SamplingParams(3, 1.0, 0, 1.0, 20)
+    calls = []
+    outs = engine.generate(prompts, params, seed=4, progress=lambda tokens, finished: calls.append((tokens, finished)))
+    lengths = [len(s.token_ids) for samples in outs for s in samples]
+    assert calls[-1] == (sum(lengths), len(prompts) * params.n)  # the totals, at the end
+    assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(calls, calls[1:]))  # cumulative
+    assert _ids(outs) == _ids(engine.generate(prompts, params, seed=4))  # the hook changes nothing
+
+
+def test_progress_hook_is_called_while_generating(hf_engine):
+    """5 rows for 18 samples: a report per decode step, finished samples counted as they finish."""
+    prompts, params = _prompts(hf_engine), SamplingParams(3, 1.0, 0, 1.0, 20)
+    calls = []
+    outs = hf_engine.generate(prompts, params, seed=4, progress=lambda *a: calls.append(a))
+    lengths = [len(s.token_ids) for samples in outs for s in samples]
+    assert len(calls) >= max(lengths) and len({f for _, f in calls}) > 3
+    assert calls[0][0] == min(5, len(lengths)) and calls[0][1] <= calls[0][0]  # the admitted rows' first tokens
+    assert calls[-1] == (sum(lengths), len(lengths))
+
+
 def test_refilled_small_batch_equals_one_big_batch(hf_engine, tiny_model_dir, monkeypatch):
     """max_batch_size=5 rows for 6 prompts x 3 samples: rows are refilled many times and the KV buffer is
     relaid; samples must equal those of one wide batch."""

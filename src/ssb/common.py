@@ -1,27 +1,22 @@
-"""Shared plumbing of the generation stages: resumable batched generation into a JSONL file, seeds, progress."""
+"""Shared plumbing of the generation stages: resumable batched generation into a JSONL file, seeds."""
 
 from __future__ import annotations
 
-import sys
 import time
 import zlib
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from ssb.engine import Engine, SamplingParams
 from ssb import dist
+from ssb.progress import GenerationBar
 from ssb.rundir import Stage, append_rows, batches, read_rows, write_rows
 
 
 def batch_seed(seed: int, *parts) -> int:
     """A seed for one batch of one stage, stable across runs and resumes."""
     return zlib.crc32(":".join(map(str, (seed, *parts))).encode())
-
-
-def progress(total: int, desc: str, unit: str):
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
 
 
 def generate_rows(
@@ -46,6 +41,9 @@ def generate_rows(
     merges every part into ``filename`` in item order. Resuming with any number of ranks reads all parts, so a
     crashed rank's missing batches are redone and nothing is duplicated. Returns all rows in item order (on rank
     0; other ranks return their own) and counters (tokens generated, seconds).
+
+    The progress bar (:class:`ssb.progress.GenerationBar`) moves inside a batch too: tokens, tok/s, finished
+    samples of the batch and an ETA, through the engine's ``progress`` hook.
     """
     path = stage.path(filename)
     parts = sorted(path.parent.glob(f"{filename}.part*"))
@@ -56,11 +54,12 @@ def generate_rows(
     stats = {"generated_tokens": 0, "generate_seconds": 0.0, "resumed_rows": len(done)}
     if todo:
         engine = engine_factory()
-        bar = progress(sum(len(b) for _, b in todo), desc, "problem")
+        bar = GenerationBar(sum(len(b) for _, b in todo), desc, "problem")
         for b, batch in todo:
             t0 = time.time()
+            hook = bar.begin(samples=len(batch) * params.n, items=len(batch))
             outs = engine.generate([prompt_of(engine.tokenizer, it) for it in batch], params,
-                                   [batch_seed(seed, stage.name, it.id) for it in batch])
+                                   [batch_seed(seed, stage.name, it.id) for it in batch], progress=hook)
             stats["generate_seconds"] += time.time() - t0
             rows = [row_of(it, samples) for it, samples in zip(batch, outs) if it.id not in done]
             append_rows(own, rows)
@@ -68,8 +67,7 @@ def generate_rows(
                 done[r["id"]] = r
             ntok = sum(len(s.token_ids) for samples in outs for s in samples)
             stats["generated_tokens"] += ntok
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{stats['generated_tokens'] / max(stats['generate_seconds'], 1e-9):.0f}")
+            bar.end(tokens=ntok)
         bar.close()
     stats["generate_seconds"] = round(stats["generate_seconds"], 3)
     if dist.world() > 1:

@@ -43,7 +43,8 @@ def _f(default: Any, help: str, choices: tuple | None = None):
 class ModelConfig:
     name_or_path: str = _f("Qwen/Qwen2.5-3B-Instruct", "Hub id or local directory of a causal LM with a chat "
                            "template; 'ssb-tiny-arith' builds the tiny CPU model used by the smoke run.")
-    gguf_file: str | None = _f(None, "Load weights from this GGUF file inside name_or_path (dequantised).")
+    gguf_file: str | None = _f(None, "Load weights from this GGUF file inside name_or_path (dequantised once, "
+                                    "cached in $SSB_CACHE/models).")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit).")
     dtype: str = _f("auto", "Weights dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32.",
                     ("auto", "bfloat16", "float16", "float32"))

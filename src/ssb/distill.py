@@ -46,11 +46,11 @@ import torch
 import torch.nn.functional as F
 
 from ssb import dist
-from ssb.common import progress
 from ssb.config import Config, fingerprint, to_dict
 from ssb.errors import SsbError
 from ssb.losses import chunked_distill_loss, chunked_topk_distill_loss, topk_teacher
 from ssb.models import load_model, load_tokenizer, render_chat, resolve_device, resolve_dtype, stop_token_ids
+from ssb.progress import progress
 from ssb.prompts import student_messages
 from ssb.rundir import Stage, batches, read_rows, require_done
 from ssb.train import CKPT, TrainSpec, train, trainable_state

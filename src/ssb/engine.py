@@ -20,6 +20,10 @@ over the plain transformers model:
   different batch sizes, which can flip a near-tie (vanishingly rare in fp32, possible in bf16).
 - only ``SamplingParams`` apply: nothing comes from the model's ``generation_config`` (no repetition penalty, no
   default top-k/top-p).
+- ``generate(..., progress=hook)`` calls ``hook(tokens, finished)`` after every step that produced tokens (the
+  first tokens of newly admitted samples, or a decode step) with the call's cumulative counts: tokens generated
+  (stop tokens included; at the end, the sum of the samples' ``len(token_ids)``) and samples finished, out of
+  ``len(prompts) * params.n``. The hook must be cheap (``ssb.progress.GenerationBar.hook`` redraws on a timer).
 
 On CUDA (``cuda_graphs=True``, models with full attention only) a decode step is a fixed-shape computation over the
 whole buffer (``ssb._static_decode``), captured once in a CUDA graph and replayed; compaction moves columns inside
@@ -38,7 +42,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -63,12 +67,18 @@ class Sample:
     finish_reason: str  # "stop" | "length"
 
 
+ProgressHook = Callable[[int, int], None]  # (tokens generated, samples finished) so far in the call
+
+
 class Engine(Protocol):
     tokenizer: object
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | list[int]) -> list[list[Sample]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | list[int],
+                 progress: ProgressHook | None = None) -> list[list[Sample]]:
         """``len(prompts)`` lists of ``params.n`` samples each, in prompt order; ``seed``: one per call or one per
-        prompt (:func:`request_seeds`)."""
+        prompt (:func:`request_seeds`). ``progress``, if given, is called with the call's cumulative (tokens
+        generated, samples finished) as generation advances (an engine may call it only once, at the end), its last
+        call giving the totals."""
 
 
 def sample_seed(seed: int, prompt: list[int], occurrence: int, j: int) -> int:
@@ -152,12 +162,13 @@ class TransformersEngine:
         return device.type == "cuda" and self.cuda_graphs and supports_fixed_step(self.model)
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | list[int]) -> list[list[Sample]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | list[int],
+                 progress: ProgressHook | None = None) -> list[list[Sample]]:
         if not prompts:
             return []
         if any(not p for p in prompts):
             raise ValueError("empty prompt")
-        toks = _Decoder(self, prompts, params, seed).run()
+        toks = _Decoder(self, prompts, params, seed, progress).run()
         return [[self._sample(toks[i * params.n + j]) for j in range(params.n)] for i in range(len(prompts))]
 
     def _sample(self, toks: list[int]) -> Sample:
@@ -169,8 +180,11 @@ class TransformersEngine:
 class _Decoder:
     """One ``generate`` call: a queue of samples (sorted by prompt length) fed into a fixed set of rows."""
 
-    def __init__(self, eng: TransformersEngine, prompts, params: SamplingParams, seed: int):
+    def __init__(self, eng: TransformersEngine, prompts, params: SamplingParams, seed: int,
+                 progress: ProgressHook | None = None):
         self.eng, self.model, self.prompts, self.params = eng, eng.model, prompts, params
+        self.progress = progress
+        self.tokens = self.finished = 0  # generated so far in this call (reported to ``progress``)
         self.device = next(self.model.parameters()).device
         self.stops = set(eng.stop_ids)
         self.seeds = request_seeds(prompts, params.n, seed)
@@ -258,13 +272,17 @@ class _Decoder:
             first = pick_tokens(torch.stack(logits), self.u[rows, 0].to(self.device), self.params).tolist()
             for r, tok in zip(rows, first):
                 self._push(r, tok)
+            if self.progress is not None:
+                self.progress(self.tokens, self.finished)
 
     def _push(self, r: int, tok: int):
         self.out[r].append(tok)
         self.pos[r] += 1
+        self.tokens += 1
         if tok in self.stops or len(self.out[r]) >= self.params.max_new_tokens:
             self.results[self.sid[r]] = self.out[r]
             self.sid[r] = -1
+            self.finished += 1
 
     # ---------------------------------------------------------------- the KV buffer
 
@@ -331,6 +349,8 @@ class _Decoder:
         for r in range(rows):
             if self.sid[r] >= 0:
                 self._push(r, toks[r])
+        if self.progress is not None:
+            self.progress(self.tokens, self.finished)
 
     def _fixed_step(self) -> torch.Tensor:
         """Fill column ``t`` of the whole fixed-shape buffer; free rows attend to their own new column only."""

@@ -2,10 +2,22 @@
 
 Weights load as safetensors (``use_safetensors=True``), ``trust_remote_code`` stays off unless the config asks,
 and the name ``ssb-tiny-arith`` resolves to the tiny CPU model built by :mod:`ssb.tiny`.
+
+A GGUF model (``model.gguf_file``) is dequantised by transformers once per (file content, dtype) and saved with
+``save_pretrained`` (safetensors, tokenizer, config) into ``$SSB_CACHE/models/<sha256[:16]>-<dtype>/``
+(:func:`gguf_cache_dir`); every load reads that directory, so the minutes of dequantisation are paid once, not
+once per stage or per process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -45,12 +57,178 @@ def _source_kwargs(cfg: ModelConfig) -> dict:
     return kw
 
 
+# ---------------------------------------------------------------- GGUF, converted once
+
+GGUF_HASH_INDEX = "gguf-sha256.json"  # in $SSB_CACHE/models: remembered hashes of GGUF files
+
+
+def gguf_models_dir() -> Path:
+    from ssb.tiny import cache_root
+
+    return cache_root() / "models"
+
+
+def file_sha256(path: str | Path, index_file: str | Path) -> str:
+    """The sha256 (hex) of ``path``, remembered in the JSON ``index_file`` under the resolved path together with
+    the file's size and ``mtime_ns``: a file unchanged since it was hashed is not read again. A stale or unreadable
+    index only costs a re-hash; an index that cannot be written is skipped."""
+    path, index_file = Path(path).resolve(), Path(index_file)
+    st = path.stat()
+    entry = _read_json(index_file).get(str(path))
+    if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        return entry["sha256"]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    index = _read_json(index_file)  # again: another process may have added entries meanwhile
+    index[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    try:
+        index_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{index_file.name}.tmp-", dir=index_file.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(index, f, indent=1, sort_keys=True)
+            os.replace(tmp, index_file)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError:
+        pass
+    return digest
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def gguf_source(cfg: ModelConfig) -> Path:
+    """The local GGUF file of ``cfg``, found the way transformers finds it: ``gguf_file`` as a path, else inside
+    the ``name_or_path`` directory, else from the hub (or its local cache) at ``revision``."""
+    if Path(cfg.gguf_file).is_file():
+        return Path(cfg.gguf_file)
+    path = model_path(cfg)
+    if (Path(path) / cfg.gguf_file).is_file():
+        return Path(path) / cfg.gguf_file
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(path, cfg.gguf_file, revision=cfg.revision)
+    except (OSError, ValueError) as e:
+        raise SsbError(f"cannot find GGUF file '{cfg.gguf_file}' in '{path}': {str(e).splitlines()[0]}") from None
+    if not found:
+        raise SsbError(f"cannot find GGUF file '{cfg.gguf_file}' in '{path}'")
+    return Path(found)
+
+
+def _converted(d: Path) -> bool:
+    return (d / "config.json").is_file() and (d / "tokenizer_config.json").is_file() and any(d.glob("*.safetensors"))
+
+
+def gguf_cache_dir(cfg: ModelConfig, dtype: torch.dtype | None = None) -> Path:
+    """The directory holding ``cfg``'s GGUF model dequantised to ``dtype`` (safetensors weights, config, tokenizer),
+    converting it on first use. Without ``dtype`` (the tokenizer's case) any converted dtype of the same file will
+    do, else the default dtype of ``cfg.device``.
+
+    The directory is ``$SSB_CACHE/models/<first 16 hex of the file's sha256>-<dtype>``. It is written into a
+    temporary directory and renamed into place, so it is whole or absent. Concurrent processes (torchrun ranks)
+    take a file lock so that one converts while the others wait; where locks do not work, each converts and the
+    loser of the rename discards its copy.
+    """
+    src = gguf_source(cfg)
+    models = gguf_models_dir()
+    models.mkdir(parents=True, exist_ok=True)
+    key = file_sha256(src, models / GGUF_HASH_INDEX)[:16]
+    if dtype is None:
+        done = [d for d in sorted(models.glob(f"{key}-*")) if _converted(d)]
+        if done:
+            return done[0]
+        dtype = resolve_dtype(cfg, resolve_device(cfg.device))
+    out = models / f"{key}-{str(dtype).removeprefix('torch.')}"
+    if _converted(out):
+        return out
+    with _file_lock(models / f".{out.name}.lock"):
+        if _converted(out):  # another process converted it while we waited
+            return out
+        print(f"ssb: converting GGUF {src} once to {out}", file=sys.stderr, flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=models))
+        try:
+            _convert_gguf(cfg, dtype, tmp)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                if not _converted(out):  # not a finished copy from another process: a stale leftover
+                    shutil.rmtree(out, ignore_errors=True)
+                    try:
+                        os.rename(tmp, out)
+                    except OSError:
+                        if not _converted(out):
+                            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # the race loser's copy, or a failed conversion
+    return out
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive ``flock`` on ``path`` while the block runs; no lock where the platform or file system has none."""
+    try:
+        import fcntl
+
+        f = open(path, "a")
+    except (ImportError, OSError):
+        f = fcntl = None
+    try:
+        if f is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            except OSError:
+                pass
+        yield
+    finally:
+        if f is not None:
+            f.close()
+
+
+def _convert_gguf(cfg: ModelConfig, dtype: torch.dtype, out: Path) -> None:
+    """Dequantise the GGUF model and its tokenizer through transformers and save both to ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, kw = model_path(cfg), _source_kwargs(cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    except (OSError, ValueError) as e:
+        raise SsbError(f"cannot load GGUF model '{cfg.gguf_file}' from '{path}': {str(e).splitlines()[0]}") from None
+    # GGUF weights arrive dequantised but marked quantised: make it a plain model so it saves (and loads) as one
+    model.hf_quantizer, model.is_quantized = None, False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def _load_source(cfg: ModelConfig, dtype: torch.dtype | None = None) -> tuple[str, dict]:
+    """Where to load from and how: the converted directory for a GGUF model, else the configured source."""
+    if cfg.gguf_file:
+        return str(gguf_cache_dir(cfg, dtype)), {"trust_remote_code": cfg.trust_remote_code}
+    return model_path(cfg), _source_kwargs(cfg)
+
+
+# ---------------------------------------------------------------- loading
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    path = model_path(cfg)
+    path, kw = _load_source(cfg)
     try:
-        tok = AutoTokenizer.from_pretrained(path, **_source_kwargs(cfg))
+        tok = AutoTokenizer.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
         raise SsbError(f"cannot load tokenizer from '{path}': {str(e).splitlines()[0]}") from None
     if not tok.chat_template:
@@ -65,20 +243,15 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None, merge: bool 
     from transformers import AutoModelForCausalLM
 
     device = device or resolve_device(cfg.device)
-    path = model_path(cfg)
-    kw = _source_kwargs(cfg)
-    if not cfg.gguf_file:
-        kw["use_safetensors"] = True
+    dtype = resolve_dtype(cfg, device)
+    path, kw = _load_source(cfg, dtype)
+    kw["use_safetensors"] = True
     if cfg.attn_implementation:
         kw["attn_implementation"] = cfg.attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(cfg, device), **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
     except (OSError, ValueError) as e:
         raise SsbError(f"cannot load model from '{path}': {str(e).splitlines()[0]}") from None
-    if cfg.gguf_file:  # GGUF weights arrive dequantised: make it a plain model (trainable, saveable)
-        model.hf_quantizer, model.is_quantized = None, False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
     model.to(device)
     if adapter is not None:
         from peft import PeftModel

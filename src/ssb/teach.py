@@ -24,12 +24,13 @@ from __future__ import annotations
 import torch
 
 from ssb import dist
-from ssb.common import batch_seed, progress
+from ssb.common import batch_seed
 from ssb.config import Config, fingerprint
 from ssb.engine import SamplingParams, make_engine
 from ssb.errors import SsbError
 from ssb.grading import extract_answer, grade
 from ssb.models import load_tokenizer, render_chat
+from ssb.progress import GenerationBar
 from ssb.prompts import teacher_messages
 from ssb.rundir import Stage, append_rows, batches, read_rows, require_done, write_rows
 
@@ -101,23 +102,23 @@ class Teacher:
         rank ``b % world``'s and all ranks agree when to stop."""
         todo = [p for p in pairs if not self._decided(p)]
         new_accepted, resumed = 0, self.accepted()
-        bar = progress(len(todo), "teach", "pair")
+        bar = GenerationBar(len(todo), "teach", "pair")
         for b, batch in batches(todo, self.tc.batch_size):
             if b % dist.world() == 0:  # a round of `world` batches, one per rank
                 if resumed + int(dist.all_reduce_sum(torch.tensor(new_accepted))) >= self.tc.max_examples:
                     break
             if b % dist.world() != dist.rank():
                 continue
-            new_accepted += self._batch(batch)
-            bar.update(len(batch))
-            bar.set_postfix(accepted=self.accepted())
+            new_accepted += self._batch(batch, bar)
+            bar.note(accepted=self.accepted())
+            bar.advance(len(batch))
         bar.close()
         if dist.world() > 1:
             dist.barrier()  # every rank's part is complete
             self.tries = _read_tries(self.log_path)
         return self.accepted()
 
-    def _batch(self, batch: list[dict]) -> int:
+    def _batch(self, batch: list[dict], bar: GenerationBar) -> int:
         new = 0
         for attempt in range(self.tc.attempts):
             live = [p for p in batch if not any(r["accepted"] for r in self.tries.get(p["id"], []))
@@ -127,7 +128,9 @@ class Teacher:
             if self.engine is None:
                 self.engine = self.engine_factory()
             seeds = [batch_seed(self.cfg.seed, "teach", p["id"], attempt) for p in live]
-            outs = self.engine.generate([self.prompt(p) for p in live], self.params, seeds)
+            hook = bar.begin(samples=len(live))
+            outs = self.engine.generate([self.prompt(p) for p in live], self.params, seeds, progress=hook)
+            bar.end(tokens=sum(len(s.token_ids) for (s,) in outs))
             rows = []
             for p, (s,) in zip(live, outs):
                 ok = s.finish_reason == "stop" and grade(s.text, p["answer"], p["grader"],

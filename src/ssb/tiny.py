@@ -214,9 +214,14 @@ def build_tiny_model(
     return out_dir
 
 
-def default_cache_dir() -> Path:
+def cache_root() -> Path:
+    """ssb's cache directory: ``$SSB_CACHE``, else ``~/.cache/ssb`` (the tiny model, converted GGUF models)."""
     root = os.environ.get("SSB_CACHE")
-    return Path(root) / "tiny-arith-v2" if root else Path.home() / ".cache" / "ssb" / "tiny-arith-v2"
+    return Path(root) if root else Path.home() / ".cache" / "ssb"
+
+
+def default_cache_dir() -> Path:
+    return cache_root() / "tiny-arith-v2"
 
 
 def ensure_tiny_model(out_dir: str | Path | None = None) -> Path:

@@ -34,7 +34,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ssb import dist
-from ssb.common import progress
+from ssb.progress import progress
 from ssb.rundir import append_rows, read_rows, write_rows
 
 CKPT = "checkpoint"

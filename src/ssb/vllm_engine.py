@@ -11,6 +11,8 @@
 - An adapter (evaluation) is served through vLLM's LoRA support (``enable_lora``, ``LoRARequest``), unmerged.
 - :meth:`VLLMEngine.prompt_topk_logprobs` returns the teacher's top-k log-probs at every position of given
   sequences via ``prompt_logprobs`` (for a top-k teacher cache).
+- Progress: vLLM runs a call as one ``LLM.generate``, so the ``progress`` hook is called once, at the end, with
+  the call's totals (tokens, samples).
 - Data parallelism over several GPUs: run one process per GPU on a shard (vLLM's offline data-parallel example);
   ``engine.tensor_parallel_size`` splits one model over GPUs.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ssb.engine import Sample, SamplingParams, request_seeds
+from ssb.engine import ProgressHook, Sample, SamplingParams, request_seeds
 from ssb.errors import SsbError
 
 
@@ -68,7 +70,8 @@ class VLLMEngine:
             top_p=params.top_p, max_tokens=params.max_new_tokens, seed=seed, stop_token_ids=self.stop_ids,
             repetition_penalty=1.0, skip_special_tokens=True)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | list[int]) -> list[list[Sample]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | list[int],
+                 progress: ProgressHook | None = None) -> list[list[Sample]]:
         if not prompts:
             return []
         seeds = request_seeds(prompts, params.n, seed)
@@ -76,6 +79,8 @@ class VLLMEngine:
         sps = [self._params(params, s) for row in seeds for s in row]
         outs = self.llm.generate(inputs, sps, lora_request=self.lora, use_tqdm=False)
         flat = [self._sample(o.outputs[0]) for o in outs]
+        if progress is not None:  # one call, at the end: vLLM generates the whole call at once
+            progress(sum(len(s.token_ids) for s in flat), len(flat))
         return [flat[i * params.n: (i + 1) * params.n] for i in range(len(prompts))]
 
     def _sample(self, c) -> Sample:
