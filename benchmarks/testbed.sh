@@ -12,12 +12,13 @@
 #   2. grpo at ssb's training device-seconds | sft | rft   (each finishes ssb/base first if phase 1 was cut)
 # Concurrency makes every run's wall (and so GPU-) seconds longer than alone; the budget GRPO gets is SSB's, measured
 # under the same sharing. Each phase has a deadline (PHASE1_S, PHASE2_S): a step cut by it is interrupted (SIGINT),
-# leaves a resumable run directory, and the report shows what finished.
+# leaves a resumable run directory, and the report shows what finished. Logs go to RUNS/logs; OUT receives only
+# summary.md (report + teacher variants) and runs.tar.gz (the run directories and logs, adapters left out).
 set -uo pipefail
 model=${1:?usage: testbed.sh MODEL_DIR DATA_DIR OUT}; data=${2:?}; out=${3:?}
 R=${RUNS:-runs/testbed}; C=configs/testbed.yaml
 PHASE1_S=${PHASE1_S:-300}; PHASE2_S=${PHASE2_S:-240}; PHASES=${PHASES:-1 2}
-mkdir -p "$R" "$out"
+mkdir -p "$R/logs" "$out"
 common=("model.name_or_path=$model" "data_dir=$data")
 heldout='rollout.data={name: gsm8k, split: train, skip: 7000, limit: 256}'
 if [ -n "${QUICK:-}" ]; then  # every step of the script, in minutes on a CPU: the tiny model on arithmetic
@@ -30,12 +31,13 @@ if [ -n "${QUICK:-}" ]; then  # every step of the script, in minutes on a CPU: t
 fi
 log() { echo "[$(date -u +%T) +${SECONDS}s] $*"; }
 PY=${PYTHON:-python3}
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 ssb() { $PY -m ssb.cli "$@"; }
 step() {  # step NAME DEADLINE_S ssb-args...: one logged, deadline-bound ssb command
   local name=$1 t=$2; shift 2
   log "start $name"
-  timeout -s INT -k 20 "$t" $PY -m ssb.cli "$@" "${common[@]}" >"$out/$name.log" 2>&1
-  log "end $name (exit $?)"; grep -E "^(rollout|curate|teach|distill|evaluate|grpo|ssb)[: ]" "$out/$name.log" | tail -8
+  timeout -s INT -k 20 "$t" $PY -m ssb.cli "$@" "${common[@]}" >"$R/logs/$name.log" 2>&1
+  log "end $name (exit $?)"; grep -E "^(rollout|curate|teach|distill|evaluate|grpo|ssb)[: ]" "$R/logs/$name.log" | tail -8
 }
 
 log "machine: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo cpu)"
@@ -75,7 +77,8 @@ fi
 
 log "report"
 present=(); for r in base ssb grpo sft rft; do [ -d "$R/$r/evaluate" ] && present+=("$R/$r"); done
-ssb report "${present[@]}" --out "$R/report" --base base --focus ssb >"$out/report.log" 2>&1; tail -1 "$out/report.log"
+ssb report "${present[@]}" --out "$R/report" --base base --focus ssb >"$R/logs/report.log" 2>&1
+tail -1 "$R/logs/report.log"
 $PY - "$R" >"$R/report/teacher_variants.md" <<'PY'
 import json, sys, pathlib
 R = pathlib.Path(sys.argv[1]); rows = ["| teacher prompt | pairs tried | accepted | acceptance | samples rejected: truncated / no answer / gave the incorrect attempt's answer |", "|---|---|---|---|---|"]
@@ -87,6 +90,6 @@ for v in ("guided", "paper", "resolve"):
 print("\n".join(rows))
 PY
 cat "$R/report/teacher_variants.md"
-cp "$R/report/report.md" "$out/report.md" 2>/dev/null
+cat "$R/report/report.md" "$R/report/teacher_variants.md" >"$out/summary.md" 2>/dev/null
 tar czf "$out/runs.tar.gz" --exclude='adapter' --exclude='checkpoint' --exclude='teacher_topk' --exclude='.trl' "$R"
 log "done; $(du -h "$out/runs.tar.gz" | cut -f1) of run directories in $out/runs.tar.gz"
