@@ -83,7 +83,22 @@ def test_case_table_golds_are_real(full_data):
         (r"\fbox{7}", "7"),
         (r"\boxed{ 12 }", "12"),
         (r"\boxed{8} ... \boxed{}", "8"),  # empty last box is skipped
-        (r"\boxed{8} ... \boxed{9", "8"),  # truncated last box is skipped
+        (r"\boxed{8} ... \boxed{9", "9"),  # unclosed final box: read to the end of the reply
+        (r"\boxed{8} ... \boxed{\frac{1", "8"),  # cut off inside an expression: skipped
+        (r"So $\boxed{18$.", "18"),  # unclosed final box: read to the end of the math
+        (r"\boxed{18} or \boxed{26}", None),  # hedge
+        ("\\boxed{18}.\n\nAlternatively, counting twice, it is \\boxed{26}.", None),  # hedge in a later sentence
+        (r"\boxed{26}, or rather \boxed{18}", "18"),  # a correction, not a hedge
+        (r"\boxed{18} or \boxed{18.00}", "18.00"),  # same value twice: not a hedge
+        (r"\boxed{1} and \boxed{-2}", "1, -2"),  # a list
+        (r"$\boxed{3}$, $\boxed{3}$", "3"),
+        ("She makes $18 a day.", "18"),  # no box: the last sentence states the number
+        ("She has 9 eggs left, so she makes 9 * 2 = 18 dollars.", "18"),
+        ("Done. The temperature was \u22123 degrees!", "-3"),
+        ("So does she make 18 dollars?", None),  # a question states nothing
+        ("It is 18 or 26.", None),  # two numbers
+        ("She sells 9 eggs, so she makes", None),  # cut off mid-sentence
+        (r"\boxed{} She makes 18 dollars.", None),  # a box command that cannot be read: no guessing
         (r"\boxed{", None),
         ("no answer at all", None),
         ("", None),
@@ -120,6 +135,13 @@ def test_extract_answer_non_string():
         ([r"\text{(C)}", "(C)", "C", r"\textbf{(C)}"], "c"),
         ([r"\text{East}", "east"], "east"),
         ([r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"], r"(3,\frac{\pi}{2})"),
+        (["\u22123", "-3", "\u22123.0", "negative three"], "-3"),
+        (["eighteen", "18", "eighteen dollars", r"\text{eighteen}"], "18"),
+        (["two hundred four", "two hundred and four", "204"], "204"),
+        (["1.45 million", "1,450,000", r"\$1.45 \text{ million}", "1450000", "1.45 million dollars"], "1450000"),
+        (["2 hours 40 minutes", "160", "160 minutes", r"2 \text{ hours and } 40 \text{ minutes}"], "160"),
+        ([r"0.\overline{3}", r"\frac13", "0.333...", r"0.\dot{3}"], "1/3"),
+        ([r"\text{(C) Plane}", r"\text{(C)}", "C: Plane", "(C)"], "c"),
     ],
 )
 def test_answer_key_groups(answers, key):
@@ -131,6 +153,9 @@ def test_answer_key_distinguishes_and_is_total():
     assert answer_key("18") != answer_key("81")
     assert answer_key(r"\frac{1}{3}") != answer_key("0.333")
     assert answer_key(r"2\sqrt{2}") == answer_key(r"2 \sqrt{2}")
+    assert answer_key("1.45") != answer_key("1.45 million") != answer_key("1.45 billion")
+    assert answer_key("sixty") != answer_key("64") and answer_key("eighteen or twenty") != answer_key("18")
+    assert answer_key("1 hour 45 minutes") != answer_key("145") and answer_key("0.33...") != answer_key(r"\frac13")
     for junk in ["", "   ", "{{{", "\x00\xff", "x" * 2_000_000, r"9^{9^{9^{9}}}", None]:
         k1, k2 = answer_key(junk), answer_key(junk)  # type: ignore[arg-type]
         assert isinstance(k1, str) and k1 == k2
