@@ -248,6 +248,7 @@ class MathVerifyWorker:
         with self._cond:
             procs = list(self._procs)
             self._idle, self._procs, self._starting = [], set(), 0
+            self._ready_once = False  # a later call starts afresh: a cold start again
             self._gen += 1
             self._cond.notify_all()
         for proc in procs:
