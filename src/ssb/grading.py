@@ -27,8 +27,9 @@ Extraction (:func:`extract_answer`), in order:
      (not ``?``; a reply cut off mid-sentence has no answer): the number (integer, decimal, ``1,000``, ``a/b``,
      ``\frac{a}{b}``, ``%``, ``$`` and a Unicode minus allowed) that is alone after the sentence's last ``=``, else
      alone after its last "so / therefore / thus / hence / in total / altogether / total / overall", else alone
-     in the sentence ("She makes $18 a day." -> 18; "... so she makes $18 every day." -> 18; "It is 18 or 26."
-     -> None). Numbers in words are not read here;
+     after its last "is / are / was / were / equals / comes to / amounts to", else alone in the sentence ("She
+     makes $18 a day." -> 18; "... so she makes $18 every day." -> 18; "Dividing by 3, the average is -10
+     degrees." -> -10; "It is 18 or 26." -> None). Numbers in words are not read here;
   5. otherwise None.
 
 Normalisation before comparing (:func:`_clean`, also used by :func:`answer_key`): ``$``, ``\text{}``, spacing,
@@ -246,6 +247,7 @@ def _boxed_answer(response: str, boxes: list[tuple[int, int, str]]) -> tuple[str
 _SENT_NUM_RE = re.compile(r"(?<![\w.\\])-?(?:\\frac\{-?\d+\}\{\d+\}|\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
                           r"(?:/\d+)?)(?:\s*\\?%)?(?![\w{])")
 _CONCLUSION_RE = re.compile(r"(?i)\b(?:so|therefore|thus|hence|in total|altogether|total|overall)\b")
+_COPULA_RE = re.compile(r"(?i)\b(?:is|are|was|were|equals|comes to|amounts to)\b")
 
 
 def _last_sentence_answer(response: str) -> str | None:
@@ -268,9 +270,10 @@ def _last_sentence_answer(response: str) -> str | None:
     tails = []
     if "=" in sentence:
         tails.append(sentence.rsplit("=", 1)[1])
-    conclusions = list(_CONCLUSION_RE.finditer(sentence))
-    if conclusions:
-        tails.append(sentence[conclusions[-1].end():])
+    for marker in (_CONCLUSION_RE, _COPULA_RE):
+        found = list(marker.finditer(sentence))
+        if found:
+            tails.append(sentence[found[-1].end():])
     tails.append(sentence)
     for tail in tails:
         numbers = _SENT_NUM_RE.findall(tail)
