@@ -4,6 +4,7 @@ The examples must not depend on the wave sizes or on an interruption; far fewer 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -33,7 +34,9 @@ def test_next_total_sizes_waves_from_the_yield():
 def budgeted(tiny_model_dir, data_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("waves")
     cfg = _cfg(tiny_model_dir, data_dir, "rollout.first_wave=4")
+    t0 = time.time()
     waves.run(cfg, run_dir)
+    cfg.elapsed = time.time() - t0
     return cfg, run_dir
 
 
@@ -90,3 +93,9 @@ def test_ssb_run_uses_waves_and_budget_all_rolls_out_everything(tiny_model_dir, 
     rolled = {k: len(read_rows(tmp_path / k / "rollout" / "rollouts.jsonl")) for k in ("w", "a")}
     assert rolled["a"] == 40 and rolled["w"] < 40
     assert "waves" in json.loads((tmp_path / "w" / "rollout" / "manifest.json").read_text())
+
+
+def test_each_stage_is_charged_its_own_share_of_the_loop(budgeted):
+    cfg, d = budgeted
+    walls = [json.loads((d / s / "manifest.json").read_text())["wall_seconds"] for s in ("rollout", "curate", "teach")]
+    assert all(w > 0 for w in walls) and sum(walls) <= cfg.elapsed

@@ -231,8 +231,10 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
         shutil.rmtree(stage.path(CKPT), ignore_errors=True)
-    counts = {"examples": len(examples), "steps": result["steps"], "trained_tokens": result["trained_tokens"]}
-    return stage.finish(counts, train_seconds=result["train_seconds"], teacher=dc.teacher, targets=dc.targets,
+    counts = {"examples": len(examples), "steps": result["steps"], "trained_tokens": result["trained_tokens"],
+              "skipped_steps": len(result["skipped_steps"])}
+    return stage.finish(counts, train_seconds=result["train_seconds"], skipped_steps=result["skipped_steps"],
+                        teacher=dc.teacher, targets=dc.targets,
                         world_size=dist.world(), fsdp=fsdp, **cache_info)
 
 

@@ -176,9 +176,11 @@ class Stage:
                 write_json(self.path(STARTED), {"fingerprint": self.fingerprint, "started_at": _now()})
         dist.barrier()
 
-    def finish(self, counts: dict[str, Any], **extra: Any) -> dict:
+    def finish(self, counts: dict[str, Any], wall_seconds: float | None = None, **extra: Any) -> dict:
+        """Write the manifest. ``wall_seconds``: this stage's own time where it shared a process with other stages
+        (the budgeted waves); default: since this object was made."""
         started = read_json(self.path(STARTED)) if self.path(STARTED).exists() else {}
-        wall = time.time() - self._t0
+        wall = time.time() - self._t0 if wall_seconds is None else wall_seconds
         gpus = gpus_in_use()
         manifest = {
             "stage": self.name,

@@ -15,6 +15,11 @@ Checkpoints (every ``save_every`` steps, rank 0, atomically in ``<stage>/checkpo
 AdamW state as safetensors, step, torch RNG state, and the data position (which is the step: the order of every
 epoch is a function of the seed). Resuming loads them, replays the learning-rate schedule to that step, drops
 log rows after it and continues; the end weights equal an uninterrupted run's.
+
+Non-finite gradients: a step whose gradient norm is NaN or infinite is skipped (no optimizer update; the schedule
+moves on) and logged with ``"skipped": true``, as loss scalers do; more than 10% of steps (and at least 3) is
+divergence and an error, and weights that are not finite at the end are never saved. (On the testbed GPU run a
+bf16 distill met one such batch at step 60 and, before this guard, every weight became NaN.)
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ssb import dist
+from ssb.errors import SsbError
 from ssb.progress import progress
 from ssb.rundir import append_rows, read_rows, write_rows
 
@@ -79,7 +85,7 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
     sharded = any(isinstance(p, DTensor) for p in params)
 
     model.train()
-    t_start, trained = time.time(), 0
+    t_start, trained, skipped = time.time(), 0, []
     bar = progress(total, "distill", "step") if dist.is_main() else None
     if bar is not None:
         bar.update(step)
@@ -102,7 +108,12 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
         stats = dist.all_reduce_sum(stats)
         norm_val = _full(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm if spec.max_grad_norm > 0
                                                         else math.inf))
-        opt.step()
+        finite = bool(torch.isfinite(norm_val))  # the same on every rank: gradients are summed first
+        if finite:
+            opt.step()
+        else:  # a non-finite gradient would turn every weight into NaN: skip the update, keep the schedule
+            skipped.append(step + 1)
+            _check_divergence(skipped, step + 1)
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -112,7 +123,7 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
         if dist.is_main():
             log = {"step": step, "epoch": epoch, "loss": float(stats[0]) / norm, "grad_norm": float(norm_val),
                    "lr": sched.get_last_lr()[0], "tokens": n_tok, "tokens_per_s": round(n_tok / max(dt, 1e-9), 1),
-                   "seconds": round(dt, 4)}
+                   "seconds": round(dt, 4), **({} if finite else {"skipped": True})}
             append_rows(log_path, [log])
             bar.update(1)
             bar.set_postfix(loss=f"{log['loss']:.4f}", tok_s=f"{log['tokens_per_s']:.0f}")
@@ -121,7 +132,22 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
         dist.barrier()
     if bar is not None:
         bar.close()
-    return {"steps": step, "trained_tokens": trained, "train_seconds": round(time.time() - t_start, 3)}
+    bad = [n for n, p in zip(names, params) if not bool(torch.isfinite(_full(p.detach())).all())]
+    if bad:
+        raise SsbError(f"training produced non-finite weights ({bad[0]} and {len(bad) - 1} more); not saving them")
+    return {"steps": step, "trained_tokens": trained, "train_seconds": round(time.time() - t_start, 3),
+            "skipped_steps": skipped}
+
+
+MAX_SKIPPED = 0.1  # fraction of steps with non-finite gradients after which training counts as diverged
+
+
+def _check_divergence(skipped: list[int], step: int) -> None:
+    """Occasional non-finite gradients (a bf16 kernel on an unlucky batch) are skipped, as loss scalers do; many
+    mean the run has diverged, which is an error rather than a silently useless adapter."""
+    if len(skipped) >= 3 and len(skipped) > MAX_SKIPPED * step:
+        raise SsbError(f"training diverged: {len(skipped)} of the first {step} steps had non-finite gradients "
+                       f"(steps {skipped[:5]}...); lower distill.lr, or try model.dtype=float32")
 
 
 def _sync_grads(params: list[torch.Tensor]) -> None:

@@ -13,6 +13,8 @@ teacher samples and acceptances) go into the rollout manifest under ``waves``.
 
 The three stages keep their own directories, files and manifests (rollout's fingerprint also covers the curate
 and teach settings, since they decide how much is rolled out); one engine serves the rollouts and the teacher.
+Each manifest's ``wall_seconds`` is that stage's own share of the loop (loading the model counts for rollout), so
+the three add up to the loop's time and are not each the whole of it.
 """
 
 from __future__ import annotations
@@ -57,7 +59,6 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     target = cfg.teach.max_examples
     for stage in (r_stage, t_stage):
         stage.begin()
-    t0 = time.time()
     engine: dict = {}
 
     def engine_factory():
@@ -72,6 +73,7 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     total = planned[-1]["problems_total"] if planned else min(len(problems), cfg.rollout.first_wave or target)
     cache: dict = {}
     gen = {"generated_tokens": 0, "generate_seconds": 0.0}
+    clock = {"rollout": 0.0, "curate": 0.0, "teach": 0.0}  # each stage's own wall time (model loading: rollout)
     while True:
         wave = len(planned) - 1
         if r_done:  # finished earlier: the rows are all there
@@ -82,13 +84,19 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
                 planned.append({"wave": wave, "problems_total": total})
                 if dist.is_main():
                     append_rows(r_stage.path(LOG), [planned[-1]])
+            t = time.time()
             _, stats = rollout.generate(cfg, r_stage, problems[:total], engine_factory)
+            clock["rollout"] += time.time() - t
             gen["generated_tokens"] += stats["generated_tokens"]
             gen["generate_seconds"] += stats["generate_seconds"]
             dist.barrier()  # rank 0 has merged every rank's rows
             rows = read_rows(r_stage.path(rollout.FILE))
+        t = time.time()
         graded, pairs, stats = curate.select(rows, cfg, cache=cache)
+        t2 = time.time()
         accepted = teacher.work(pairs)
+        clock["curate"] += t2 - t
+        clock["teach"] += time.time() - t2
         if not any(r["wave"] == wave for r in finished) and not r_done:
             funnel = teacher.funnel(pairs)
             before = finished[-1] if finished else {"problems_total": 0, "pairs_total": 0, "teacher_samples_total": 0,
@@ -106,10 +114,10 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
             break
         total = next_total(len(rows), accepted, target, len(problems), 1)
     return _finish(cfg, (r_stage, c_stage, t_stage), (r_done, c_done), rows, (graded, pairs, stats), teacher,
-                   finished, gen, time.time() - t0)
+                   finished, gen, clock)
 
 
-def _finish(cfg, stages, done, rows, curated, teacher, finished, gen, seconds) -> dict:
+def _finish(cfg, stages, done, rows, curated, teacher, finished, gen, clock) -> dict:
     r_stage, c_stage, t_stage = stages
     graded, pairs, stats = curated
     accepted_ids = [p["id"] for p in pairs if any(r["accepted"] for r in teacher.tries.get(p["id"], []))]
@@ -119,10 +127,10 @@ def _finish(cfg, stages, done, rows, curated, teacher, finished, gen, seconds) -
     budget = {"target_examples": cfg.teach.max_examples, "problems_needed": needed,
               "rollout_overshoot": round(len(rows) / max(needed, 1), 4), "waves": finished}
     if not done[0]:
-        rollout.finish(r_stage, rows, gen, **budget)
+        rollout.finish(r_stage, rows, gen, wall_seconds=clock["rollout"], **budget)
     if not done[1]:
         c_stage.begin()
         if dist.is_main():
             curate.write_files(c_stage, graded, pairs, stats)
-        c_stage.finish({"problems": stats["problems"], "pairs": len(pairs)}, stats=stats)
-    return teacher.finish(pairs, budget=budget)
+        c_stage.finish({"problems": stats["problems"], "pairs": len(pairs)}, wall_seconds=clock["curate"], stats=stats)
+    return teacher.finish(pairs, wall_seconds=clock["teach"], budget=budget)

@@ -1,0 +1,50 @@
+"""The training loop's guard against non-finite gradients: an unlucky batch is skipped, divergence is an error,
+and non-finite weights are never returned for saving."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ssb.errors import SsbError
+from ssb.train import TrainSpec, train
+
+
+class Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+
+
+def _spec(steps: int) -> TrainSpec:
+    return TrainSpec(n_examples=8, batch_size=2, epochs=1, max_steps=steps, lr=0.1, weight_decay=0.0,
+                     warmup_steps=0, schedule="constant", max_grad_norm=1.0, save_every=0, seed=0)
+
+
+def _run(tmp_path, bad_steps: set[int], steps: int = 6):
+    model, seen = Toy(), []
+
+    def step_loss(idx):
+        seen.append(model.w.detach().clone())
+        scale = float("nan") if len(seen) in bad_steps else 1.0
+        return (model.w * scale).pow(2).sum() * len(idx), len(idx)
+
+    result = train(model, _spec(steps), tmp_path, step_loss, lambda idx: float(len(idx)))
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    return model, seen, result, log
+
+
+def test_a_non_finite_step_is_skipped_and_logged(tmp_path):
+    model, seen, result, log = _run(tmp_path, bad_steps={3})
+    assert result["skipped_steps"] == [3] and result["steps"] == 6
+    assert torch.equal(seen[3], seen[2])  # step 3 did not move the weights
+    assert not torch.equal(seen[2], seen[1]) and not torch.equal(seen[4], seen[3])
+    assert torch.isfinite(model.w).all()
+    assert [r.get("skipped", False) for r in log] == [False, False, True, False, False, False]
+
+
+def test_many_non_finite_steps_are_divergence(tmp_path):
+    with pytest.raises(SsbError, match="diverged"):
+        _run(tmp_path, bad_steps={2, 3, 4, 5, 6}, steps=6)
