@@ -18,7 +18,6 @@ from ssb.grading import answer_key, extract_answer, grade, grade_answer
 
 CASES_PATH = Path(__file__).parent / "data" / "grading_cases.jsonl"
 CASES = [json.loads(line) for line in CASES_PATH.read_text(encoding="utf-8").splitlines() if line.strip()]
-DATA = Path("/work/shared/data")
 
 
 def test_doctests():
@@ -44,17 +43,30 @@ def test_case_table(case):
     assert got is case["expected"], case["note"]
 
 
-def _real_gold(ref: str) -> str:
+def _real_gold(data: Path, ref: str) -> str:
     name, idx = ref.split("#")
-    path = DATA / name / "test.jsonl"
+    path = data / name / "test.jsonl"
     row = json.loads(path.read_text(encoding="utf-8").splitlines()[int(idx)])
     return row["answer"].split("####")[-1].strip() if name == "gsm8k" else row["answer"]
 
 
-@pytest.mark.skipif(not DATA.exists(), reason="offline data copies not available")
-def test_case_table_golds_are_real():
+@pytest.mark.full_data
+def test_case_table_golds_are_real(full_data_dir):
     for c in CASES:
-        assert _real_gold(c["ref"]) == c["gold"], c["ref"]
+        assert _real_gold(full_data_dir, c["ref"]) == c["gold"], c["ref"]
+
+
+@pytest.mark.full_data
+@pytest.mark.parametrize("name, split, solution_field", [
+    ("gsm8k", "train", "answer"), ("gsm8k", "test", "answer"), ("math500", "test", "solution")])
+def test_every_gold_solution_grades_correct_against_its_own_answer(name, split, solution_field, full_data_dir):
+    from ssb.data import DatasetConfig, load_problems
+
+    rows = [json.loads(line) for line in (full_data_dir / name / f"{split}.jsonl").read_text("utf-8").splitlines()]
+    problems = load_problems(DatasetConfig(name, split=split), data_dir=full_data_dir)
+    assert len(rows) == len(problems) > 0
+    wrong = [p.id for row, p in zip(rows, problems) if not grade(row[solution_field], p.answer, p.grader)]
+    assert not wrong, f"{len(wrong)} gold solutions grade wrong: {wrong[:10]}"
 
 
 # --- extraction --------------------------------------------------------------------------------------------------
