@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 from ssb.config import Config, describe, dump_yaml, load_config
@@ -54,9 +53,9 @@ def run_stages(cfg: Config, run_dir: Path, stages, force: bool = False, budgeted
     """Run ``stages`` in order. ``budgeted`` (``ssb run`` with ``rollout.budget=waves``): rollout, curate and teach,
     when all three are asked for, run together in waves (:mod:`ssb.waves`)."""
     waves = budgeted and cfg.rollout.budget == "waves" and {"rollout", "curate", "teach"} <= set(stages)
+    done_before = {name for name in stages if name != "evaluate" and not force
+                   and (run_dir / name / "manifest.json").exists()}
     for name in stages:
-        t0 = time.time()
-        already = (run_dir / name / "manifest.json").exists() and name != "evaluate"
         if waves and name in ("curate", "teach"):
             result = read_json(run_dir / name / "manifest.json")
         elif waves and name == "rollout":
@@ -68,7 +67,7 @@ def run_stages(cfg: Config, run_dir: Path, stages, force: bool = False, budgeted
             result = _run_stage(name, cfg, run_dir, force)
         if not dist.is_main():
             continue
-        note = " (already done)" if already and time.time() - t0 < 5 else ""
+        note = " (already done)" if name in done_before else ""
         print(_summary(name, result, run_dir) + note, file=sys.stderr, flush=True)
 
 
