@@ -81,7 +81,7 @@ def test_ablation_without_ssb_is_refused(tiny_model_dir, data_dir, tmp_path):
     from ssb.config import load_config
 
     cfg = load_config(None, small_overrides(tiny_model_dir, data_dir))
-    with pytest.raises(SsbError, match="needs the finished ssb run"):
+    with pytest.raises(SsbError, match="needs the ssb run's finished teach stage"):
         compare.run(cfg, tmp_path, runs=["sft"])
     with pytest.raises(SsbError, match="unknown run"):
         compare.run(cfg, tmp_path, runs=["ppo"])

@@ -123,3 +123,144 @@ def test_batch_shape_is_checked_before_loading_anything(tmp_path, capsys):
     assert main(["grpo", "--run-dir", str(tmp_path), "grpo.batch_size=3", "grpo.num_generations=2",
                  "grpo.micro_batch_size=4"]) == 2
     assert "micro_batch_size" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ generators, budgets, resume
+
+def _cfg(model_dir, *extra):
+    return load_config(None, _overrides(model_dir, *extra))
+
+
+def _manifest(run_dir):
+    return json.loads((run_dir / "grpo" / "manifest.json").read_text())
+
+
+def _lora_state(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "grpo" / "adapter" / "adapter_model.safetensors"))
+
+
+class Interrupt(Exception):
+    """Stands for a kill: raised from inside training by a callback."""
+
+
+def _interrupt(event: str, at_step: int):
+    from transformers import TrainerCallback
+
+    class Kill(TrainerCallback):
+        pass
+
+    def hook(self, args, state, control, **kwargs):
+        if state.global_step == at_step:
+            raise Interrupt(f"{event} at step {at_step}")
+
+    setattr(Kill, event, hook)
+    return Kill()
+
+
+@pytest.mark.parametrize("generator", ["generate", "paged"])
+def test_every_generator_trains_a_step(tiny_model_dir, tmp_path, generator):
+    """ssb (the default) is exercised by the module's run; TRL's two transformers generators run here (paged, i.e.
+    transformers' continuous batching, works on CPU but is slow there: one step, short completions)."""
+    cfg = _cfg(tiny_model_dir, "grpo.steps=1", f"grpo.generator={generator}", "grpo.max_new_tokens=8")
+    m = grpo.run(cfg, tmp_path)
+    assert m["counts"]["steps"] == 1 and m["counts"]["completions"] == 8 and m["stopped_by"] == "steps"
+    assert 0 < m["generated_tokens"] <= 8 * 8
+    (row,) = read_rows(tmp_path / "grpo" / "train_log.jsonl")
+    assert row["step"] == 1 and 0 < row["completion_length"] <= 8
+
+
+def test_ssb_generator_groups_copies_and_keeps_order(tiny_model_dir):
+    """TRL passes each prompt num_generations times in a row; the rollout returns one completion per copy, in order,
+    sampled from the trainer's current model, and the same step samples the same completions."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ssb.models import stop_token_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cfg = _cfg(tiny_model_dir, "grpo.max_new_tokens=6")
+    rollout = grpo.ssb_rollout_func(cfg, tok, stop_token_ids(tok, model))
+    trainer = SimpleNamespace(model_wrapped=model, accelerator=Accelerator(cpu=True), state=SimpleNamespace(global_step=0),
+                              args=SimpleNamespace(gradient_checkpointing_kwargs=None))
+    prompts = [[{"role": "user", "content": q}] for q in ("1 + 2 = ?", "7 + 1 = ?") for _ in range(3)]
+    model.train()
+    out = rollout(prompts, trainer)
+    assert model.training  # restored
+    assert len(out["prompt_ids"]) == len(out["completion_ids"]) == 6 and out["logprobs"] is None
+    assert out["prompt_ids"][0] == out["prompt_ids"][2] != out["prompt_ids"][3]
+    assert all(0 < len(c) <= 6 for c in out["completion_ids"])
+    assert rollout(prompts, trainer)["completion_ids"] == out["completion_ids"]  # seeded by (seed, step)
+    trainer.state.global_step = 1
+    assert rollout(prompts, trainer)["completion_ids"] != out["completion_ids"]
+
+
+def test_token_and_time_budgets_stop_early_and_say_why(tiny_model_dir, tmp_path):
+    m = grpo.run(_cfg(tiny_model_dir, "grpo.steps=5", "grpo.max_generated_tokens=1"), tmp_path / "tokens")
+    assert m["stopped_by"] == "tokens" and m["counts"]["steps"] == 1
+    assert m["generated_tokens"] == m["counts"]["generated_tokens"] > 0
+    assert (tmp_path / "tokens" / "grpo" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "tokens" / "grpo" / ".trl").exists()
+    m = grpo.run(_cfg(tiny_model_dir, "grpo.steps=5", "grpo.max_seconds=0.01"), tmp_path / "seconds")
+    assert m["stopped_by"] == "seconds" and m["counts"]["steps"] == 1
+    assert m["device_seconds"] == m["wall_seconds"] >= 0.01 and m["gpus"] == 0 and m["gpu_seconds"] == 0
+
+
+def test_budget_fields_validate(tiny_model_dir):
+    from ssb.config import ConfigError
+
+    for bad in ("grpo.max_seconds=0", "grpo.max_generated_tokens=-5", "grpo.save_every=-1", "grpo.generator=vllm"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(None, [bad])
+    cfg = load_config(None, ["grpo.max_seconds=3600", "grpo.max_generated_tokens=1000000", "grpo.save_every=0"])
+    assert (cfg.grpo.max_seconds, cfg.grpo.max_generated_tokens, cfg.grpo.save_every) == (3600.0, 1000000, 0)
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tiny_model_dir, tmp_path):
+    """Checkpoint every step; die at step 2 after its log row but before its checkpoint; rerun. The log is cut back
+    to the checkpoint (no duplicate steps), the counters add up over both processes, and since the ssb generator
+    seeds each step's samples by (seed, step) and the Trainer restores optimizer, scheduler, RNG and data position,
+    the adapter equals that of a run that was never interrupted."""
+    extra = ("grpo.steps=3", "grpo.save_every=1")
+    whole = grpo.run(_cfg(tiny_model_dir, *extra), tmp_path / "whole")
+
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupt):
+        grpo.run(_cfg(tiny_model_dir, *extra), cut, callbacks=[_interrupt("on_log", 2)])
+    assert [r["step"] for r in read_rows(cut / "grpo" / "train_log.jsonl")] == [1, 2]
+    assert grpo.last_checkpoint(cut / "grpo" / ".trl").name == "checkpoint-1"
+    first = json.loads((cut / "grpo" / ".trl" / "checkpoint-1" / grpo.COUNTERS).read_text())
+    assert first["step"] == 1 and first["completions"] == 8 and first["generated_tokens"] > 0
+
+    m = grpo.run(_cfg(tiny_model_dir, *extra), cut)
+    log = read_rows(cut / "grpo" / "train_log.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3] and m["counts"]["steps"] == 3 and m["resumed_from_step"] == 1
+    assert m["stopped_by"] == "steps" and m["counts"]["completions"] == 24
+    assert m["generated_tokens"] == round(sum(r["completion_length"] * 8 for r in log))
+    assert m["generated_tokens"] > first["generated_tokens"] and m["wall_seconds"] > first["wall_seconds"]
+    assert m["generated_tokens"] == whole["generated_tokens"]
+    whole_log = read_rows(tmp_path / "whole" / "grpo" / "train_log.jsonl")
+    assert [r["reward"] for r in log] == [r["reward"] for r in whole_log]
+    a, b = _lora_state(tmp_path / "whole"), _lora_state(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_killed_after_its_last_checkpoint_finishes_without_training(tiny_model_dir, tmp_path, monkeypatch):
+    cfg = _cfg(tiny_model_dir, "grpo.steps=5", "grpo.max_generated_tokens=1", "grpo.save_every=1")
+    with pytest.raises(Interrupt):  # the budget stops it at step 1 and checkpoints; it dies before the manifest
+        grpo.run(cfg, tmp_path, callbacks=[_interrupt("on_save", 1)])
+    assert not (tmp_path / "grpo" / "manifest.json").exists()
+
+    def boom(*a, **k):
+        raise AssertionError("loaded a model to finish a run whose training was over")
+
+    monkeypatch.setattr("ssb.grpo.load_model", boom)
+    m = grpo.run(cfg, tmp_path)
+    assert m["stopped_by"] == "tokens" and m["counts"]["steps"] == 1 and m["resumed_from_step"] == 1
+    assert (tmp_path / "grpo" / "adapter" / "adapter_model.safetensors").is_file()
+    assert {p.name for p in (tmp_path / "grpo").iterdir()} == {"adapter", "train_log.jsonl", "started.json",
+                                                                "manifest.json"}

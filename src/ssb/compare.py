@@ -35,6 +35,7 @@ from ssb.rundir import MANIFEST, read_json
 
 RUNS = ("base", "ssb", "grpo", "sft", "rft")
 SSB_UPSTREAM = {"sft": ("rollout", "curate", "teach"), "rft": ("rollout", "curate")}
+NEEDS = {"grpo": "distill", "sft": "teach", "rft": "curate"}  # the ssb stage a run waits for (grpo: its cost)
 OVERRIDES = {
     "base": ["evaluate.adapter=none"],
     "ssb": [],
@@ -87,9 +88,9 @@ def run(cfg: Config, root, runs=RUNS, force: bool = False) -> Path:
     for name in [r for r in RUNS if r in runs]:
         run_dir = root / name
         sub = _config(cfg, OVERRIDES[name])
-        needs_ssb = name in ("grpo", *SSB_UPSTREAM)
-        if needs_ssb and not (ssb_dir / "distill" / MANIFEST).exists():
-            raise SsbError(f"compare: the '{name}' run needs the finished ssb run in {ssb_dir}; "
+        need = NEEDS.get(name)
+        if need and not (ssb_dir / need / MANIFEST).exists():
+            raise SsbError(f"compare: the '{name}' run needs the ssb run's finished {need} stage in {ssb_dir}; "
                            f"run with --runs ssb,{name} (or all runs) first")
         if name == "grpo":
             budget = training_cost(ssb_dir)

@@ -182,6 +182,24 @@ class GrpoConfig:
                                      "wrong (e.g. 0.1); null = off: the reward is correctness only (1 or 0).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     logging_steps: int = _f(1, "Write a grpo/train_log.jsonl row every this many steps (TRL averages in between).")
+    max_seconds: float | None = _f(None, "Budget: stop once this stage's device-seconds reach this (wall seconds x "
+                                   "GPUs in use on GPU; plain wall seconds on CPU), counted from the start of the stage "
+                                   "(model loading included) and summed over resumes; checked after each optimizer "
+                                   "step, so the last step may overshoot. `steps` stays the maximum. A budget-stopped "
+                                   "run does not finish a linear/cosine schedule (it is laid out over `steps`): use "
+                                   "schedule=constant for budgeted runs. null = no limit.")
+    max_generated_tokens: int | None = _f(None, "Budget: stop once this many completion tokens have been generated "
+                                          "(summed over resumes; checked after each step, like max_seconds; same "
+                                          "schedule caveat). null = no limit.")
+    save_every: int = _f(50, "Checkpoint (adapter, optimizer, scheduler, RNG, budget counters) every N steps with "
+                         "TRL's own machinery in grpo/.trl (0 = never); a rerun of an interrupted grpo resumes from "
+                         "the last checkpoint. Not part of the stage's fingerprint.")
+    generator: str = _f("ssb", "Who samples the completions, always from the current LoRA policy: ssb (ssb's own "
+                        "continuous-batching engine, as rollout/teach/evaluate use, with engine.max_batch_size, "
+                        "prefill_tokens and cuda_graphs; per-step seeded, so resumes are exact), generate (TRL's "
+                        "default: one padded model.generate call per step), paged (TRL's "
+                        "use_transformers_continuous_batching: transformers' generate_batch with a paged KV cache; "
+                        "meant for GPU, runs but is slow on CPU).", ("ssb", "generate", "paged"))
 
 
 @dataclass

@@ -8,7 +8,39 @@ completion's final answer, else 0.0; plus ``grpo.format_reward`` (off by default
 Outputs, like a stage: ``grpo/adapter/`` (a standard peft adapter: ``PeftModel.from_pretrained(base, path)``),
 ``grpo/train_log.jsonl`` (one row per logging step, appended as training goes: step, loss, reward, reward_std,
 lr, grad_norm, completion_length, ... and TRL's other metrics under their own names), then ``grpo/manifest.json``.
-An interrupted run restarts from scratch; a finished one is not redone.
+A finished run is not redone.
+
+Budget (for comparisons at equal cost). ``grpo.steps`` is the maximum; ``grpo.max_seconds`` (device-seconds: wall
+seconds × GPUs in use, plain wall seconds on CPU, from the start of the stage, model loading included) and
+``grpo.max_generated_tokens`` (completion tokens) stop training earlier, at the end of the step that reaches them
+(a TrainerCallback sets ``should_training_stop``); the adapter and manifest are written as usual. The manifest
+records the totals over all processes that worked on the run: ``wall_seconds``, ``device_seconds``,
+``gpu_seconds``, ``generated_tokens`` (also ``counts``: completions, correct), ``stopped_by`` (steps | seconds |
+tokens) and ``resumed_from_step``. A budget-stopped run does not complete a linear/cosine schedule, which is laid
+out over ``steps``; use ``grpo.schedule=constant`` when the budget decides.
+
+Resume. Every ``grpo.save_every`` steps the HF Trainer checkpoints (adapter, optimizer, scheduler, RNG, trainer
+state) into ``grpo/.trl/checkpoint-<step>`` (only the last is kept), and the budget counters are written next to it
+(``ssb_counters.json``, written last: a checkpoint without it is incomplete and ignored). A rerun of the same
+command resumes from the last complete checkpoint with ``trainer.train(resume_from_checkpoint=...)``, cuts
+``train_log.jsonl`` back to that step, and continues the counters from it (work done after the checkpoint and lost
+is redone and not counted). If that checkpoint already ended training (steps or budget reached, killed before the
+manifest), its adapter is published without loading the model. Resumes are exact on CPU for the ``ssb`` and
+``generate`` generators (tested: same adapter as an uninterrupted run). No checkpoint: the run starts afresh.
+``save_every`` is not part of the fingerprint.
+
+Generators (``grpo.generator``); all sample from the current LoRA policy (adapter on, weights of this step):
+
+- ``ssb`` (default): ssb's own :class:`~ssb.engine.TransformersEngine`, the generator of SSB's rollout / teach /
+  evaluate stages, plugged in as TRL's ``rollout_func``: each prompt prefilled once for its ``num_generations``
+  samples, continuous batching over a preallocated KV cache, CUDA-graph decode steps on GPU (``engine.*``
+  settings). Samples are seeded by (seed, step), so a resumed step samples what it would have. Same generator for
+  both methods, hence a fair comparison at equal GPU-seconds; runs on CPU.
+- ``generate``: TRL's default, one left-padded ``model.generate`` call per step (every sequence decodes until the
+  longest finishes; dropout, if any, stays on while sampling).
+- ``paged``: TRL's ``use_transformers_continuous_batching``, i.e. transformers' ``generate_batch`` (paged attention,
+  background scheduler; TRL caps its KV cache at 50% of free GPU memory). Sampling depends on batch-mates and
+  timing, so resumes are not exact. Runs on CPU but slowly (a thread polls for results); meant for GPU.
 
 How this differs from textbook GRPO (DeepSeekMath), i.e. TRL's defaults, which we keep unless configured:
 
@@ -20,26 +52,33 @@ How this differs from textbook GRPO (DeepSeekMath), i.e. TRL's defaults, which w
   (Dr. GRPO) are available.
 - One generation batch per optimizer step and ``num_iterations=1``: fully on-policy, so the PPO ratio is 1 and the
   clipping (ε=0.2) never binds: the update is a plain group-baselined policy gradient.
-- Generation uses ``model.generate`` (no vLLM); sampling with ``grpo.temperature`` / ``top_k`` / ``top_p``.
+- No vLLM; sampling with ``grpo.temperature`` / ``top_k`` / ``top_p`` by the generator chosen above.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
+import warnings
+from pathlib import Path
 
 import torch
 
 from ssb.config import Config, fingerprint, to_dict
 from ssb.data import load_problems
+from ssb.engine import SamplingParams, TransformersEngine
 from ssb.errors import SsbError
 from ssb.grading import _BOX_RE, _box_content, grade
-from ssb.models import load_model, load_tokenizer, resolve_device, stop_token_ids
+from ssb.models import load_model, load_tokenizer, render_chat, resolve_device, stop_token_ids
 from ssb.prompts import student_messages
-from ssb.rundir import Stage, append_rows
+from ssb.rundir import Stage, append_rows, gpus_in_use, read_json, read_rows, write_json, write_rows
 
 LOG = "train_log.jsonl"
+TRL_DIR = ".trl"  # TRL's output_dir: its checkpoints, removed when the stage finishes
+COUNTERS = "ssb_counters.json"  # the budget counters, written into each checkpoint directory
+_COUNTER_KEYS = ("wall_seconds", "device_seconds", "gpu_seconds", "completions", "correct", "generated_tokens")
 # TRL log key -> train_log.jsonl key (everything else TRL logs is kept under its own name)
 _RENAME = {"learning_rate": "lr", "completions/mean_length": "completion_length"}
 
@@ -52,7 +91,8 @@ def lora_fields(cfg: Config) -> dict:
 
 def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
     lora = lora_fields(cfg)
-    fp = fingerprint("grpo", cfg.model, cfg.seed, cfg.rollout.data, cfg.grpo, lora)
+    result_fields = {k: v for k, v in to_dict(cfg.grpo).items() if k != "save_every"}  # save_every: how, not what
+    fp = fingerprint("grpo", cfg.model, cfg.seed, cfg.rollout.data, result_fields, lora)
     return Stage(run_dir, "grpo", fp, {"model": to_dict(cfg.model), "seed": cfg.seed, "data": to_dict(cfg.rollout.data),
                                        "grpo": to_dict(cfg.grpo), "lora": lora}, force)
 
@@ -114,7 +154,119 @@ def _log_callback(path):
     return JsonlLog()
 
 
-def run(cfg: Config, run_dir, force: bool = False) -> dict:
+def _step_seed(seed: int, step: int) -> int:
+    """The engine seed of the generation batch of optimizer step ``step`` (0-based): fixed by (seed, step), so a
+    resumed run samples what an uninterrupted one would have."""
+    h = hashlib.blake2b(f"grpo:{seed}:{step}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def ssb_rollout_func(cfg: Config, tokenizer, stop_ids: list[int]):
+    """A TRL ``rollout_func`` that samples with :class:`ssb.engine.TransformersEngine` from the trainer's current
+    model (the LoRA policy, adapter on, eval mode, no gradient checkpointing while it generates).
+
+    TRL hands it the generation batch's prompts with each prompt repeated ``num_generations`` times in a row; each
+    run of copies becomes one prompt with ``n`` samples (prefilled once), as in the rollout stage."""
+    from trl.models import unwrap_model_for_generation
+
+    gc, ec = cfg.grpo, cfg.engine
+
+    def rollout(prompts: list, trainer) -> dict:
+        ids = [render_chat(tokenizer, p) if not isinstance(p, str) else tokenizer(p, add_special_tokens=False)[
+            "input_ids"] for p in prompts]
+        runs: list[list] = []  # [prompt ids, copies in a row]
+        for p in ids:
+            if runs and runs[-1][0] == p:
+                runs[-1][1] += 1
+            else:
+                runs.append([p, 1])
+        n = runs[0][1] if len({c for _, c in runs}) == 1 else 1
+        unique = [p for p, _ in runs] if n > 1 else ids
+        params = SamplingParams(n, gc.temperature, gc.top_k, gc.top_p, gc.max_new_tokens)
+        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
+                                         gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs
+                                         ) as model:
+            was_training = model.training
+            model.eval()
+            try:
+                engine = TransformersEngine(model, tokenizer, stop_ids, max_batch_size=ec.max_batch_size,
+                                            prefill_tokens=ec.prefill_tokens, cuda_graphs=ec.cuda_graphs)
+                samples = engine.generate(unique, params, _step_seed(cfg.seed, trainer.state.global_step))
+            finally:
+                model.train(was_training)
+        return {"prompt_ids": ids, "completion_ids": [s.token_ids for group in samples for s in group],
+                "logprobs": None}
+
+    return rollout
+
+
+def _budget_callback(gc, t0: float, carried: dict, stats: dict):
+    """Counts this stage's cost (``carried`` from the checkpoint resumed + this process since ``t0``), stops
+    training at a step end once a budget is spent, and writes the counters into every checkpoint it saves."""
+    from transformers import TrainerCallback
+
+    class Budget(TrainerCallback):
+        stopped_by: str | None = None
+
+        def totals(self) -> dict:
+            wall, gpus = time.time() - t0, gpus_in_use()
+            now = {"wall_seconds": wall, "device_seconds": wall * max(gpus, 1), "gpu_seconds": wall * gpus,
+                   "completions": stats.get("completions", 0), "correct": stats.get("correct", 0),
+                   "generated_tokens": stats.get("generated_tokens", 0)}
+            return {k: carried.get(k, 0) + now[k] for k in _COUNTER_KEYS}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            t = self.totals()
+            if gc.max_seconds is not None and t["device_seconds"] >= gc.max_seconds:
+                self.stopped_by = "seconds"
+            elif gc.max_generated_tokens is not None and t["generated_tokens"] >= gc.max_generated_tokens:
+                self.stopped_by = "tokens"
+            if self.stopped_by:
+                control.should_training_stop = True
+                control.should_save = args.save_strategy != "no"  # a crash before the manifest resumes here
+
+        def on_save(self, args, state, control, **kwargs):  # after the Trainer wrote checkpoint-<step>
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                write_json(ckpt / COUNTERS, {"step": state.global_step, "stopped_by": self.stopped_by,
+                                             **self.totals()})
+
+    return Budget()
+
+
+def last_checkpoint(trl_dir: Path) -> Path | None:
+    """The newest complete checkpoint (its counters are written last), or None."""
+    found = []
+    for p in Path(trl_dir).glob("checkpoint-*"):
+        step = p.name.split("-", 1)[1]
+        if step.isdigit() and (p / COUNTERS).is_file() and (p / "trainer_state.json").is_file():
+            found.append((int(step), p))
+    return max(found)[1] if found else None
+
+
+def _budget_spent(gc, counters: dict) -> str | None:
+    if counters.get("stopped_by"):
+        return counters["stopped_by"]
+    if counters["step"] >= gc.steps:
+        return "steps"
+    if gc.max_seconds is not None and counters["device_seconds"] >= gc.max_seconds:
+        return "seconds"
+    if gc.max_generated_tokens is not None and counters["generated_tokens"] >= gc.max_generated_tokens:
+        return "tokens"
+    return None
+
+
+def _publish_adapter(stage: Stage, save) -> None:
+    """``save(tmp_dir)`` writes the adapter; it then replaces ``grpo/adapter`` in one rename."""
+    out, tmp = stage.path("adapter"), stage.path(".adapter.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def run(cfg: Config, run_dir, force: bool = False, callbacks: list | None = None) -> dict:
+    """Train (or resume, or do nothing if finished). ``callbacks``: extra TrainerCallbacks (tests)."""
     stage = stage_for(cfg, run_dir, force)
     if stage.is_done():
         return stage.manifest
@@ -135,16 +287,45 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
         raise SsbError("rollout.data has no problems: nothing to train on")
     tokenizer = load_tokenizer(cfg.model)
     stage.begin()
-    stage.path(LOG).unlink(missing_ok=True)  # a restarted run starts its log afresh
+    trl_dir, log = stage.path(TRL_DIR), stage.path(LOG)
+    ckpt = last_checkpoint(trl_dir)
+    if ckpt is None:  # nothing to resume: start afresh
+        shutil.rmtree(trl_dir, ignore_errors=True)
+        log.unlink(missing_ok=True)
+        carried = dict.fromkeys(_COUNTER_KEYS, 0)
+    else:
+        carried = read_json(ckpt / COUNTERS)
+        write_rows(log, [r for r in read_rows(log, repair=True) if r["step"] <= carried["step"]])
+        for p in trl_dir.glob("checkpoint-*"):  # incomplete ones newer than it
+            if p != ckpt:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def finish(steps: int, stopped_by: str, counters: dict, **extra) -> dict:
+        shutil.rmtree(trl_dir, ignore_errors=True)
+        counts = {"steps": steps, "problems": len(problems), "completions": counters["completions"],
+                  "correct": counters["correct"], "generated_tokens": counters["generated_tokens"]}
+        return stage.finish(counts, generated_tokens=counters["generated_tokens"], stopped_by=stopped_by,
+                            wall_seconds=round(counters["wall_seconds"], 3),
+                            device_seconds=round(counters["device_seconds"], 3),
+                            gpu_seconds=round(counters["gpu_seconds"], 3),
+                            resumed_from_step=None if ckpt is None else carried["step"], **extra)
+
+    if ckpt is not None and (why := _budget_spent(gc, carried)):  # it had finished training: publish that state
+        def copy(tmp):
+            tmp.mkdir()
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                shutil.copy2(ckpt / name, tmp / name)
+        _publish_adapter(stage, copy)
+        return finish(carried["step"], why, carried)
 
     device = resolve_device(cfg.model.device)
     model = load_model(cfg.model, device=device)
-    model.generation_config.eos_token_id = stop_token_ids(tokenizer, model)  # stop (and mask) at end of turn
+    stop_ids = stop_token_ids(tokenizer, model)
+    model.generation_config.eos_token_id = stop_ids  # stop (and mask) at end of turn
     dataset = Dataset.from_list([{"prompt": student_messages(p.question), "answer": p.answer, "grader": p.grader}
                                  for p in problems])
-    out_tmp = stage.path(".trl")
     args = GRPOConfig(
-        output_dir=str(out_tmp), seed=cfg.seed, data_seed=cfg.seed, max_steps=gc.steps,
+        output_dir=str(trl_dir), seed=cfg.seed, data_seed=cfg.seed, max_steps=gc.steps,
         per_device_train_batch_size=gc.micro_batch_size,
         gradient_accumulation_steps=completions_per_step // gc.micro_batch_size,
         generation_batch_size=completions_per_step, num_generations=gc.num_generations,
@@ -152,25 +333,24 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
         learning_rate=gc.lr, lr_scheduler_type=gc.schedule, warmup_steps=gc.warmup_steps,
         weight_decay=gc.weight_decay, max_grad_norm=gc.max_grad_norm, beta=gc.beta or 0.0,
         loss_type=gc.loss_type, scale_rewards=gc.scale_rewards, num_iterations=1,
+        use_transformers_continuous_batching=gc.generator == "paged",
         gradient_checkpointing=gc.gradient_checkpointing, bf16=model.dtype == torch.bfloat16, fp16=False,
-        use_cpu=device.type == "cpu", logging_steps=gc.logging_steps, save_strategy="no",
+        use_cpu=device.type == "cpu", logging_steps=gc.logging_steps,
+        save_strategy="steps" if gc.save_every else "no", save_steps=gc.save_every or 500, save_total_limit=1,
         report_to="none", disable_tqdm=False, remove_unused_columns=False, dataloader_num_workers=0,
     )
     stats: dict = {}
-    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs(gc.format_reward, stats), args=args,
-                          train_dataset=dataset, processing_class=tokenizer, peft_config=_peft_config(cfg),
-                          callbacks=[_log_callback(stage.path(LOG))])
+    budget = _budget_callback(gc, stage._t0, carried, stats)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*rollout_func.*experimental", category=UserWarning)
+        trainer = GRPOTrainer(
+            model=model, reward_funcs=reward_funcs(gc.format_reward, stats), args=args, train_dataset=dataset,
+            processing_class=tokenizer, peft_config=_peft_config(cfg),
+            rollout_func=ssb_rollout_func(cfg, tokenizer, stop_ids) if gc.generator == "ssb" else None,
+            callbacks=[_log_callback(log), budget, *(callbacks or [])])
     t_start = time.time()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=None if ckpt is None else str(ckpt))
 
-    out, tmp = stage.path("adapter"), stage.path(".adapter.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    shutil.rmtree(out_tmp, ignore_errors=True)
-    counts = {"steps": trainer.state.global_step, "problems": len(problems),
-              "completions": stats.get("completions", 0), "correct": stats.get("correct", 0),
-              "generated_tokens": stats.get("generated_tokens", 0)}
-    return stage.finish(counts, generated_tokens=counts["generated_tokens"],
-                        train_seconds=round(time.time() - t_start, 3), train_loss=result.training_loss)
+    _publish_adapter(stage, lambda tmp: trainer.model.save_pretrained(str(tmp)))
+    return finish(trainer.state.global_step, budget.stopped_by or "steps", budget.totals(),
+                  train_seconds=round(time.time() - t_start, 3), train_loss=result.training_loss)
