@@ -1,5 +1,10 @@
 """Shared fixtures: the tiny arithmetic chat model (built once per session, in-process, saved with
-save_pretrained), the offline data directory, and a small pipeline config."""
+save_pretrained), the data directories, and a small pipeline config.
+
+Data: `data_dir` is the slice bundled with ssb (``data_dir=builtin``), so every test that needs problems runs in
+any checkout, offline. Only tests marked ``full_data`` read the full offline data sets, through the
+`full_data_dir` fixture: ``$SSB_TEST_DATA``, else ``../shared/data`` beside the repository. Without them such a
+test skips with the reason, except under ``CI=true``, where missing full data is a failure."""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO.parent / "shared" / "data"
+FULL_DATA_DIR = Path(os.environ.get("SSB_TEST_DATA") or REPO.parent / "shared" / "data")
+FULL_DATA_FILES = ("gsm8k/train.jsonl", "gsm8k/test.jsonl", "math500/test.jsonl", "aime24/test.jsonl")
 
 
 @pytest.fixture(scope="session")
@@ -32,9 +38,25 @@ def tiny_model_dir(cache_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    if not DATA_DIR.is_dir():
-        pytest.skip(f"offline data not found at {DATA_DIR}")
-    return DATA_DIR
+    """The data slices bundled with ssb (what ``data_dir=builtin`` names): in every checkout and install."""
+    from ssb.data import BUILTIN_DIR
+
+    return BUILTIN_DIR
+
+
+@pytest.fixture
+def full_data_dir(request) -> Path:
+    """The full offline data sets, for tests marked ``full_data`` (the marker lets a run deselect them)."""
+    if request.node.get_closest_marker("full_data") is None:
+        raise RuntimeError(f"{request.node.nodeid} uses full_data_dir: mark it @pytest.mark.full_data")
+    missing = [f for f in FULL_DATA_FILES if not (FULL_DATA_DIR / f).is_file()]
+    if missing:
+        reason = (f"full data sets not found: {', '.join(missing)} missing under {FULL_DATA_DIR} "
+                  f"(set SSB_TEST_DATA to the directory of the offline copies)")
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(f"CI=true: {reason}", pytrace=False)
+        pytest.skip(reason)
+    return FULL_DATA_DIR
 
 
 def small_overrides(model_dir: Path, data_dir: Path) -> list[str]:

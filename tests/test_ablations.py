@@ -73,15 +73,18 @@ def test_teacher_context_switch_changes_the_hints(run, tmp_path):  # noqa: F811
 
         seen[context] = tok.decode(render_chat(tok, teacher_messages(pair["question"], pair["correct"],
                                                                      pair["incorrect"], context)))
-        if (rd / "teach" / "examples.jsonl").exists():
+        if (rd / "teach" / "examples.jsonl").exists():  # the prompt it was taught on: c.teach.prompt's variant
             ex = read_rows(rd / "teach" / "examples.jsonl")[0]
+            correct, incorrect, answer = _attempts(d, ex["id"])
             assert ex["teacher_prompt_ids"] == render_chat(tok, teacher_messages(
-                ex["question"], *_attempts(d, ex["id"]), context))
+                ex["question"], correct, incorrect, context, prompt=c.teach.prompt, answer=answer))
     assert "CORRECT" in seen["both"] and "INCORRECT" in seen["both"]
     assert "CORRECT" in seen["correct_only"] and "INCORRECT" not in seen["correct_only"]
     assert "CORRECT" not in seen["none"] and "attempt" not in seen["none"]
 
 
 def _attempts(d, pid):
+    from ssb.grading import extract_answer
+
     p = next(p for p in read_rows(d / "curate" / "pairs.jsonl") if p["id"] == pid)
-    return p["correct"], p["incorrect"]
+    return p["correct"], p["incorrect"], p.get("correct_answer") or extract_answer(p["correct"])

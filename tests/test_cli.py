@@ -38,8 +38,15 @@ def test_malformed_data_names_file_and_line(tmp_path, capsys, tiny_model_dir):
     assert not (tmp_path / "r" / "rollout").exists()
 
 
-def test_smoke_config_end_to_end_then_nothing_to_do(tmp_path, capsys, monkeypatch, cache_dir, data_dir):
-    monkeypatch.chdir(REPO)  # the smoke config reads ../shared/data relative to the repository
+def test_smoke_config_end_to_end_then_nothing_to_do(tmp_path, capsys, monkeypatch, cache_dir):
+    monkeypatch.chdir(REPO)  # README's command, from the repository root
+    monkeypatch.delenv("SSB_DATA_DIR", raising=False)
+    import datasets
+
+    def no_hub(*a, **k):
+        raise AssertionError(f"the smoke run reached for the hub: {a} {k}")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)  # offline: it reads only the data bundled with ssb
     run_dir = tmp_path / "smoke"
     code, err = _run(capsys, "run", "--config", "configs/smoke.yaml", "--run-dir", str(run_dir))
     assert code == 0, err
@@ -50,6 +57,7 @@ def test_smoke_config_end_to_end_then_nothing_to_do(tmp_path, capsys, monkeypatc
         assert (run_dir / f).is_file(), f
     metrics = json.loads((run_dir / "evaluate/arith/metrics.json").read_text())
     assert metrics["problems"] == 32 and 0 < metrics["accuracy"] <= 1
+    assert json.loads((run_dir / "evaluate/gsm8k_test/metrics.json").read_text())["problems"] == 8
 
     forbid_model_loading(monkeypatch)
     code, err = _run(capsys, "run", "--config", "configs/smoke.yaml", "--run-dir", str(run_dir))

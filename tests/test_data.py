@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-from ssb.data import DataError, DatasetConfig, Problem, arith_problems, load_problems
-
-DATA = Path(os.environ.get("SSB_TEST_DATA", "/work/shared/data"))
-needs_data = pytest.mark.skipif(not (DATA / "gsm8k" / "train.jsonl").is_file(), reason="offline data missing")
+from ssb.data import BUILTIN_DIR, DataError, DatasetConfig, Problem, arith_problems, load_problems
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +31,7 @@ def _write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-# ---------------------------------------------------------------- the offline copies
+# ---------------------------------------------------------------- the full offline copies (tests/conftest.py)
 
 
 LOCAL = [  # (known name, split, file, rows, grader)
@@ -46,59 +42,138 @@ LOCAL = [  # (known name, split, file, rows, grader)
 ]
 
 
-@needs_data
+@pytest.mark.full_data
 @pytest.mark.parametrize("name,split,rel,n,grader", LOCAL)
-def test_local_copies_both_paths(name, split, rel, n, grader, no_hub):
-    by_name = load_problems(DatasetConfig(name=name, split=split), data_dir=DATA)
-    by_path = load_problems(DatasetConfig(name=str(DATA / rel)))
+def test_local_copies_both_paths(name, split, rel, n, grader, no_hub, full_data_dir):
+    by_name = load_problems(DatasetConfig(name=name, split=split), data_dir=full_data_dir)
+    by_path = load_problems(DatasetConfig(name=str(full_data_dir / rel)))
     assert len(by_name) == len(by_path) == n
     assert by_name == by_path
     assert all(p.grader == grader and p.question and p.answer for p in by_name)
     assert len({p.id for p in by_name}) == n
 
 
-@needs_data
-def test_first_rows(no_hub):
-    g = load_problems(DatasetConfig("gsm8k"), data_dir=DATA)[0]
+@pytest.mark.parametrize("data", ["builtin", pytest.param("full", marks=pytest.mark.full_data)])
+def test_first_rows(no_hub, data, request):
+    data_dir = "builtin" if data == "builtin" else request.getfixturevalue("full_data_dir")
+    g = load_problems(DatasetConfig("gsm8k", limit=1), data_dir=data_dir)[0]
     assert g == Problem("gsm8k-0", g.question, "72", "gsm8k")
     assert g.question.startswith("Natalia sold clips to 48 of her friends")
-    t = load_problems(DatasetConfig("gsm8k", split="test"), data_dir=DATA)[0]
+    t = load_problems(DatasetConfig("gsm8k", split="test", limit=1), data_dir=data_dir)[0]
     assert t.answer == "18" and t.question.startswith("Janet")
-    m = load_problems(DatasetConfig("math500"), data_dir=DATA)[0]
+    m = load_problems(DatasetConfig("math500", limit=1), data_dir=data_dir)[0]
     assert m.id == "test/precalculus/807.json"
     assert m.answer == r"\left( 3, \frac{\pi}{2} \right)"
     assert m.question.startswith("Convert the point $(0,3)$")
-    a = load_problems(DatasetConfig("aime24"), data_dir=DATA)
+
+
+@pytest.mark.full_data
+def test_aime24_first_rows(no_hub, full_data_dir):
+    a = load_problems(DatasetConfig("aime24"), data_dir=full_data_dir)
     assert (a[0].id, a[0].answer) == ("60", "204")
     assert a[0].question.startswith("Every morning Aya")
     assert "025" in {p.answer for p in a}  # leading zeros kept as written
 
 
-@needs_data
-def test_gsm8k_commas_kept(no_hub):
-    train = load_problems(DatasetConfig("gsm8k"), data_dir=DATA)
-    test = load_problems(DatasetConfig("gsm8k", split="test"), data_dir=DATA)
+@pytest.mark.full_data
+def test_gsm8k_commas_kept(no_hub, full_data_dir):
+    train = load_problems(DatasetConfig("gsm8k"), data_dir=full_data_dir)
+    test = load_problems(DatasetConfig("gsm8k", split="test"), data_dir=full_data_dir)
     assert train[345].answer == "1,080"
     assert test[146].answer == "2,125"
     assert not any("####" in p.answer or p.answer != p.answer.strip() for p in train + test)
 
 
-@needs_data
-def test_env_data_dir(monkeypatch, no_hub):
-    monkeypatch.setenv("SSB_DATA_DIR", str(DATA))
+@pytest.mark.full_data
+def test_env_data_dir(monkeypatch, no_hub, full_data_dir):
+    monkeypatch.setenv("SSB_DATA_DIR", str(full_data_dir))
     assert len(load_problems(DatasetConfig("aime24"))) == 30
 
 
-@needs_data
-def test_limit_shuffle_deterministic(no_hub):
+@pytest.mark.full_data
+def test_limit_shuffle_deterministic(no_hub, full_data_dir):
     def ids(**kw):
-        return [p.id for p in load_problems(DatasetConfig("math500", **kw), data_dir=DATA)]
+        return [p.id for p in load_problems(DatasetConfig("math500", **kw), data_dir=full_data_dir)]
 
     full = ids()
     assert ids(limit=5) == full[:5]
     a, b, c = ids(limit=20, shuffle=True, seed=1), ids(limit=20, shuffle=True, seed=1), ids(limit=20, shuffle=True, seed=2)
     assert a == b and a != c and a != full[:20]
     assert set(ids(shuffle=True, seed=3)) == set(full)
+
+
+# ---------------------------------------------------------------- the bundled slices (data_dir=builtin)
+
+
+SLICES = [  # (known name, split, file, rows)
+    ("gsm8k", "train", "gsm8k/train.jsonl", 100),
+    ("gsm8k", "test", "gsm8k/test.jsonl", 100),
+    ("math500", None, "math500/test.jsonl", 20),
+]
+
+
+@pytest.mark.parametrize("name,split,rel,n", SLICES)
+def test_builtin_slices_serve_requests_inside_them(name, split, rel, n, no_hub):
+    got = load_problems(DatasetConfig(name, split=split, limit=n), data_dir="builtin")
+    assert got == load_problems(DatasetConfig(str(BUILTIN_DIR / rel)))
+    assert len(got) == n and len({p.id for p in got}) == n and all(p.question and p.answer for p in got)
+    assert load_problems(DatasetConfig(name, split=split, skip=n - 3, limit=3), data_dir="builtin") == got[-3:]
+    assert load_problems(DatasetConfig(name, split=split, limit=5), data_dir=BUILTIN_DIR) == got[:5]  # by path
+
+
+@pytest.mark.parametrize("data_dir", ["builtin", str(BUILTIN_DIR)])
+@pytest.mark.parametrize("cfg, why", [
+    (DatasetConfig("gsm8k", split="test"), "got no limit (that means the whole benchmark)"),
+    (DatasetConfig("math500"), "got no limit"),
+    (DatasetConfig("math500", limit=21), "got skip 0 + limit 21 > 20"),
+    (DatasetConfig("gsm8k", skip=90, limit=11), "got skip 90 + limit 11 > 100"),
+    (DatasetConfig("gsm8k", limit=5, shuffle=True), "got shuffle=true"),
+])
+def test_builtin_never_stands_in_for_a_full_benchmark(cfg, why, data_dir, no_hub):
+    msg = _err(cfg, data_dir=data_dir)
+    assert msg.startswith("data_dir=builtin holds only the first ") and why in msg and "SSB_DATA_DIR" in msg
+
+
+def test_builtin_has_nothing_else_and_never_falls_back_to_the_hub(no_hub):
+    msg = _err(DatasetConfig("aime24", limit=1), data_dir="builtin")
+    assert msg.startswith("data_dir=builtin has no aime24/test.jsonl for aime24 (bundled slices: gsm8k/test.jsonl, "
+                          "gsm8k/train.jsonl, math500/test.jsonl)")
+    assert "gsm8k/validation.jsonl" in _err(DatasetConfig("gsm8k", split="validation", limit=1), data_dir="builtin")
+
+
+def test_builtin_via_env(monkeypatch, no_hub):
+    monkeypatch.setenv("SSB_DATA_DIR", "builtin")
+    assert len(load_problems(DatasetConfig("gsm8k", split="test", limit=8))) == 8
+
+
+def test_builtin_is_package_data_with_licenses_and_readme():
+    files = sorted(p.relative_to(BUILTIN_DIR).as_posix() for p in BUILTIN_DIR.rglob("*") if p.is_file()
+                   and "__pycache__" not in p.parts)
+    assert files == ["README.md", "gsm8k/LICENSE", "gsm8k/test.jsonl", "gsm8k/train.jsonl",
+                     "math500/LICENSE.simplerl_math_eval", "math500/test.jsonl"]
+    readme = (BUILTIN_DIR / "README.md").read_text(encoding="utf-8")
+    for _, _, rel, n in SLICES:
+        assert f"| {rel} | {n} |" in readme
+        assert len((BUILTIN_DIR / rel).read_text(encoding="utf-8").splitlines()) == n
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if pyproject.is_file():  # a source checkout: every file is installed as package data
+        import fnmatch
+        import re
+
+        globs = re.search(r"^ssb = \[(.*)\]$", pyproject.read_text(encoding="utf-8"), re.M).group(1)
+        patterns = [g.strip().strip('"') for g in globs.split(",")]
+        for f in files:
+            assert any(fnmatch.fnmatch(f"builtin_data/{f}", pat) for pat in patterns), f
+
+
+@pytest.mark.full_data
+@pytest.mark.parametrize("rel", [rel for _, _, rel, _ in SLICES])
+def test_builtin_slices_are_byte_for_byte_prefixes_of_the_full_copies(rel, full_data_dir):
+    part, full = (BUILTIN_DIR / rel).read_bytes(), (full_data_dir / rel).read_bytes()
+    assert part.endswith(b"\n") and full.startswith(part) and len(full) > len(part)
+    lic = [p.name for p in (BUILTIN_DIR / rel).parent.glob("LICENSE*")]
+    assert lic and all((BUILTIN_DIR / rel).parent.joinpath(n).read_bytes()
+                       == (full_data_dir / rel).parent.joinpath(n).read_bytes() for n in lic)
 
 
 # ---------------------------------------------------------------- custom files

@@ -6,7 +6,6 @@ from __future__ import annotations
 import doctest
 import json
 import multiprocessing
-import os
 import threading
 import time
 from pathlib import Path
@@ -15,23 +14,11 @@ import pytest
 
 import ssb._answer_timeout
 import ssb.grading
-from conftest import DATA_DIR
 from ssb._answer_timeout import MathVerifyWorker
 from ssb.grading import answer_key, extract_answer, grade, grade_answer
 
 CASES_PATH = Path(__file__).parent / "data" / "grading_cases.jsonl"
 CASES = [json.loads(line) for line in CASES_PATH.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-@pytest.fixture
-def full_data() -> Path:
-    """The offline benchmark copies, found like conftest's ``data_dir`` (``REPO.parent / "shared" / "data"``).
-    Missing: a visible skip, but a failure under CI=true (a check that silently skips in CI is no check)."""
-    if DATA_DIR.is_dir():
-        return DATA_DIR
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"offline data not found at {DATA_DIR} (CI=true: missing data is an error, not a skip)")
-    pytest.skip(f"offline data not found at {DATA_DIR}")
 
 
 def test_doctests():
@@ -64,9 +51,33 @@ def _real_gold(data: Path, ref: str) -> str:
     return row["answer"].split("####")[-1].strip() if name == "gsm8k" else row["answer"]
 
 
-def test_case_table_golds_are_real(full_data):
+@pytest.mark.full_data
+def test_case_table_golds_are_real(full_data_dir):
     for c in CASES:
-        assert _real_gold(full_data, c["ref"]) == c["gold"], c["ref"]
+        assert _real_gold(full_data_dir, c["ref"]) == c["gold"], c["ref"]
+
+
+# Gold solutions the grader gets wrong, each with why: known grading bugs, listed so the test still catches every
+# new one, and fails when one is fixed (then delete it here).
+KNOWN_MISGRADED_GOLD = {
+    "test/number_theory/459.json": r"'\boxed{15\frac{39}{40}}, or \boxed{\frac{639}{40}}': the same value written "
+                                   r"two ways is read as a hedge (answer_key does not read mixed numbers)",
+}
+
+
+@pytest.mark.full_data
+@pytest.mark.parametrize("name, split, solution_field", [
+    ("gsm8k", "train", "answer"), ("gsm8k", "test", "answer"), ("math500", "test", "solution")])
+def test_every_gold_solution_grades_correct_against_its_own_answer(name, split, solution_field, full_data_dir):
+    from ssb.data import DatasetConfig, load_problems
+
+    rows = [json.loads(line) for line in (full_data_dir / name / f"{split}.jsonl").read_text("utf-8").splitlines()]
+    problems = load_problems(DatasetConfig(name, split=split), data_dir=full_data_dir)
+    assert len(rows) == len(problems) > 0
+    wrong = {p.id for row, p in zip(rows, problems) if not grade(row[solution_field], p.answer, p.grader)}
+    known = {p.id for p in problems} & KNOWN_MISGRADED_GOLD.keys()
+    assert not wrong - known, f"{len(wrong - known)} gold solutions grade wrong: {sorted(wrong - known)[:10]}"
+    assert not known - wrong, f"graded right now, remove from KNOWN_MISGRADED_GOLD: {sorted(known - wrong)}"
 
 
 # --- extraction --------------------------------------------------------------------------------------------------

@@ -219,8 +219,9 @@ class EngineConfig:
 class Config:
     model: ModelConfig = _f(ModelConfig(), "The base model (teacher and student).")
     seed: int = _f(0, "Seed for sampling, curation tie-breaks, LoRA init and data order.")
-    data_dir: str | None = _f(None, "Directory with local copies of known datasets (e.g. ../shared/data); "
-                              "also $SSB_DATA_DIR.")
+    data_dir: str | None = _f(None, "Directory with local copies of known datasets (e.g. ../shared/data), or "
+                              "'builtin': the small slices shipped with ssb (only unshuffled requests with a limit "
+                              "inside them); also $SSB_DATA_DIR. None -> the hub.")
     rollout: RolloutConfig = _f(RolloutConfig(), "Stage 1.")
     curate: CurateConfig = _f(CurateConfig(), "Stage 2.")
     teach: TeachConfig = _f(TeachConfig(), "Stage 3.")

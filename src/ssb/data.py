@@ -2,6 +2,20 @@
 
 Everything here only reads. `load_problems(DatasetConfig(...))` returns a list of `Problem`s whose `answer`
 is the gold *final* answer as a string, exactly as written in the source (GSM8K: the text after ``####``).
+
+Where a known benchmark (gsm8k, math500, aime24, aime25, amc23) is read from, in this order:
+
+1. ``data_dir`` (the config key; else ``$SSB_DATA_DIR``) names a directory holding ``<benchmark>/<split>.jsonl``
+   (the layout of ``BENCHMARKS[...]["local"]``): that file, when it exists;
+2. otherwise the Hugging Face hub (`BENCHMARKS[...]["hub"]`).
+
+``data_dir=builtin`` (or the path of `BUILTIN_DIR`) is the small slice shipped inside the package
+(``ssb/builtin_data``: the first 100 rows of GSM8K train and test, the first 20 of MATH500; see its README). It
+exists so the smoke configs and the tests run offline anywhere, and it never stands in for a full benchmark:
+it serves only unshuffled requests that fit inside the slice (``limit`` set and ``skip + limit`` <= its rows),
+which therefore get exactly the problems the full benchmark would give; any other request (no limit, shuffle,
+past the slice, a benchmark or split not bundled) is a `DataError`, never a silent fallback to the hub. Nothing
+uses the bundled slice unless ``data_dir`` says so.
 """
 
 from __future__ import annotations
@@ -17,6 +31,8 @@ from ssb.errors import SsbError
 
 GRADERS = ("gsm8k", "math500", "aime", "math")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+BUILTIN = "builtin"  # the data_dir value naming BUILTIN_DIR
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin_data"
 
 
 class DataError(SsbError):
@@ -113,9 +129,19 @@ def load_problems(cfg: DatasetConfig, data_dir: str | Path | None = None) -> lis
     if bench is not None:
         split = cfg.split or bench["split"]
         if data_dir is not None:
-            local = Path(data_dir).expanduser() / bench["local"].format(split=split)
+            root = resolve_data_dir(data_dir)
+            rel = bench["local"].format(split=split)
+            local = root / rel
+            builtin = root.resolve() == BUILTIN_DIR
             if local.is_file():
-                return _from_rows(_read_file(local), cfg, cfg.name, cfg.name, bench["local_fields"])
+                rows = _read_file(local)
+                if builtin:
+                    _check_builtin_request(cfg, rel, len(rows))
+                return _from_rows(rows, cfg, cfg.name, cfg.name, bench["local_fields"])
+            if builtin:
+                have = ", ".join(p.relative_to(BUILTIN_DIR).as_posix() for p in sorted(BUILTIN_DIR.glob("*/*.jsonl")))
+                raise DataError(f"data_dir=builtin has no {rel} for {cfg.name} (bundled slices: {have}); point "
+                                f"data_dir (or $SSB_DATA_DIR) at local copies, or unset it to read the hub")
         rows = _read_hub(bench["hub"], cfg.subset or bench["subset"], split)
         return _from_rows(rows, cfg, cfg.name, cfg.name, bench["fields"])
     if "/" not in cfg.name:
@@ -123,6 +149,26 @@ def load_problems(cfg: DatasetConfig, data_dir: str | Path | None = None) -> lis
                         f"a hub id like 'openai/gsm8k', or a .jsonl/.json/.parquet file")
     rows = _read_hub(cfg.name, cfg.subset, cfg.split or "train")
     return _from_rows(rows, cfg, cfg.name.rsplit("/", 1)[-1], None, ("question", "answer", None))
+
+
+def resolve_data_dir(data_dir: str | Path) -> Path:
+    """The directory a ``data_dir`` value names: 'builtin' -> `BUILTIN_DIR`, anything else a path."""
+    return BUILTIN_DIR if str(data_dir) == BUILTIN else Path(data_dir).expanduser()
+
+
+def _check_builtin_request(cfg: DatasetConfig, rel: str, n: int) -> None:
+    """A bundled slice serves only what the full benchmark would give: unshuffled, inside its first `n` rows."""
+    if cfg.shuffle:
+        why = "shuffle=true (a shuffled slice is not the benchmark shuffled)"
+    elif cfg.limit is None:
+        why = "no limit (that means the whole benchmark)"
+    elif cfg.skip + cfg.limit > n:
+        why = f"skip {cfg.skip} + limit {cfg.limit} > {n}"
+    else:
+        return
+    raise DataError(f"data_dir=builtin holds only the first {n} rows of {rel}, for unshuffled requests "
+                    f"with skip + limit <= {n}; got {why}. For the full benchmark point data_dir (or $SSB_DATA_DIR) "
+                    f"at local copies, or unset it to read the hub")
 
 
 # ---------------------------------------------------------------- readers: yield (where, row) pairs
