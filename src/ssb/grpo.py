@@ -37,7 +37,7 @@ from ssb.errors import SsbError
 from ssb.grading import _BOX_RE, _box_content, grade
 from ssb.models import load_model, load_tokenizer, resolve_device, stop_token_ids
 from ssb.prompts import student_messages
-from ssb.rundir import Stage, append_rows
+from ssb.rundir import Stage, append_rows, locking
 
 LOG = "train_log.jsonl"
 # TRL log key -> train_log.jsonl key (everything else TRL logs is kept under its own name)
@@ -97,13 +97,16 @@ def _peft_config(cfg: Config):
                       task_type="CAUSAL_LM")
 
 
-def _log_callback(path):
+def _log_callback(path, heartbeat=None):
     from transformers import TrainerCallback
 
     class JsonlLog(TrainerCallback):
-        """Appends each training log (TRL's averaged metrics) to ``path`` as one JSON line."""
+        """Appends each training log (TRL's averaged metrics) to ``path`` as one JSON line; calls ``heartbeat``
+        (the stage's cost ledger) on every log."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if heartbeat is not None:
+                heartbeat()
             if not logs or "train_runtime" in logs or "loss" not in logs:  # the end-of-training summary
                 return
             row = {"step": state.global_step, "epoch": logs.get("epoch"), "loss": logs["loss"],
@@ -114,6 +117,7 @@ def _log_callback(path):
     return JsonlLog()
 
 
+@locking
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
     stage = stage_for(cfg, run_dir, force)
     if stage.is_done():
@@ -134,11 +138,10 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     if not problems:
         raise SsbError("rollout.data has no problems: nothing to train on")
     tokenizer = load_tokenizer(cfg.model)
-    stage.begin()
-    stage.path(LOG).unlink(missing_ok=True)  # a restarted run starts its log afresh
-
     device = resolve_device(cfg.model.device)
     model = load_model(cfg.model, device=device)
+    stage.begin()  # the model has loaded: from here on the stage counts as started
+    stage.path(LOG).unlink(missing_ok=True)  # a restarted run starts its log afresh
     model.generation_config.eos_token_id = stop_token_ids(tokenizer, model)  # stop (and mask) at end of turn
     dataset = Dataset.from_list([{"prompt": student_messages(p.question), "answer": p.answer, "grader": p.grader}
                                  for p in problems])
@@ -159,7 +162,7 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     stats: dict = {}
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs(gc.format_reward, stats), args=args,
                           train_dataset=dataset, processing_class=tokenizer, peft_config=_peft_config(cfg),
-                          callbacks=[_log_callback(stage.path(LOG))])
+                          callbacks=[_log_callback(stage.path(LOG), stage.heartbeat)])
     t_start = time.time()
     result = trainer.train()
 

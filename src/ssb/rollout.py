@@ -15,7 +15,7 @@ from ssb.engine import SamplingParams, make_engine
 from ssb.errors import SsbError
 from ssb.models import render_chat
 from ssb.prompts import student_messages
-from ssb.rundir import Stage
+from ssb.rundir import Stage, locking
 
 FILE = "rollouts.jsonl"
 
@@ -30,13 +30,13 @@ def stage_for(cfg: Config, run_dir, force: bool = False, waves: bool = False) ->
                                                            "rollout": cfg.rollout, "waves": waves}, force)
 
 
+@locking
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
     stage = stage_for(cfg, run_dir, force)
     if stage.is_done():
         return stage.manifest
     problems = training_problems(cfg)
-    stage.begin()
-    rows, stats = generate(cfg, stage, problems)
+    rows, stats = generate(cfg, stage, problems)  # begins the stage once the engine has loaded
     return finish(stage, rows, stats)
 
 

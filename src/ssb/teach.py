@@ -32,7 +32,11 @@ from ssb.grading import extract_answer, grade
 from ssb.models import load_tokenizer, render_chat
 from ssb.progress import GenerationBar
 from ssb.prompts import teacher_messages
-from ssb.rundir import Stage, append_rows, batches, read_rows, require_done, write_rows
+from ssb.rundir import Stage, append_rows, batches, locking, read_rows, read_upstream, require_done, write_rows
+
+
+def upstream(cfg: Config) -> str:
+    return "curate"
 
 
 def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
@@ -46,15 +50,15 @@ def make_stage(cfg: Config, run_dir, curate_fp: str, force: bool = False) -> Sta
                                         "curate": curate_fp}, force)
 
 
+@locking
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
     stage = stage_for(cfg, run_dir, force)
     if stage.is_done():
         return stage.manifest
-    pairs = read_rows(stage.run_dir / "curate" / "pairs.jsonl")
+    pairs = read_upstream(run_dir, "curate", "pairs.jsonl")
     if not pairs:
         raise SsbError("curation kept 0 pairs (see curate/stats.json): nothing for the teacher to work on; "
                        "roll out more problems or samples")
-    stage.begin()
     teacher = Teacher(cfg, stage)
     teacher.work(pairs)
     return teacher.finish(pairs)
@@ -127,6 +131,7 @@ class Teacher:
                 continue
             if self.engine is None:
                 self.engine = self.engine_factory()
+                self.stage.begin()  # the model has loaded: from here on the stage counts as started
             seeds = [batch_seed(self.cfg.seed, "teach", p["id"], attempt) for p in live]
             hook = bar.begin(samples=len(live))
             outs = self.engine.generate([self.prompt(p) for p in live], self.params, seeds, progress=hook)
@@ -139,6 +144,7 @@ class Teacher:
                              "answer": extract_answer(s.text), "reply_text": s.text, "reply_ids": s.token_ids})
                 self.generated_tokens += len(s.token_ids)
             append_rows(self.own_log, rows)
+            self.stage.add(generated_tokens=sum(len(r["reply_ids"]) for r in rows))
             new += sum(r["accepted"] for r in rows)
             for r in rows:
                 self.tries.setdefault(r["id"], []).append(r)

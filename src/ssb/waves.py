@@ -12,18 +12,21 @@ run resumes the wave it was in, with the same plan; the finished waves' yields (
 teacher samples and acceptances) go into the rollout manifest under ``waves``.
 
 The three stages keep their own directories, files and manifests (rollout's fingerprint also covers the curate
-and teach settings, since they decide how much is rolled out); one engine serves the rollouts and the teacher.
+and teach settings, since they decide how much is rolled out); one engine serves the rollouts and the teacher. The
+time of the waves is split between the three manifests, not counted three times: grading is curate's, the
+teacher's sampling is teach's, the rest (loading the engine, rolling out) rollout's (teach's if rollout had
+finished before).
 """
 
 from __future__ import annotations
 
-import time
+import contextlib
 
 from ssb import curate, dist, rollout, teach
 from ssb.config import Config
 from ssb.engine import make_engine
 from ssb.errors import SsbError
-from ssb.rundir import append_rows, read_rows
+from ssb.rundir import append_rows, locking, read_rows, read_upstream
 
 LOG = "waves.jsonl"
 MARGIN_PCT = 110  # plan 10% more problems than the yield so far says are needed
@@ -42,6 +45,7 @@ def next_total(done: int, accepted: int, target: int, available: int, min_wave: 
     return min(available, done + max(more, min_wave))
 
 
+@locking
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
     """Run (or resume, or skip if finished) rollout, curate and teach under the budget; returns the teach manifest."""
     r_stage = rollout.stage_for(cfg, run_dir, force, waves=True)
@@ -55,15 +59,22 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     if not problems:
         raise SsbError("rollout.data has no problems")
     target = cfg.teach.max_examples
-    for stage in (r_stage, t_stage):
-        stage.begin()
-    t0 = time.time()
-    engine: dict = {}
+    base = t_stage if r_done else r_stage  # whose time the waves are unless lent (see the module's docstring)
+    for stage in (r_stage, c_stage, t_stage):
+        if stage is not base:
+            stage.pause()
+
+    def on(stage):
+        return contextlib.nullcontext() if stage is base else base.lend(stage)
+
+    rows = read_upstream(run_dir, "rollout", rollout.FILE) if r_done else None  # checked against its manifest
+    engine = make_engine(cfg.model, engine_cfg=cfg.engine)
+    if not r_done:
+        r_stage.begin()  # the model has loaded: from here on the stages count as started
+    t_stage.begin()
 
     def engine_factory():
-        if "e" not in engine:
-            engine["e"] = make_engine(cfg.model, engine_cfg=cfg.engine)
-        return engine["e"]
+        return engine
 
     teacher = teach.Teacher(cfg, t_stage, engine_factory)
     log = read_rows(r_stage.path(LOG), repair=dist.is_main())
@@ -74,9 +85,7 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     gen = {"generated_tokens": 0, "generate_seconds": 0.0}
     while True:
         wave = len(planned) - 1
-        if r_done:  # finished earlier: the rows are all there
-            rows = read_rows(r_stage.path(rollout.FILE))
-        else:
+        if not r_done:  # (if finished earlier, the rows are all there)
             if not planned or planned[-1]["problems_total"] != total:
                 wave += 1
                 planned.append({"wave": wave, "problems_total": total})
@@ -87,8 +96,10 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
             gen["generate_seconds"] += stats["generate_seconds"]
             dist.barrier()  # rank 0 has merged every rank's rows
             rows = read_rows(r_stage.path(rollout.FILE))
-        graded, pairs, stats = curate.select(rows, cfg, cache=cache)
-        accepted = teacher.work(pairs)
+        with on(c_stage):
+            graded, pairs, stats = curate.select(rows, cfg, cache=cache)
+        with on(t_stage):
+            accepted = teacher.work(pairs)
         if not any(r["wave"] == wave for r in finished) and not r_done:
             funnel = teacher.funnel(pairs)
             before = finished[-1] if finished else {"problems_total": 0, "pairs_total": 0, "teacher_samples_total": 0,
@@ -106,10 +117,10 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
             break
         total = next_total(len(rows), accepted, target, len(problems), 1)
     return _finish(cfg, (r_stage, c_stage, t_stage), (r_done, c_done), rows, (graded, pairs, stats), teacher,
-                   finished, gen, time.time() - t0)
+                   finished, gen, on)
 
 
-def _finish(cfg, stages, done, rows, curated, teacher, finished, gen, seconds) -> dict:
+def _finish(cfg, stages, done, rows, curated, teacher, finished, gen, on) -> dict:
     r_stage, c_stage, t_stage = stages
     graded, pairs, stats = curated
     accepted_ids = [p["id"] for p in pairs if any(r["accepted"] for r in teacher.tries.get(p["id"], []))]
@@ -121,8 +132,10 @@ def _finish(cfg, stages, done, rows, curated, teacher, finished, gen, seconds) -
     if not done[0]:
         rollout.finish(r_stage, rows, gen, **budget)
     if not done[1]:
-        c_stage.begin()
-        if dist.is_main():
-            curate.write_files(c_stage, graded, pairs, stats)
-        c_stage.finish({"problems": stats["problems"], "pairs": len(pairs)}, stats=stats)
-    return teacher.finish(pairs, budget=budget)
+        with on(c_stage):
+            c_stage.begin()
+            if dist.is_main():
+                curate.write_files(c_stage, graded, pairs, stats)
+            c_stage.finish({"problems": stats["problems"], "pairs": len(pairs)}, stats=stats)
+    with on(t_stage):
+        return teacher.finish(pairs, budget=budget)
