@@ -176,6 +176,13 @@ def test_interrupted_rollout_resumes_without_duplicates(tiny_model_dir, data_dir
     rows = read_rows(path)
     assert [r["id"] for r in rows] == [f"arith-{i}" for i in range(24)]
     assert rows == read_rows(run[1] / "rollout" / "rollouts.jsonl")  # same as the uninterrupted run
+    # the cost is both processes' together: the same tokens as the uninterrupted run, the wall time of both
+    resumed, whole = (json.loads((d / "rollout" / "manifest.json").read_text()) for d in (tmp_path, run[1]))
+    assert resumed["generated_tokens"] == whole["generated_tokens"] > 0
+    attempts = json.loads((tmp_path / "rollout" / "cost.json").read_text())["attempts"]
+    assert resumed["attempts"] == len(attempts) == 2 and all(a["wall_seconds"] > 0 for a in attempts)
+    assert resumed["wall_seconds"] == pytest.approx(sum(a["wall_seconds"] for a in attempts), abs=2e-3)
+    assert sum(a["counters"]["generated_tokens"] for a in attempts) == resumed["generated_tokens"]
 
 
 def test_teach_resumes_after_crash(run, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ The examples must not depend on the wave sizes or on an interruption; far fewer 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -29,12 +30,25 @@ def test_next_total_sizes_waves_from_the_yield():
     assert waves.next_total(10, 9, 10, 1000, 8) == 18  # at least min_wave more
 
 
+ELAPSED: dict = {}
+
+
 @pytest.fixture(scope="module")
 def budgeted(tiny_model_dir, data_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("waves")
     cfg = _cfg(tiny_model_dir, data_dir, "rollout.first_wave=4")
+    t0 = time.time()
     waves.run(cfg, run_dir)
+    ELAPSED[run_dir] = time.time() - t0
     return cfg, run_dir
+
+
+def test_the_waves_time_is_split_between_the_stages_not_counted_three_times(budgeted):
+    cfg, d = budgeted
+    walls = {s: json.loads((d / s / "manifest.json").read_text())["wall_seconds"] for s in ("rollout", "curate",
+                                                                                            "teach")}
+    assert all(w > 0 for w in walls.values())
+    assert sum(walls.values()) <= ELAPSED[d] + 0.5
 
 
 def test_waves_roll_out_only_what_the_examples_need(budgeted):
