@@ -51,7 +51,11 @@ def _run_stage(name: str, cfg: Config, run_dir: Path, force: bool):
     """Run one stage; under torchrun, stages that do not shard their work (curate, grpo) run on rank 0 alone."""
     module = _stage_module(name)
     if name in ("curate", "grpo") and dist.world() > 1:
-        result = module.run(cfg, run_dir, force=force) if dist.is_main() else None
+        if dist.is_main():
+            with dist.solo():
+                result = module.run(cfg, run_dir, force=force)
+        else:
+            result = None
         dist.barrier()
         return result or read_json(run_dir / name / "manifest.json")
     return module.run(cfg, run_dir, force=force)
