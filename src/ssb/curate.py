@@ -25,11 +25,12 @@ from collections import Counter
 
 from tqdm.auto import tqdm
 
-from ssb.config import Config, fingerprint
+from ssb.config import Config, Reads
 from ssb.grading import answer_key, extract_answer, grade, grade_answer
 from ssb.rundir import Stage, locking, read_upstream, require_done, write_json, write_rows
 
 DROP_REASONS = ("no_answer", "no_correct", "no_incorrect")
+READS = Reads("curate", result=("seed", "curate"))  # the config fields this stage reads (ssb.config.Reads)
 
 
 def choose_pair(answers: list[str | None], correct: list[bool], rng: random.Random, grader: str = "math"):
@@ -67,12 +68,13 @@ def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
 
 
 def make_stage(cfg: Config, run_dir, rollout_fp: str, force: bool = False) -> Stage:
-    fp = fingerprint("curate", rollout_fp, cfg.seed, cfg.curate)
-    return Stage(run_dir, "curate", fp, {"seed": cfg.seed, "curate": cfg.curate, "rollout": rollout_fp}, force)
+    return Stage(run_dir, "curate", READS.fingerprint(cfg, rollout_fp), {**READS.values(cfg), "rollout": rollout_fp},
+                 force)
 
 
 @locking
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
+    cfg = READS.view(cfg)
     stage = stage_for(cfg, run_dir, force)
     if stage.is_done():
         return stage.manifest

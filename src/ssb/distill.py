@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ssb import dist
-from ssb.config import Config, fingerprint, to_dict
+from ssb.config import Config, Reads, fingerprint
 from ssb.errors import SsbError
 from ssb.losses import chunked_distill_loss, chunked_topk_distill_loss, topk_teacher
 from ssb.models import load_model, load_tokenizer, render_chat, resolve_device, resolve_dtype, stop_token_ids
@@ -56,6 +56,9 @@ from ssb.train import CKPT, TrainSpec, train, trainable_state
 from ssb.teacher_cache import TopkCacheReader, TopkCacheWriter, bytes_per_token, check_existing
 
 CACHE_DIR, CACHE_DTYPE = "teacher_topk", "float16"
+# The config fields this stage reads (ssb.config.Reads). teach.max_examples: how many problems RFT
+# (targets=rollouts) trains on. fsdp decides how the training is spread, not its result.
+READS = Reads("distill", result=("model", "seed", "distill", "teach.max_examples"), how=("distill.fsdp",))
 
 
 @dataclass
@@ -145,10 +148,8 @@ def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
 
 
 def make_stage(cfg: Config, run_dir, up: str, force: bool = False) -> Stage:
-    result_fields = {k: v for k, v in to_dict(cfg.distill).items() if k != "fsdp"}  # fsdp: how, not what
-    fp = fingerprint("distill", up, cfg.model, cfg.seed, result_fields)
-    return Stage(run_dir, "distill", fp, {"model": cfg.model, "seed": cfg.seed, "distill": cfg.distill,
-                                          "teach": up}, force)
+    """``up``: the fingerprint of the stage read (:func:`upstream`)."""
+    return Stage(run_dir, "distill", READS.fingerprint(cfg, up), {**READS.values(cfg), "upstream": up}, force)
 
 
 def _lora(model, dc, seed: int):
@@ -163,6 +164,7 @@ def _lora(model, dc, seed: int):
 
 @locking
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
+    cfg = READS.view(cfg)
     stage = stage_for(cfg, run_dir, force)
     if stage.is_done():
         return stage.manifest
@@ -179,7 +181,7 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
         raise SsbError("distill.fsdp does not support distill.teacher=topk (the cache is built by one process from "
                        "the whole model); use teacher=online, or fsdp=false")
     keys = [str(r.get("id", i)) for i, r in enumerate(rows)]
-    cache_fp = fingerprint("teacher_topk", stage.config["teach"], cfg.model, dc.topk, dc.temperature,
+    cache_fp = fingerprint("teacher_topk", stage.config["upstream"], cfg.model, dc.topk, dc.temperature,
                            dc.paper_student_format, CACHE_DTYPE)
     if use_cache:
         if len(set(keys)) != len(keys):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ssb import dist
 from ssb.common import generate_rows
-from ssb.config import Config, fingerprint
+from ssb.config import Config, Reads, fingerprint
 from ssb.data import DatasetConfig, load_problems
 from ssb.engine import SamplingParams, make_engine
 from ssb.errors import SsbError
@@ -22,6 +22,11 @@ from ssb.metrics import summarize
 from ssb.models import render_chat
 from ssb.prompts import student_messages
 from ssb.rundir import MANIFEST, Stage, locking, read_json, verify_upstream, write_json
+
+# The config fields this stage reads (ssb.config.Reads). Each benchmark's fingerprint has its one benchmark and the
+# resolved adapter (its fingerprint, or path) instead of the lists in evaluate.benchmarks and evaluate.adapter.
+READS = Reads("evaluate", result=("model", "seed", "evaluate", "engine.backend"),
+              how=("engine", "data_dir", "evaluate.benchmarks", "evaluate.adapter"))
 
 
 def label(ds: DatasetConfig) -> str:
@@ -54,19 +59,19 @@ def stages_for(cfg: Config, run_dir, force: bool = False, adapter: tuple | None 
     """``(benchmark, Stage)`` for every configured benchmark; ``adapter`` = (path, fingerprint) overrides
     :func:`resolve_adapter` (the command line's check of an adapter this command will make)."""
     adapter, adapter_fp = adapter or resolve_adapter(cfg, run_dir)
-    gen = {k: v for k, v in vars(cfg.evaluate).items() if k not in ("benchmarks", "adapter")}
+    values = READS.values(cfg)
     out = []
     for ds in cfg.evaluate.benchmarks:
-        fp = fingerprint("evaluate", cfg.model, cfg.seed, gen, ds, adapter_fp, adapter if adapter_fp is None else "",
-                         cfg.engine.backend)
-        out.append((ds, Stage(run_dir, f"evaluate/{label(ds)}", fp, {
-            "model": cfg.model, "adapter": adapter, "dataset": ds, "evaluate": gen, "seed": cfg.seed}, force)))
+        fp = READS.fingerprint(cfg, ds, adapter_fp, adapter if adapter_fp is None else "")
+        out.append((ds, Stage(run_dir, f"evaluate/{label(ds)}", fp, {**values, "adapter": adapter, "dataset": ds},
+                              force)))
     return out
 
 
 @locking
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
     """Evaluate every configured benchmark; returns {label: metrics}."""
+    cfg = READS.view(cfg)
     adapter, adapter_fp = resolve_adapter(cfg, run_dir)
     ec = cfg.evaluate
     params = SamplingParams(ec.samples, ec.temperature, ec.top_k, ec.top_p, ec.max_new_tokens)

@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from ssb.config import Config, fingerprint, to_dict
+from ssb.config import Config, Reads
 from ssb.data import load_problems
 from ssb.errors import SsbError
 from ssb.grading import _BOX_RE, _box_content, grade
@@ -40,6 +40,9 @@ from ssb.prompts import student_messages
 from ssb.rundir import Stage, append_rows, locking
 
 LOG = "train_log.jsonl"
+# The config fields this stage reads (ssb.config.Reads): the same problems and LoRA as SSB's
+READS = Reads("grpo", result=("model", "seed", "rollout.data", "grpo", "distill.lora_r", "distill.lora_alpha",
+                              "distill.lora_dropout", "distill.target_modules"), how=("data_dir",))
 # TRL log key -> train_log.jsonl key (everything else TRL logs is kept under its own name)
 _RENAME = {"learning_rate": "lr", "completions/mean_length": "completion_length"}
 
@@ -51,10 +54,7 @@ def lora_fields(cfg: Config) -> dict:
 
 
 def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
-    lora = lora_fields(cfg)
-    fp = fingerprint("grpo", cfg.model, cfg.seed, cfg.rollout.data, cfg.grpo, lora)
-    return Stage(run_dir, "grpo", fp, {"model": to_dict(cfg.model), "seed": cfg.seed, "data": to_dict(cfg.rollout.data),
-                                       "grpo": to_dict(cfg.grpo), "lora": lora}, force)
+    return Stage(run_dir, "grpo", READS.fingerprint(cfg), READS.values(cfg), force)
 
 
 def _text(completion) -> str:
@@ -119,6 +119,7 @@ def _log_callback(path, heartbeat=None):
 
 @locking
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
+    cfg = READS.view(cfg)
     stage = stage_for(cfg, run_dir, force)
     if stage.is_done():
         return stage.manifest

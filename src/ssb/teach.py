@@ -25,7 +25,7 @@ import torch
 
 from ssb import dist
 from ssb.common import batch_seed
-from ssb.config import Config, fingerprint
+from ssb.config import Config, Reads
 from ssb.engine import SamplingParams, make_engine
 from ssb.errors import SsbError
 from ssb.grading import extract_answer, grade
@@ -33,6 +33,10 @@ from ssb.models import load_tokenizer, render_chat
 from ssb.progress import GenerationBar
 from ssb.prompts import teacher_messages
 from ssb.rundir import Stage, append_rows, batches, locking, read_rows, read_upstream, require_done, write_rows
+
+
+# the config fields this stage reads (ssb.config.Reads); curate.strict: the teacher's replies are graded as curated
+READS = Reads("teach", result=("model", "seed", "teach", "curate.strict", "engine.backend"), how=("engine",))
 
 
 def upstream(cfg: Config) -> str:
@@ -45,13 +49,13 @@ def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
 
 
 def make_stage(cfg: Config, run_dir, curate_fp: str, force: bool = False) -> Stage:
-    fp = fingerprint("teach", curate_fp, cfg.model, cfg.seed, cfg.teach, cfg.curate.strict, cfg.engine.backend)
-    return Stage(run_dir, "teach", fp, {"model": cfg.model, "seed": cfg.seed, "teach": cfg.teach,
-                                        "curate": curate_fp}, force)
+    return Stage(run_dir, "teach", READS.fingerprint(cfg, curate_fp), {**READS.values(cfg), "curate": curate_fp},
+                 force)
 
 
 @locking
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
+    cfg = READS.view(cfg)
     stage = stage_for(cfg, run_dir, force)
     if stage.is_done():
         return stage.manifest

@@ -48,6 +48,7 @@ def next_total(done: int, accepted: int, target: int, available: int, min_wave: 
 @locking
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
     """Run (or resume, or skip if finished) rollout, curate and teach under the budget; returns the teach manifest."""
+    cfg = rollout.WAVES_READS.view(cfg)  # the three stages' fields: rollout's fingerprint covers them all
     r_stage = rollout.stage_for(cfg, run_dir, force, waves=True)
     r_done = r_stage.is_done()
     c_stage = curate.make_stage(cfg, run_dir, r_stage.fingerprint, force)
