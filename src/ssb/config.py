@@ -416,8 +416,9 @@ class Reads:
                      tuple(dict.fromkeys(self.how + other.how)))
 
     def values(self, cfg: Any) -> dict[str, Any]:
-        """``{path: value}`` of the ``result`` fields, as plain data, without the ``how`` fields inside them."""
-        out = {}
+        """The ``result`` fields as nested plain data (``{"teach": {"max_examples": 256}, ...}``), without the
+        ``how`` fields inside them."""
+        out: dict[str, Any] = {}
         for path in self.result:
             value = json.loads(json.dumps(to_dict(get_path(cfg, path)), default=str))
             for h in self.how:
@@ -428,7 +429,11 @@ class Reads:
                         node = node.get(k, {}) if isinstance(node, dict) else {}
                     if isinstance(node, dict):
                         node.pop(last, None)
-            out[path] = value
+            *parents, last = path.split(".")
+            node = out
+            for k in parents:
+                node = node.setdefault(k, {})
+            node[last] = value
         return out
 
     def fingerprint(self, cfg: Any, *upstream: Any) -> str:
