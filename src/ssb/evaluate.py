@@ -108,6 +108,7 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
         rows, stats = generate_rows(stage, "samples.jsonl", problems, prompt_of, row_of, engine_factory, params,
                                     cfg.seed, ec.batch_size, f"evaluate {name}")
         metrics = {"benchmark": name, "adapter": adapter, **summarize(rows)}
+        stage.begin()  # (already begun, unless there was nothing to generate)
         if dist.is_main():
             write_json(stage.path("metrics.json"), metrics)
         stage.finish({"problems": len(rows), "samples": metrics["samples"]}, metrics=metrics, **stats)

@@ -3,18 +3,24 @@ goes, and writes ``manifest.json`` last. A stage is *done* exactly when its mani
 
 Layout and row schemas are documented in README.md ("Run directory"). The rules:
 
+- **Errors of the user's making** (a run directory that is a file, a read-only or full file system, another
+  process holding the lock) are :class:`ssb.errors.SsbError` or ``OSError``, which the command line prints as one
+  line with exit status 2.
 - **One process at a time.** Every command that works on a run directory holds ``RUN_DIR/.lock`` (an exclusive
   ``fcntl.flock``) while it runs, and so does every stage entry point called as a library; a second process is
   refused with one line naming the holder (pid, host, start time, command), which is written into the lock file.
   The operating system drops the lock when its process dies, so a lock file left by a dead process is stale and
   simply taken over. A stage reached through a symbolic link (``R/sft/teach -> ../ssb/teach``, see
   :mod:`ssb.compare`) also locks the run directory that holds it. Within one process the lock is reentrant. Under
-  torchrun only rank 0 takes it, for the whole job: the command line shares rank 0's outcome with every rank, so
-  a refused job exits 2 on all of them.
+  torchrun only rank 0 takes it, for the whole job (the other ranks are its workers, not rivals; keying the lock
+  by job id would add nothing): the command line shares rank 0's outcome with every rank, so a refused job exits 2
+  on all of them. Where the file system has no ``flock`` (some network mounts) a warning says the directory is
+  unlocked and the command goes on.
 - ``started.json`` is written when a stage begins work, with the fingerprint of everything that determines its
-  output (:func:`ssb.config.fingerprint` of the config fields the stage declares it reads, and its inputs'
-  fingerprints). A stage begins only once its inputs are read and checked and its model has loaded: a command
-  that fails before that (a mistyped model path, a torn input) leaves no trace.
+  output: the config fields the stage declares it reads (``READS`` in its module, :class:`ssb.config.Reads`; the
+  stage runs on a view of the config that refuses any other field) and its inputs' fingerprints. A stage begins
+  only once its inputs are read and checked and its model has loaded (:meth:`Stage.begin`): a command that fails
+  before that (a mistyped model path, a torn input) leaves no trace.
 - Rerunning a done stage with the same fingerprint does nothing. A different fingerprint is an error that tells the
   user to pass ``--force`` (which deletes the stage directory and starts over); results are never silently mixed.
   The command line checks every stage it was asked to run before any of them starts, and saves ``config.yaml``
