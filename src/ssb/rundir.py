@@ -230,7 +230,9 @@ def _acquire(run_dir: Path) -> None:
     _HELD[key] = [fd, 1]
 
 
-def _release(run_dir: Path) -> None:
+def _release(run_dir: Path, remove: bool = False) -> None:
+    """Drop one hold of ``run_dir``'s lock; the last one closes it (and, with ``remove``, deletes the lock file
+    first: a contender that opened the old file notices and retries, see :func:`_acquire`)."""
     key = str(Path(run_dir).resolve())
     held = _HELD.get(key)
     if held is None:
@@ -238,6 +240,9 @@ def _release(run_dir: Path) -> None:
     held[1] -= 1
     if held[1] == 0:
         del _HELD[key]
+        if remove:
+            with contextlib.suppress(OSError):
+                (Path(run_dir) / LOCK).unlink()
         if held[0] is not None:
             os.close(held[0])  # drops the flock
 
@@ -262,9 +267,9 @@ def locked(*run_dirs, collective: bool = False):
     runs. Under torchrun only rank 0 locks; with ``collective`` (every rank calls this together, as the command
     line does) the outcome is shared, so every rank raises if rank 0 could not lock.
 
-    A run directory this created is removed again if the block fails and nothing but the lock file is in it: a
-    refused or failed command leaves no empty run directory behind."""
-    taken: list[Path] = []
+    If the block fails, what this added is taken away again: a lock file it created, and a run directory it
+    created if nothing else is in it. A refused or failed command leaves the run directory as it found it."""
+    taken: list[tuple[Path, bool]] = []  # (run dir, whether this created its lock file)
     created: list[Path] = []
     error: SsbError | None = None
     if dist.is_main():
@@ -273,8 +278,9 @@ def locked(*run_dirs, collective: bool = False):
                 for p in lock_scope(Path(d)):
                     if not p.exists():
                         created.append(p)
+                    new_file = not (p / LOCK).exists()
                     _acquire(p)
-                    taken.append(p)
+                    taken.append((p, new_file))
         except SsbError as e:
             error = e
     if collective and dist.world() > 1:
@@ -290,22 +296,17 @@ def locked(*run_dirs, collective: bool = False):
         yield
         ok = True
     finally:
-        for p in reversed(taken):
-            _release(p)
+        for p, new_file in reversed(taken):
+            _release(p, remove=new_file and not ok)
         if not ok:
             for p in created:
-                _remove_if_only_lock(p)
+                _remove_if_empty(p)
 
 
-def _remove_if_only_lock(path: Path) -> None:
-    try:
-        if str(path.resolve()) in _HELD or not path.is_dir():
-            return
-        if {e.name for e in path.iterdir()} <= {LOCK}:
-            (path / LOCK).unlink(missing_ok=True)
+def _remove_if_empty(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if str(path.resolve()) not in _HELD and path.is_dir() and not any(path.iterdir()):
             path.rmdir()
-    except OSError:
-        pass
 
 
 def locking(run):

@@ -110,6 +110,9 @@ class Teacher:
         rank ``b % world``'s and all ranks agree when to stop."""
         todo = [p for p in pairs if not self._decided(p)]
         new_accepted, resumed = 0, self.accepted()
+        mine = any(b % dist.world() == dist.rank() for b, _ in batches(todo, self.tc.batch_size))
+        if mine and resumed < self.tc.max_examples:
+            self._engine()  # before the progress bar: a model that does not load is one error line
         bar = GenerationBar(len(todo), "teach", "pair")
         for b, batch in batches(todo, self.tc.batch_size):
             if b % dist.world() == 0:  # a round of `world` batches, one per rank
@@ -126,6 +129,12 @@ class Teacher:
             self.tries = _read_tries(self.log_path)
         return self.accepted()
 
+    def _engine(self):
+        if self.engine is None:
+            self.engine = self.engine_factory()
+            self.stage.begin()  # the model has loaded: from here on the stage counts as started
+        return self.engine
+
     def _batch(self, batch: list[dict], bar: GenerationBar) -> int:
         new = 0
         for attempt in range(self.tc.attempts):
@@ -133,9 +142,7 @@ class Teacher:
                     and not any(r["attempt"] == attempt for r in self.tries.get(p["id"], []))]
             if not live:
                 continue
-            if self.engine is None:
-                self.engine = self.engine_factory()
-                self.stage.begin()  # the model has loaded: from here on the stage counts as started
+            self._engine()
             seeds = [batch_seed(self.cfg.seed, "teach", p["id"], attempt) for p in live]
             hook = bar.begin(samples=len(live))
             outs = self.engine.generate([self.prompt(p) for p in live], self.params, seeds, progress=hook)
