@@ -449,6 +449,7 @@ class Stage:
         self._elapsed, self._since = 0.0, time.time()  # this process's time on the stage; running from now
         self._counters: dict[str, float] = {}
         self._attempt: dict | None = None  # this process's entry in the cost ledger, once begun
+        self._prior: list[dict] = []  # earlier attempts in this rank's ledger
         self._last_record = 0.0
 
     def path(self, name: str) -> Path:
