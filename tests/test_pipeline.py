@@ -36,7 +36,7 @@ def run(tiny_model_dir, data_dir, tmp_path_factory):
 
 def test_rollout_files_and_schema(run):
     cfg, d = run
-    assert _files(d / "rollout") == {"rollouts.jsonl", "started.json", "manifest.json"}
+    assert _files(d / "rollout") == {"rollouts.jsonl", "started.json", "manifest.json", "cost.json"}
     rows = read_rows(d / "rollout" / "rollouts.jsonl")
     assert [r["id"] for r in rows] == [f"arith-{i}" for i in range(24)]
     eos = 2  # <|im_end|> in the tiny tokenizer
@@ -54,7 +54,8 @@ def test_rollout_files_and_schema(run):
 
 def test_curate_files_stats_and_choices(run):
     _, d = run
-    assert _files(d / "curate") == {"graded.jsonl", "pairs.jsonl", "stats.json", "started.json", "manifest.json"}
+    assert _files(d / "curate") == {"graded.jsonl", "pairs.jsonl", "stats.json", "started.json", "manifest.json",
+                                    "cost.json"}
     stats = json.loads((d / "curate" / "stats.json").read_text())
     assert stats["kept"] + sum(stats["dropped"].values()) == stats["problems"] == 24
     assert stats["kept"] > 0
@@ -67,7 +68,7 @@ def test_curate_files_stats_and_choices(run):
 
 def test_teach_keeps_only_correct_finished_replies_as_sampled(run):
     _, d = run
-    assert _files(d / "teach") == {"attempts.jsonl", "examples.jsonl", "started.json", "manifest.json"}
+    assert _files(d / "teach") == {"attempts.jsonl", "examples.jsonl", "started.json", "manifest.json", "cost.json"}
     from ssb.grading import grade
     from ssb.models import load_tokenizer
 
@@ -106,7 +107,8 @@ def test_distill_writes_a_plain_peft_adapter_that_changes_outputs(run):
 
 def test_evaluate_files_and_metrics(run):
     _, d = run
-    assert _files(d / "evaluate" / "arith") == {"samples.jsonl", "metrics.json", "started.json", "manifest.json"}
+    assert _files(d / "evaluate" / "arith") == {"samples.jsonl", "metrics.json", "started.json", "manifest.json",
+                                                "cost.json"}
     m = json.loads((d / "evaluate" / "arith" / "metrics.json").read_text())
     assert m["problems"] == 8 and 0 <= m["accuracy"] <= 1
     assert m["adapter"].endswith("adapter")
@@ -127,10 +129,13 @@ def forbid_model_loading(monkeypatch):
 def test_finished_stages_do_no_work(run, monkeypatch):
     cfg, d = run
     forbid_model_loading(monkeypatch)
-    before = {p: p.stat().st_mtime_ns for p in d.rglob("*") if p.is_file()}
+    def stamps():  # every file but the lock (its holder line is rewritten by whoever takes it)
+        return {p: p.stat().st_mtime_ns for p in d.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    before = stamps()
     for stage in (rollout, curate, teach, distill, evaluate):
         stage.run(cfg, d)
-    assert before == {p: p.stat().st_mtime_ns for p in d.rglob("*") if p.is_file()}
+    assert before == stamps()
 
 
 def test_changed_config_is_refused_then_forced(run, tmp_path):
@@ -171,6 +176,13 @@ def test_interrupted_rollout_resumes_without_duplicates(tiny_model_dir, data_dir
     rows = read_rows(path)
     assert [r["id"] for r in rows] == [f"arith-{i}" for i in range(24)]
     assert rows == read_rows(run[1] / "rollout" / "rollouts.jsonl")  # same as the uninterrupted run
+    # the cost is both processes' together: the same tokens as the uninterrupted run, the wall time of both
+    resumed, whole = (json.loads((d / "rollout" / "manifest.json").read_text()) for d in (tmp_path, run[1]))
+    assert resumed["generated_tokens"] == whole["generated_tokens"] > 0
+    attempts = json.loads((tmp_path / "rollout" / "cost.json").read_text())["attempts"]
+    assert resumed["attempts"] == len(attempts) == 2 and all(a["wall_seconds"] > 0 for a in attempts)
+    assert resumed["wall_seconds"] == pytest.approx(sum(a["wall_seconds"] for a in attempts), abs=2e-3)
+    assert sum(a["counters"]["generated_tokens"] for a in attempts) == resumed["generated_tokens"]
 
 
 def test_teach_resumes_after_crash(run, tmp_path, monkeypatch):
@@ -196,9 +208,12 @@ def test_zero_pairs_is_a_clear_error(run, tmp_path):
     rows = read_rows(tmp_path / "rollout" / "rollouts.jsonl")
     for r in rows:
         r["answer"] = "-1"  # nothing is ever correct
-    from ssb.rundir import write_rows
+    from ssb.rundir import file_record, write_rows
 
     write_rows(tmp_path / "rollout" / "rollouts.jsonl", rows)
+    manifest = json.loads((tmp_path / "rollout" / "manifest.json").read_text())  # as if rollout had written them
+    manifest["files"]["rollouts.jsonl"] = file_record(tmp_path / "rollout" / "rollouts.jsonl")
+    (tmp_path / "rollout" / "manifest.json").write_text(json.dumps(manifest))
     curate.run(cfg, tmp_path)
     with pytest.raises(SsbError, match="0 pairs"):
         teach.run(cfg, tmp_path)

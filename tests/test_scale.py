@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,6 +114,9 @@ def test_distill_killed_then_resumed_ends_at_the_same_weights(base, tmp_path, mo
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
     assert not (crash / "distill" / "checkpoint").exists()  # removed once the adapter is written
+    m_ref, m_crash = (json.loads((d / "distill" / "manifest.json").read_text()) for d in (ref, crash))
+    assert m_crash["counts"]["trained_tokens"] == m_ref["counts"]["trained_tokens"]  # both processes' tokens
+    assert m_crash["attempts"] == 2
 
 
 def _fsdp_runs(base, tmp_path, extra: list[str]):
@@ -203,3 +207,31 @@ def test_fsdp_refuses_the_topk_teacher_cache(base, tmp_path):
            "distill", "--run-dir", str(tmp_path), *over, "distill.fsdp=true", "distill.teacher=topk"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "distill.fsdp does not support distill.teacher=topk" in r.stderr + r.stdout
+
+
+def test_the_ranks_of_one_job_share_the_lock(base, tmp_path):
+    """Only rank 0 takes the run directory's lock; when another process holds it, every rank of the job is
+    refused together (exit 2 each), with one error line naming the holder."""
+    run_dir = tmp_path / "r"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    hold = "import sys, time\nfrom ssb.rundir import locked\nwith locked(sys.argv[1]):\n    print('locked', " \
+           "flush=True)\n    time.sleep(600)\n"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run_dir)], stdout=subprocess.PIPE, env=env)
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        env = {**env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ssb.cli",
+               "curate", "--run-dir", str(run_dir)]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        holder.kill()
+        holder.wait()
+    out = r.stderr + r.stdout
+    assert r.returncode != 0 and out.count("ssb: error: ") == 1 and f"in use by pid {holder.pid}" in out, out[-3000:]
+    assert "exitcode  : 2" in out or "exit code 2" in out or "exitcode: 2" in out, out[-3000:]
+    over, single = base  # and a job that holds the lock itself works through it on every rank
+    for s in ("rollout",):
+        shutil.copytree(single / s, run_dir / s)
+    _torchrun(2, "curate", "--run-dir", str(run_dir), *over)
+    assert (run_dir / "curate" / "manifest.json").exists()

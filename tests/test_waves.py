@@ -30,14 +30,25 @@ def test_next_total_sizes_waves_from_the_yield():
     assert waves.next_total(10, 9, 10, 1000, 8) == 18  # at least min_wave more
 
 
+ELAPSED: dict = {}
+
+
 @pytest.fixture(scope="module")
 def budgeted(tiny_model_dir, data_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("waves")
     cfg = _cfg(tiny_model_dir, data_dir, "rollout.first_wave=4")
     t0 = time.time()
     waves.run(cfg, run_dir)
-    cfg.elapsed = time.time() - t0
+    ELAPSED[run_dir] = time.time() - t0
     return cfg, run_dir
+
+
+def test_the_waves_time_is_split_between_the_stages_not_counted_three_times(budgeted):
+    cfg, d = budgeted
+    walls = {s: json.loads((d / s / "manifest.json").read_text())["wall_seconds"] for s in ("rollout", "curate",
+                                                                                            "teach")}
+    assert all(w > 0 for w in walls.values())
+    assert sum(walls.values()) <= ELAPSED[d] + 0.5
 
 
 def test_waves_roll_out_only_what_the_examples_need(budgeted):
@@ -94,8 +105,3 @@ def test_ssb_run_uses_waves_and_budget_all_rolls_out_everything(tiny_model_dir, 
     assert rolled["a"] == 40 and rolled["w"] < 40
     assert "waves" in json.loads((tmp_path / "w" / "rollout" / "manifest.json").read_text())
 
-
-def test_each_stage_is_charged_its_own_share_of_the_loop(budgeted):
-    cfg, d = budgeted
-    walls = [json.loads((d / s / "manifest.json").read_text())["wall_seconds"] for s in ("rollout", "curate", "teach")]
-    assert all(w > 0 for w in walls) and sum(walls) <= cfg.elapsed

@@ -1,12 +1,19 @@
 """The ``ssb`` command line: ``ssb run`` for the whole pipeline, one subcommand per stage, ``ssb config``.
 
 Configuration: ``--config FILE`` if given, else the run directory's saved ``config.yaml``, else the defaults; then
-``section.key=value`` overrides. Errors in the user's input print one line and exit with status 2.
+``section.key=value`` overrides. Errors in the user's input print one line and exit with status 2; so do a run
+directory in use by another process (:mod:`ssb.rundir`'s lock), one that is a file, and one on a read-only or full
+file system.
+
+A command first checks every stage it was asked to run against what the run directory holds (:func:`check_stages`),
+so a changed configuration is refused before anything is written; ``config.yaml`` is saved when the first stage
+begins (or when the command ends, if every stage was already done), never by a refused or failed command.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -14,7 +21,7 @@ from pathlib import Path
 from ssb.config import Config, describe, dump_yaml, load_config
 from ssb import dist
 from ssb.errors import SsbError
-from ssb.rundir import read_json
+from ssb.rundir import MANIFEST, flush_deferred, locked, read_json, write_on_begin
 
 STAGES = ("rollout", "curate", "teach", "distill", "evaluate")
 
@@ -43,16 +50,73 @@ def _run_stage(name: str, cfg: Config, run_dir: Path, force: bool):
     """Run one stage; under torchrun, stages that do not shard their work (curate, grpo) run on rank 0 alone."""
     module = _stage_module(name)
     if name in ("curate", "grpo") and dist.world() > 1:
-        result = module.run(cfg, run_dir, force=force) if dist.is_main() else None
+        if dist.is_main():
+            with dist.solo():
+                result = module.run(cfg, run_dir, force=force)
+        else:
+            result = None
         dist.barrier()
         return result or read_json(run_dir / name / "manifest.json")
     return module.run(cfg, run_dir, force=force)
 
 
-def run_stages(cfg: Config, run_dir: Path, stages, force: bool = False, budgeted: bool = False) -> None:
+def _manifest_fp(run_dir: Path, name: str) -> str | None:
+    p = run_dir / name / MANIFEST
+    return read_json(p).get("fingerprint") if p.exists() else None
+
+
+def check_stages(cfg: Config, run_dir: Path, stages, waves: bool = False) -> None:
+    """Refuse, before anything is written, a stage of ``stages`` that was started or finished with another
+    configuration. A stage's fingerprint is computed from the fingerprint its upstream stage will have (if that
+    runs in this command too) or has (its manifest); a stage whose upstream is not there yet is checked when it
+    runs (and then refused for that)."""
+    from ssb import curate, distill, evaluate, grpo, rollout, teach
+
+    fps: dict[str, str | None] = {}
+
+    def fp_of(name: str) -> str | None:
+        return fps[name] if name in fps else _manifest_fp(run_dir, name)
+
+    for name in stages:
+        if name == "rollout":
+            checked = [rollout.stage_for(cfg, run_dir, waves=waves)]
+        elif name in ("curate", "teach", "distill"):
+            module = {"curate": curate, "teach": teach, "distill": distill}[name]
+            up = fp_of(module.upstream(cfg))
+            checked = [] if up is None else [module.make_stage(cfg, run_dir, up)]
+        elif name == "grpo":
+            checked = [grpo.stage_for(cfg, run_dir)]
+        else:  # evaluate: the adapter `auto` picks is the one this command makes, if it makes one
+            adapter = None
+            if cfg.evaluate.adapter == "auto":
+                for src in ("distill", "grpo"):
+                    if fp_of(src) is not None:
+                        adapter = (str(run_dir / src / "adapter"), fp_of(src))
+                        break
+            checked = [s for _, s in evaluate.stages_for(cfg, run_dir, adapter=adapter)]
+        for stage in checked:
+            stage.check()
+        fps[name] = checked[0].fingerprint if checked else None
+
+
+def run_stages(cfg: Config, run_dir: Path, stages, force: bool = False, budgeted: bool = False,
+               save_config: bool = False) -> None:
     """Run ``stages`` in order. ``budgeted`` (``ssb run`` with ``rollout.budget=waves``): rollout, curate and teach,
-    when all three are asked for, run together in waves (:mod:`ssb.waves`)."""
+    when all three are asked for, run together in waves (:mod:`ssb.waves`). ``save_config``: write
+    ``RUN_DIR/config.yaml`` once a stage begins (or at the end, if none had to)."""
     waves = budgeted and cfg.rollout.budget == "waves" and {"rollout", "curate", "teach"} <= set(stages)
+    if not force:
+        check_stages(cfg, run_dir, stages, waves)
+    if save_config:
+        write_on_begin(run_dir, "config.yaml", dump_yaml(cfg))
+    try:
+        _run_in_order(cfg, run_dir, stages, force, waves)
+        flush_deferred(run_dir)
+    finally:
+        write_on_begin(run_dir, "config.yaml", None)
+
+
+def _run_in_order(cfg: Config, run_dir: Path, stages, force: bool, waves: bool) -> None:
     done_before = {name for name in stages if name != "evaluate" and not force
                    and (run_dir / name / "manifest.json").exists()}
     for name in stages:
@@ -108,11 +172,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except SsbError as e:
-        print(f"ssb: error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):  # a torchrun rank following rank 0's refusal says nothing more
+            print(f"ssb: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _USER_OS_ERRORS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"ssb: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ssb: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+# the user's environment, not a bug: one line and exit 2
+_USER_OS_ERRORS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR}
 
 
 def _dispatch(args) -> int:
@@ -135,7 +210,8 @@ def _dispatch(args) -> int:
         _quiet_libraries()
         dist.init()
         runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-        path = compare.run(cfg, Path(args.run_dir), runs, force=args.force)
+        with locked(*compare.run_dirs(Path(args.run_dir), runs), collective=True):
+            path = compare.run(cfg, Path(args.run_dir), runs, force=args.force)
         if dist.is_main():
             print(f"ssb: comparison written to {path}", file=sys.stderr)
         return 0
@@ -150,13 +226,9 @@ def _dispatch(args) -> int:
         stages = [args.command]
     _quiet_libraries()
     dist.init()
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved = run_dir / "config.yaml"
-        if args.command == "run" or not saved.exists():
-            saved.write_text(dump_yaml(cfg))
-    dist.barrier()
-    run_stages(cfg, run_dir, stages, force=args.force, budgeted=args.command == "run")
+    with locked(run_dir, collective=True):
+        save = args.command == "run" or not (run_dir / "config.yaml").exists()
+        run_stages(cfg, run_dir, stages, force=args.force, budgeted=args.command == "run", save_config=save)
     if dist.is_main():
         print(f"ssb: done; results in {run_dir}", file=sys.stderr)
     return 0

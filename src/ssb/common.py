@@ -54,19 +54,22 @@ def generate_rows(
     stats = {"generated_tokens": 0, "generate_seconds": 0.0, "resumed_rows": len(done)}
     if todo:
         engine = engine_factory()
+        stage.begin()  # the model has loaded: from here on the stage counts as started
         bar = GenerationBar(sum(len(b) for _, b in todo), desc, "problem")
         for b, batch in todo:
             t0 = time.time()
             hook = bar.begin(samples=len(batch) * params.n, items=len(batch))
             outs = engine.generate([prompt_of(engine.tokenizer, it) for it in batch], params,
                                    [batch_seed(seed, stage.name, it.id) for it in batch], progress=hook)
-            stats["generate_seconds"] += time.time() - t0
+            dt = time.time() - t0
+            stats["generate_seconds"] += dt
             rows = [row_of(it, samples) for it, samples in zip(batch, outs) if it.id not in done]
             append_rows(own, rows)
             for r in rows:
                 done[r["id"]] = r
             ntok = sum(len(s.token_ids) for samples in outs for s in samples)
             stats["generated_tokens"] += ntok
+            stage.add(generated_tokens=ntok, generate_seconds=dt)  # the cost ledger: summed over resumes
             bar.end(tokens=ntok)
         bar.close()
     stats["generate_seconds"] = round(stats["generate_seconds"], 3)

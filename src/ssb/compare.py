@@ -18,7 +18,9 @@ recorded for every run. Then ``R/report/`` gets the report with paired differenc
 ``ssb`` against each baseline, 95% paired-bootstrap CIs) and accuracy against cost (``cost.png``).
 
 Every run is an ordinary run directory, so each step resumes like the rest and a finished step is skipped:
-rerunning the same command continues where it stopped; ``--runs`` picks a subset (in this order).
+rerunning the same command continues where it stopped; ``--runs`` picks a subset (in this order). The command
+holds the locks of ``R`` and of every run directory it works in (:func:`run_dirs`), so a second ``ssb compare`` on
+``R``, or an ``ssb run`` on ``R/ssb`` meanwhile, is refused.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ import sys
 from pathlib import Path
 
 from ssb import dist
-from ssb.config import Config, dump_yaml, load_config, to_dict
+from ssb.config import Config, load_config, to_dict
 from ssb.errors import SsbError
-from ssb.rundir import MANIFEST, read_json
+from ssb.rundir import MANIFEST, locked, read_json
 
 RUNS = ("base", "ssb", "grpo", "sft", "rft")
 SSB_UPSTREAM = {"sft": ("rollout", "curate", "teach"), "rft": ("rollout", "curate")}
@@ -75,15 +77,27 @@ def _link_upstream(run_dir: Path, ssb_dir: Path, stages) -> None:
         link.symlink_to(target, target_is_directory=True)
 
 
+def run_dirs(root, runs) -> list[Path]:
+    """The run directories a comparison of ``runs`` works in: ``root``, each run's, and ``ssb``'s, which the
+    others read."""
+    root = Path(root)
+    needed = [r for r in RUNS if r in runs or (r == "ssb" and set(runs) & {"grpo", *SSB_UPSTREAM})]
+    return [root] + [root / r for r in needed]
+
+
 def run(cfg: Config, root, runs=RUNS, force: bool = False) -> Path:
     """Run the comparison under ``root``; returns the report's path."""
-    from ssb.cli import run_stages
-    from ssb.report import main_report
-
-    root = Path(root)
     unknown = [r for r in runs if r not in RUNS]
     if unknown:
         raise SsbError(f"--runs: unknown run '{unknown[0]}'; runs are {', '.join(RUNS)}")
+    with locked(*run_dirs(root, runs)):
+        return _run(cfg, Path(root), runs, force)
+
+
+def _run(cfg: Config, root: Path, runs, force: bool) -> Path:
+    from ssb.cli import run_stages
+    from ssb.report import main_report
+
     ssb_dir = root / "ssb"
     for name in [r for r in RUNS if r in runs]:
         run_dir = root / name
@@ -101,10 +115,9 @@ def run(cfg: Config, root, runs=RUNS, force: bool = False) -> Path:
         if dist.is_main():
             run_dir.mkdir(parents=True, exist_ok=True)
             _link_upstream(run_dir, ssb_dir, SSB_UPSTREAM.get(name, ()))
-            (run_dir / "config.yaml").write_text(dump_yaml(sub))
         dist.barrier()
         print(f"ssb compare: {name} -> {run_dir}", file=sys.stderr, flush=True)
-        run_stages(sub, run_dir, STEPS[name], force=force, budgeted=True)
+        run_stages(sub, run_dir, STEPS[name], force=force, budgeted=True, save_config=True)
     if not dist.is_main():
         return root / "report" / "report.md"
     present = [r for r in RUNS if (root / r / "evaluate").is_dir()]

@@ -25,11 +25,12 @@ from collections import Counter
 
 from tqdm.auto import tqdm
 
-from ssb.config import Config, fingerprint
+from ssb.config import Config, Reads
 from ssb.grading import answer_key, extract_answer, grade, grade_answer
-from ssb.rundir import Stage, read_rows, require_done, write_json, write_rows
+from ssb.rundir import Stage, locking, read_upstream, require_done, write_json, write_rows
 
 DROP_REASONS = ("no_answer", "no_correct", "no_incorrect")
+READS = Reads("curate", result=("seed", "curate"))  # the config fields this stage reads (ssb.config.Reads)
 
 
 def choose_pair(answers: list[str | None], correct: list[bool], rng: random.Random, grader: str = "math"):
@@ -57,21 +58,27 @@ def choose_pair(answers: list[str | None], correct: list[bool], rng: random.Rand
     return rng.choice(right), rng.choice([i for i in wrong if keys[i] == key])
 
 
+def upstream(cfg: Config) -> str:
+    return "rollout"
+
+
 def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
     up = require_done(run_dir, "rollout")["fingerprint"]
     return make_stage(cfg, run_dir, up, force)
 
 
 def make_stage(cfg: Config, run_dir, rollout_fp: str, force: bool = False) -> Stage:
-    fp = fingerprint("curate", rollout_fp, cfg.seed, cfg.curate)
-    return Stage(run_dir, "curate", fp, {"seed": cfg.seed, "curate": cfg.curate, "rollout": rollout_fp}, force)
+    return Stage(run_dir, "curate", READS.fingerprint(cfg, rollout_fp), {**READS.values(cfg), "rollout": rollout_fp},
+                 force)
 
 
+@locking
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
+    cfg = READS.view(cfg)
     stage = stage_for(cfg, run_dir, force)
     if stage.is_done():
         return stage.manifest
-    rows = read_rows(stage.run_dir / "rollout" / "rollouts.jsonl")
+    rows = read_upstream(run_dir, "rollout", "rollouts.jsonl")
     stage.begin()
     return write(stage, *select(rows, cfg, bar=True))
 

@@ -13,11 +13,14 @@ A single process (no torchrun) is world size 1 and none of this costs anything.
 
 from __future__ import annotations
 
+import contextlib
 import os
+
+_SOLO = False
 
 
 def world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return 1 if _SOLO else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def rank() -> int:
@@ -26,6 +29,18 @@ def rank() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+@contextlib.contextmanager
+def solo():
+    """Run a block on rank 0 alone (curate, grpo) as a single process: inside it ``world()`` is 1, so barriers and
+    reductions are no-ops and nothing waits for ranks that are not there."""
+    global _SOLO
+    old, _SOLO = _SOLO, True
+    try:
+        yield
+    finally:
+        _SOLO = old
 
 
 def init() -> None:

@@ -40,23 +40,25 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ssb import dist
-from ssb.config import Config, fingerprint, to_dict
+from ssb.config import Config, Reads, fingerprint
 from ssb.errors import SsbError
 from ssb.losses import chunked_distill_loss, chunked_topk_distill_loss, topk_teacher
 from ssb.models import load_model, load_tokenizer, render_chat, resolve_device, resolve_dtype, stop_token_ids
 from ssb.progress import progress
 from ssb.prompts import student_messages
-from ssb.rundir import Stage, batches, read_rows, require_done
+from ssb.rundir import Stage, batches, locking, read_upstream, require_done
 from ssb.train import CKPT, TrainSpec, train, trainable_state
 from ssb.teacher_cache import TopkCacheReader, TopkCacheWriter, bytes_per_token, check_existing
 
 CACHE_DIR, CACHE_DTYPE = "teacher_topk", "float16"
+# The config fields this stage reads (ssb.config.Reads). teach.max_examples: how many problems RFT
+# (targets=rollouts) trains on. fsdp decides how the training is spread, not its result.
+READS = Reads("distill", result=("model", "seed", "distill", "teach.max_examples"), how=("distill.fsdp",))
 
 
 @dataclass
@@ -124,10 +126,10 @@ def collate(batch: list[Example], pad_id: int, device) -> dict:
 
 def rollout_targets(run_dir, max_examples: int, seed: int) -> list[dict]:
     """RFT rows: per problem (in order) one of the student's own correct, finished rollouts (seeded choice), as
-    sampled, for at most ``max_examples`` problems."""
-    graded = {g["id"]: g["correct"] for g in read_rows(Path(run_dir) / "curate" / "graded.jsonl")}
+    sampled, for at most ``max_examples`` problems. Both files are checked against their stages' manifests."""
+    graded = {g["id"]: g["correct"] for g in read_upstream(run_dir, "curate", "graded.jsonl")}
     out = []
-    for r in read_rows(Path(run_dir) / "rollout" / "rollouts.jsonl"):
+    for r in read_upstream(run_dir, "rollout", "rollouts.jsonl"):
         good = [s for s, ok in zip(r["samples"], graded.get(r["id"], [])) if ok and s["finish_reason"] == "stop"]
         if good and len(out) < max_examples:
             s = random.Random(f"{seed}:{r['id']}").choice(good)
@@ -136,12 +138,18 @@ def rollout_targets(run_dir, max_examples: int, seed: int) -> list[dict]:
     return out
 
 
+def upstream(cfg: Config) -> str:
+    """The stage distill reads: teach (the teacher's replies) or, for RFT, curate (and rollout through it)."""
+    return "teach" if cfg.distill.targets == "teacher" else "curate"
+
+
 def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
-    up = require_done(run_dir, "teach" if cfg.distill.targets == "teacher" else "curate")["fingerprint"]
-    result_fields = {k: v for k, v in to_dict(cfg.distill).items() if k != "fsdp"}  # fsdp: how, not what
-    fp = fingerprint("distill", up, cfg.model, cfg.seed, result_fields)
-    return Stage(run_dir, "distill", fp, {"model": cfg.model, "seed": cfg.seed, "distill": cfg.distill,
-                                          "teach": up}, force)
+    return make_stage(cfg, run_dir, require_done(run_dir, upstream(cfg))["fingerprint"], force)
+
+
+def make_stage(cfg: Config, run_dir, up: str, force: bool = False) -> Stage:
+    """``up``: the fingerprint of the stage read (:func:`upstream`)."""
+    return Stage(run_dir, "distill", READS.fingerprint(cfg, up), {**READS.values(cfg), "upstream": up}, force)
 
 
 def _lora(model, dc, seed: int):
@@ -154,15 +162,17 @@ def _lora(model, dc, seed: int):
                                             target_modules=targets, task_type="CAUSAL_LM"))
 
 
+@locking
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
+    cfg = READS.view(cfg)
     stage = stage_for(cfg, run_dir, force)
     if stage.is_done():
         return stage.manifest
     dc = cfg.distill
     if dc.targets == "teacher":
-        rows = read_rows(stage.run_dir / "teach" / "examples.jsonl")
+        rows = read_upstream(run_dir, "teach", "examples.jsonl")
     else:
-        rows = rollout_targets(stage.run_dir, cfg.teach.max_examples, cfg.seed)
+        rows = rollout_targets(run_dir, cfg.teach.max_examples, cfg.seed)
     if not rows:
         raise SsbError(f"no training examples ({'teach/examples.jsonl' if dc.targets == 'teacher' else 'no correct rollouts'}): nothing to distill")
     use_cache = dc.teacher == "topk" and dc.kd_weight > 0
@@ -171,14 +181,13 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
         raise SsbError("distill.fsdp does not support distill.teacher=topk (the cache is built by one process from "
                        "the whole model); use teacher=online, or fsdp=false")
     keys = [str(r.get("id", i)) for i, r in enumerate(rows)]
-    cache_fp = fingerprint("teacher_topk", stage.config["teach"], cfg.model, dc.topk, dc.temperature,
+    cache_fp = fingerprint("teacher_topk", stage.config["upstream"], cfg.model, dc.topk, dc.temperature,
                            dc.paper_student_format, CACHE_DTYPE)
     if use_cache:
         if len(set(keys)) != len(keys):
             raise SsbError("teach/examples.jsonl has duplicate ids; the top-k teacher cache is keyed by id")
         check_existing(stage.path(CACHE_DIR), dc.topk, dc.temperature, cache_fp)  # before loading the model
     tokenizer = load_tokenizer(cfg.model)
-    stage.begin()
 
     device = resolve_device(dist.device_for_rank(cfg.model.device))
     if fsdp:  # whole model in CPU memory only; fsdp_shard moves this rank's shards to `device`
@@ -187,6 +196,7 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     else:
         model = load_model(cfg.model, device=device)
     examples = build_examples(rows, tokenizer, stop_token_ids(tokenizer, model), dc.paper_student_format)
+    stage.begin()  # inputs read and checked, model loaded: from here on the stage counts as started
     cache, cache_info = None, {}
     if use_cache:  # before the adapter exists: the plain base model is the teacher
         t_cache = time.time()
@@ -212,6 +222,7 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
                    chunk_size=dc.chunk_size)
 
     def step_loss(idx: list[int]):
+        stage.heartbeat()  # a killed process's time still counts (the cost ledger, at most every few seconds)
         batch = collate([examples[i] for i in idx], tokenizer.pad_token_id, device)
         cached = None if cache is None else cache.batch([keys[i] for i in idx], device)
         return _loss(model, decoder, lm_head, batch, dc, loss_kw, cached), int(batch["targets"].numel())
@@ -231,6 +242,8 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
         shutil.rmtree(stage.path(CKPT), ignore_errors=True)
+    # trained_tokens: of every process since the start (through the checkpoints), as in an uninterrupted run;
+    # skipped_steps: steps with non-finite gradients skipped by this process (see ssb.train)
     counts = {"examples": len(examples), "steps": result["steps"], "trained_tokens": result["trained_tokens"],
               "skipped_steps": len(result["skipped_steps"])}
     return stage.finish(counts, train_seconds=result["train_seconds"], skipped_steps=result["skipped_steps"],

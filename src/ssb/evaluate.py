@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ssb import dist
 from ssb.common import generate_rows
-from ssb.config import Config, fingerprint
+from ssb.config import Config, Reads, fingerprint
 from ssb.data import DatasetConfig, load_problems
 from ssb.engine import SamplingParams, make_engine
 from ssb.errors import SsbError
@@ -21,7 +21,12 @@ from ssb.grading import extract_answer, grade, grade_answer
 from ssb.metrics import summarize
 from ssb.models import render_chat
 from ssb.prompts import student_messages
-from ssb.rundir import MANIFEST, Stage, read_json, write_json
+from ssb.rundir import MANIFEST, Stage, locking, read_json, verify_upstream, write_json
+
+# The config fields this stage reads (ssb.config.Reads). Each benchmark's fingerprint has its one benchmark and the
+# resolved adapter (its fingerprint, or path) instead of the lists in evaluate.benchmarks and evaluate.adapter.
+READS = Reads("evaluate", result=("model", "seed", "evaluate", "engine.backend"),
+              how=("engine", "data_dir", "evaluate.benchmarks", "evaluate.adapter"))
 
 
 def label(ds: DatasetConfig) -> str:
@@ -50,12 +55,26 @@ def resolve_adapter(cfg: Config, run_dir) -> tuple[str | None, str | None]:
     return str(path.resolve()), fingerprint(str(path.resolve()), (path / "adapter_config.json").read_text())
 
 
+def stages_for(cfg: Config, run_dir, force: bool = False, adapter: tuple | None = None) -> list[tuple]:
+    """``(benchmark, Stage)`` for every configured benchmark; ``adapter`` = (path, fingerprint) overrides
+    :func:`resolve_adapter` (the command line's check of an adapter this command will make)."""
+    adapter, adapter_fp = adapter or resolve_adapter(cfg, run_dir)
+    values = READS.values(cfg)
+    out = []
+    for ds in cfg.evaluate.benchmarks:
+        fp = READS.fingerprint(cfg, ds, adapter_fp, adapter if adapter_fp is None else "")
+        out.append((ds, Stage(run_dir, f"evaluate/{label(ds)}", fp, {**values, "adapter": adapter, "dataset": ds},
+                              force)))
+    return out
+
+
+@locking
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
     """Evaluate every configured benchmark; returns {label: metrics}."""
+    cfg = READS.view(cfg)
     adapter, adapter_fp = resolve_adapter(cfg, run_dir)
     ec = cfg.evaluate
     params = SamplingParams(ec.samples, ec.temperature, ec.top_k, ec.top_p, ec.max_new_tokens)
-    gen = {k: v for k, v in vars(ec).items() if k not in ("benchmarks", "adapter")}
     engine = {}
 
     def engine_factory():
@@ -63,18 +82,16 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
             engine["e"] = make_engine(cfg.model, adapter, cfg.engine)
         return engine["e"]
 
-    results = {}
-    for ds in ec.benchmarks:
+    results, checked = {}, False
+    for ds, stage in stages_for(cfg, run_dir, force, (adapter, adapter_fp)):
         name = label(ds)
-        fp = fingerprint("evaluate", cfg.model, cfg.seed, gen, ds, adapter_fp, adapter if adapter_fp is None else "",
-                         cfg.engine.backend)
-        stage = Stage(run_dir, f"evaluate/{name}", fp, {"model": cfg.model, "adapter": adapter, "dataset": ds,
-                                                       "evaluate": gen, "seed": cfg.seed}, force)
         if stage.is_done():
             results[name] = read_json(stage.path("metrics.json"))
             continue
+        if not checked and cfg.evaluate.adapter == "auto" and adapter is not None:  # run_dir/<distill|grpo>/adapter
+            verify_upstream(run_dir, Path(adapter).parent.name, "adapter/")
+            checked = True
         problems = load_problems(ds, cfg.data_dir)
-        stage.begin()
 
         def prompt_of(tokenizer, p):
             return render_chat(tokenizer, student_messages(p.question))
@@ -91,6 +108,7 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
         rows, stats = generate_rows(stage, "samples.jsonl", problems, prompt_of, row_of, engine_factory, params,
                                     cfg.seed, ec.batch_size, f"evaluate {name}")
         metrics = {"benchmark": name, "adapter": adapter, **summarize(rows)}
+        stage.begin()  # (already begun, unless there was nothing to generate)
         if dist.is_main():
             write_json(stage.path("metrics.json"), metrics)
         stage.finish({"problems": len(rows), "samples": metrics["samples"]}, metrics=metrics, **stats)

@@ -66,19 +66,24 @@ from pathlib import Path
 
 import torch
 
-from ssb.config import Config, fingerprint, to_dict
+from ssb.config import Config, Reads
 from ssb.data import load_problems
 from ssb.engine import SamplingParams, TransformersEngine
 from ssb.errors import SsbError
 from ssb.grading import _BOX_RE, _box_content, grade
 from ssb.models import load_model, load_tokenizer, render_chat, resolve_device, stop_token_ids
 from ssb.prompts import student_messages
-from ssb.rundir import Stage, append_rows, gpus_in_use, read_json, read_rows, write_json, write_rows
+from ssb.rundir import Stage, append_rows, gpus_in_use, locking, read_json, read_rows, write_json, write_rows
 
 LOG = "train_log.jsonl"
 TRL_DIR = ".trl"  # TRL's output_dir: its checkpoints, removed when the stage finishes
 COUNTERS = "ssb_counters.json"  # the budget counters, written into each checkpoint directory
 _COUNTER_KEYS = ("wall_seconds", "device_seconds", "gpu_seconds", "completions", "correct", "generated_tokens")
+# The config fields this stage reads (ssb.config.Reads): the same problems and LoRA as SSB's; how it checkpoints
+# and the engine knobs of its generator do not change what it trains
+READS = Reads("grpo", result=("model", "seed", "rollout.data", "grpo", "distill.lora_r", "distill.lora_alpha",
+                              "distill.lora_dropout", "distill.target_modules"),
+              how=("data_dir", "grpo.save_every", "engine"))
 # TRL log key -> train_log.jsonl key (everything else TRL logs is kept under its own name)
 _RENAME = {"learning_rate": "lr", "completions/mean_length": "completion_length"}
 
@@ -90,11 +95,7 @@ def lora_fields(cfg: Config) -> dict:
 
 
 def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
-    lora = lora_fields(cfg)
-    result_fields = {k: v for k, v in to_dict(cfg.grpo).items() if k != "save_every"}  # save_every: how, not what
-    fp = fingerprint("grpo", cfg.model, cfg.seed, cfg.rollout.data, result_fields, lora)
-    return Stage(run_dir, "grpo", fp, {"model": to_dict(cfg.model), "seed": cfg.seed, "data": to_dict(cfg.rollout.data),
-                                       "grpo": to_dict(cfg.grpo), "lora": lora}, force)
+    return Stage(run_dir, "grpo", READS.fingerprint(cfg), READS.values(cfg), force)
 
 
 def _text(completion) -> str:
@@ -137,13 +138,16 @@ def _peft_config(cfg: Config):
                       task_type="CAUSAL_LM")
 
 
-def _log_callback(path):
+def _log_callback(path, heartbeat=None):
     from transformers import TrainerCallback
 
     class JsonlLog(TrainerCallback):
-        """Appends each training log (TRL's averaged metrics) to ``path`` as one JSON line."""
+        """Appends each training log (TRL's averaged metrics) to ``path`` as one JSON line; calls ``heartbeat``
+        (the stage's cost ledger) on every log."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if heartbeat is not None:
+                heartbeat()
             if not logs or "train_runtime" in logs or "loss" not in logs:  # the end-of-training summary
                 return
             row = {"step": state.global_step, "epoch": logs.get("epoch"), "loss": logs["loss"],
@@ -265,8 +269,11 @@ def _publish_adapter(stage: Stage, save) -> None:
     tmp.rename(out)
 
 
+@locking
 def run(cfg: Config, run_dir, force: bool = False, callbacks: list | None = None) -> dict:
     """Train (or resume, or do nothing if finished). ``callbacks``: extra TrainerCallbacks (tests)."""
+    cfg = READS.view(cfg)
+    t0 = time.time()  # this process's budget clock: from the start of the stage, model loading included
     stage = stage_for(cfg, run_dir, force)
     if stage.is_done():
         return stage.manifest
@@ -340,14 +347,14 @@ def run(cfg: Config, run_dir, force: bool = False, callbacks: list | None = None
         report_to="none", disable_tqdm=False, remove_unused_columns=False, dataloader_num_workers=0,
     )
     stats: dict = {}
-    budget = _budget_callback(gc, stage._t0, carried, stats)
+    budget = _budget_callback(gc, t0, carried, stats)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*rollout_func.*experimental", category=UserWarning)
         trainer = GRPOTrainer(
             model=model, reward_funcs=reward_funcs(gc.format_reward, stats), args=args, train_dataset=dataset,
             processing_class=tokenizer, peft_config=_peft_config(cfg),
             rollout_func=ssb_rollout_func(cfg, tokenizer, stop_ids) if gc.generator == "ssb" else None,
-            callbacks=[_log_callback(log), budget, *(callbacks or [])])
+            callbacks=[_log_callback(log, stage.heartbeat), budget, *(callbacks or [])])
     t_start = time.time()
     result = trainer.train(resume_from_checkpoint=None if ckpt is None else str(ckpt))
 

@@ -40,12 +40,28 @@ def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return _DTYPES[cfg.dtype]
 
 
+def looks_like_path(name: str) -> bool:
+    """A name meant as a local directory rather than a hub id (``org/name``): absolute, relative with ``.`` or
+    ``~``, or with more than one ``/``.
+
+    >>> [looks_like_path(n) for n in ("Qwen/Qwen2.5-3B-Instruct", "/models/qwen", "./qwen", "~/m", "a/b/c")]
+    [False, True, True, True, True]
+    """
+    return (name.startswith(("/", "./", "../", "~")) or name in (".", "..") or "\\" in name
+            or name.count("/") > 1 or name.endswith("/"))
+
+
 def model_path(cfg: ModelConfig) -> str:
+    """Where the model loads from; a local path that does not exist is an error naming it (not the hub's
+    complaint about repository ids)."""
     from ssb.tiny import TINY_MODEL_NAME, ensure_tiny_model
 
     if cfg.name_or_path == TINY_MODEL_NAME:
         return str(ensure_tiny_model())
-    return cfg.name_or_path
+    path = Path(cfg.name_or_path).expanduser()
+    if looks_like_path(cfg.name_or_path) and not path.exists():
+        raise SsbError(f"model.name_or_path: no such directory: {cfg.name_or_path}")
+    return str(path) if path.exists() else cfg.name_or_path
 
 
 def _source_kwargs(cfg: ModelConfig) -> dict:

@@ -9,34 +9,35 @@ Output ``rollout/rollouts.jsonl``, one row per problem, in dataset order::
 from __future__ import annotations
 
 from ssb.common import generate_rows, sample_dict
-from ssb.config import Config, fingerprint
+from ssb.config import Config, Reads
 from ssb.data import load_problems
 from ssb.engine import SamplingParams, make_engine
 from ssb.errors import SsbError
 from ssb.models import render_chat
 from ssb.prompts import student_messages
-from ssb.rundir import Stage
+from ssb.rundir import Stage, locking
 
 FILE = "rollouts.jsonl"
+# The config fields this stage reads (see ssb.config.Reads): the result ones make up its fingerprint.
+READS = Reads("rollout", result=("model", "seed", "rollout", "engine.backend"), how=("engine", "data_dir"))
+# Under ssb run's budget (ssb.waves) how far the rollout goes depends on curation and the teacher too.
+WAVES_READS = Reads("rollout-waves", result=READS.result + ("curate", "teach"), how=READS.how)
 
 
 def stage_for(cfg: Config, run_dir, force: bool = False, waves: bool = False) -> Stage:
-    """The rollout stage. Under budgeted ``waves`` how many problems are rolled out depends on curation and the
-    teacher too, so their settings are part of the fingerprint."""
-    parts = ["rollout", cfg.model, cfg.seed, cfg.rollout, cfg.engine.backend]
-    if waves:
-        parts += ["waves", cfg.curate, cfg.teach]
-    return Stage(run_dir, "rollout", fingerprint(*parts), {"model": cfg.model, "seed": cfg.seed,
-                                                           "rollout": cfg.rollout, "waves": waves}, force)
+    """The rollout stage, alone or under budgeted ``waves``."""
+    reads = WAVES_READS if waves else READS
+    return Stage(run_dir, "rollout", reads.fingerprint(cfg), {**reads.values(cfg), "waves": waves}, force)
 
 
+@locking
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
+    cfg = READS.view(cfg)
     stage = stage_for(cfg, run_dir, force)
     if stage.is_done():
         return stage.manifest
     problems = training_problems(cfg)
-    stage.begin()
-    rows, stats = generate(cfg, stage, problems)
+    rows, stats = generate(cfg, stage, problems)  # begins the stage once the engine has loaded
     return finish(stage, rows, stats)
 
 

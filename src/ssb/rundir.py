@@ -3,18 +3,48 @@ goes, and writes ``manifest.json`` last. A stage is *done* exactly when its mani
 
 Layout and row schemas are documented in README.md ("Run directory"). The rules:
 
+- **Errors of the user's making** (a run directory that is a file, a read-only or full file system, another
+  process holding the lock) are :class:`ssb.errors.SsbError` or ``OSError``, which the command line prints as one
+  line with exit status 2.
+- **One process at a time.** Every command that works on a run directory holds ``RUN_DIR/.lock`` (an exclusive
+  ``fcntl.flock``) while it runs, and so does every stage entry point called as a library; a second process is
+  refused with one line naming the holder (pid, host, start time, command), which is written into the lock file.
+  The operating system drops the lock when its process dies, so a lock file left by a dead process is stale and
+  simply taken over. A stage reached through a symbolic link (``R/sft/teach -> ../ssb/teach``, see
+  :mod:`ssb.compare`) also locks the run directory that holds it. Within one process the lock is reentrant. Under
+  torchrun only rank 0 takes it, for the whole job (the other ranks are its workers, not rivals; keying the lock
+  by job id would add nothing): the command line shares rank 0's outcome with every rank, so a refused job exits 2
+  on all of them. Where the file system has no ``flock`` (some network mounts) a warning says the directory is
+  unlocked and the command goes on.
 - ``started.json`` is written when a stage begins work, with the fingerprint of everything that determines its
-  output (its config section, the model, the seed, and its inputs' manifests' fingerprints).
+  output: the config fields the stage declares it reads (``READS`` in its module, :class:`ssb.config.Reads`; the
+  stage runs on a view of the config that refuses any other field) and its inputs' fingerprints. A stage begins
+  only once its inputs are read and checked and its model has loaded (:meth:`Stage.begin`): a command that fails
+  before that (a mistyped model path, a torn input) leaves no trace.
 - Rerunning a done stage with the same fingerprint does nothing. A different fingerprint is an error that tells the
   user to pass ``--force`` (which deletes the stage directory and starts over); results are never silently mixed.
+  The command line checks every stage it was asked to run before any of them starts, and saves ``config.yaml``
+  only once a stage begins, so a refused command changes nothing.
 - An interrupted stage (``started.json`` but no manifest) resumes: rows already written are kept (a torn last line
   is cut off), and only the missing work is done.
 - Rows are appended with one ``write`` + ``fsync`` per batch, so a crash loses at most the batch in flight.
+- **Inputs are verified.** At finish the manifest records every file of the stage (``files``: name -> rows for
+  JSONL, bytes, sha256). A stage reading an upstream stage's file goes through :func:`read_upstream` /
+  :func:`verify_upstream`, which refuse, naming the file, anything that differs from what the manifest recorded
+  (a truncated, edited or missing file).
+- **Cost adds up.** Each process that works on a stage (an *attempt*) keeps its wall time, device count and
+  counters (generated tokens, ...) in ``<stage>/cost.json`` (``cost.rank<r>.json`` for torchrun's other ranks),
+  updated as it goes and when it stops; the manifest's ``wall_seconds``, ``gpu_seconds`` and counters are sums over
+  every attempt, so a resumed stage costs what all its processes cost together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import functools
+import hashlib
 import json
 import os
 import platform
@@ -31,6 +61,9 @@ from ssb.errors import SsbError
 
 MANIFEST = "manifest.json"
 STARTED = "started.json"
+LOCK = ".lock"
+COST = "cost.json"
+BOOKKEEPING = (MANIFEST, STARTED)  # a stage's files that are not its outputs (also cost*.json and dotfiles)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -41,7 +74,7 @@ def _jsonable(obj: Any) -> Any:
 
 def write_json(path: Path, obj: Any) -> None:
     """Atomic: write a temp file and rename it over ``path``. Dataclasses (configs) are written as mappings."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: torchrun ranks may write the same file
     tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
     os.replace(tmp, path)
 
@@ -72,7 +105,15 @@ def read_rows(path: Path, repair: bool = False) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    data = path.read_bytes()
+    rows, good_bytes, torn = _parse_rows(path.read_bytes(), path)
+    if torn and repair:
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+    return rows
+
+
+def _parse_rows(data: bytes, path: Path) -> tuple[list[dict], int, bool]:
+    """(rows, bytes of whole lines, whether the last line is torn)."""
     lines = data.split(b"\n")
     rows, good_bytes = [], 0
     for i, line in enumerate(lines):
@@ -83,13 +124,10 @@ def read_rows(path: Path, repair: bool = False) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             if i == len(lines) - 1:  # no trailing newline: torn write
-                if repair:
-                    with open(path, "r+b") as f:
-                        f.truncate(good_bytes)
-                break
+                return rows, good_bytes, True
             raise SsbError(f"{path}:{i + 1}: malformed JSON line") from None
         good_bytes += len(line) + 1
-    return rows
+    return rows, good_bytes, False
 
 
 def write_rows(path: Path, rows: Iterable[dict]) -> None:
@@ -128,8 +166,278 @@ def git_commit() -> str | None:
         return None
 
 
+# ---------------------------------------------------------------------------------------------------- the lock
+
+_HELD: dict[str, list] = {}  # resolved run directory -> [lock file descriptor, reentrancy count]
+
+
+def _holder_line(path: Path) -> str:
+    try:
+        h = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        h = {}
+    if not h.get("pid"):
+        return "another process (its details are not written yet)"
+    cmd = f" ({h['command']})" if h.get("command") else ""
+    return f"pid {h['pid']} on host {h.get('host', '?')} since {h.get('started_at', '?')}{cmd}"
+
+
+def _acquire(run_dir: Path) -> None:
+    """Take ``run_dir``'s lock for this process, or raise SsbError naming the holder. Reentrant."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise SsbError(f"run directory {run_dir} is not a directory (a file is in the way)") from None
+    except OSError as e:
+        raise SsbError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
+    key = str(run_dir.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return
+    path = run_dir / LOCK
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise SsbError(f"run directory {run_dir} is not writable: {e.strerror or e}") from None
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no flock on this platform: run unlocked
+            break
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise SsbError(f"run directory {run_dir} is in use by {_holder_line(path)}; wait for it to finish "
+                               f"or stop it, or use another --run-dir") from None
+            print(f"ssb: warning: cannot lock {path} ({e.strerror}); nothing stops a second process on this run "
+                  f"directory", file=sys.stderr)
+            fd = None
+            break
+        try:  # the file we locked must still be the one at `path` (a remover may have raced us)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    if fd is not None:
+        holder = {"pid": os.getpid(), "host": platform.node(), "started_at": _now(),
+                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+    _HELD[key] = [fd, 1]
+
+
+def _release(run_dir: Path, remove: bool = False) -> None:
+    """Drop one hold of ``run_dir``'s lock; the last one closes it (and, with ``remove``, deletes the lock file
+    first: a contender that opened the old file notices and retries, see :func:`_acquire`)."""
+    key = str(Path(run_dir).resolve())
+    held = _HELD.get(key)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] == 0:
+        del _HELD[key]
+        if remove:
+            with contextlib.suppress(OSError):
+                (Path(run_dir) / LOCK).unlink()
+        if held[0] is not None:
+            os.close(held[0])  # drops the flock
+
+
+def lock_scope(run_dir: Path) -> list[Path]:
+    """The run directories a command on ``run_dir`` must lock: ``run_dir`` and those holding the stage
+    directories it links to."""
+    run_dir = Path(run_dir)
+    out = [run_dir]
+    if run_dir.is_dir():
+        for entry in sorted(run_dir.iterdir()):
+            if entry.is_symlink() and entry.is_dir():
+                owner = entry.resolve().parent
+                if owner not in [p.resolve() for p in out]:
+                    out.append(owner)
+    return out
+
+
+@contextlib.contextmanager
+def locked(*run_dirs, collective: bool = False):
+    """Hold the locks of ``run_dirs`` (and of the run directories their stage links point into) while the block
+    runs. Under torchrun only rank 0 locks; with ``collective`` (every rank calls this together, as the command
+    line does) the outcome is shared, so every rank raises if rank 0 could not lock.
+
+    If the block fails, what this added is taken away again: a lock file it created, and a run directory it
+    created if nothing else is in it. A refused or failed command leaves the run directory as it found it."""
+    taken: list[tuple[Path, bool]] = []  # (run dir, whether this created its lock file)
+    created: list[Path] = []
+    error: SsbError | None = None
+    if dist.is_main():
+        try:
+            for d in run_dirs:
+                for p in lock_scope(Path(d)):
+                    if not p.exists():
+                        created.append(p)
+                    new_file = not (p / LOCK).exists()
+                    _acquire(p)
+                    taken.append((p, new_file))
+        except SsbError as e:
+            error = e
+    if collective and dist.world() > 1:
+        import torch
+
+        if int(dist.all_reduce_sum(torch.tensor(0 if error is None else 1))) and error is None:
+            error = SsbError("rank 0 could not lock the run directory (see its error)")
+            error.quiet = True
+    ok = False
+    try:
+        if error is not None:
+            raise error
+        yield
+        ok = True
+    finally:
+        for p, new_file in reversed(taken):
+            _release(p, remove=new_file and not ok)
+        if not ok:
+            for p in created:
+                _remove_if_empty(p)
+
+
+def _remove_if_empty(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if str(path.resolve()) not in _HELD and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
+def locking(run):
+    """Decorator of a stage entry point ``run(cfg, run_dir, ...)``: it holds the run directory's lock while it
+    runs (a no-op when the command line already holds it)."""
+
+    @functools.wraps(run)
+    def wrapper(cfg, run_dir, *args, **kwargs):
+        with locked(run_dir):
+            try:
+                return run(cfg, run_dir, *args, **kwargs)
+            except BaseException:
+                for stage in list(_ACTIVE):  # an error or Ctrl-C: the time spent so far still counts
+                    stage.record()
+                raise
+
+    return wrapper
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+def file_record(path: Path) -> dict:
+    """``{"bytes", "sha256"}`` of a file, plus ``rows`` (JSON lines) for ``.jsonl``."""
+    data = Path(path).read_bytes()
+    out = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    if path.suffix == ".jsonl":
+        out["rows"] = len(_parse_rows(data, path)[0])
+    return out
+
+
+def _output_files(stage_dir: Path) -> dict[str, dict]:
+    """Every output file of a stage directory (relative posix name -> :func:`file_record`): all files but the
+    manifest, ``started.json``, cost ledgers and dotfiles (temp files, the lock)."""
+    out = {}
+    for root, dirs, files in os.walk(stage_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            rel = Path(root, name).relative_to(stage_dir).as_posix()
+            if name.startswith(".") or rel in BOOKKEEPING or (root == str(stage_dir) and _is_ledger(name)):
+                continue
+            out[rel] = file_record(Path(root, name))
+    return out
+
+
+def _is_ledger(name: str) -> bool:
+    return name == COST or (name.startswith("cost.rank") and name.endswith(".json"))
+
+
+def require_done(run_dir: str | Path, name: str) -> dict:
+    """The manifest of an upstream stage, or a clear error telling the user to run it first."""
+    p = Path(run_dir) / name / MANIFEST
+    if not p.exists():
+        raise SsbError(f"stage '{name}' has not finished in {run_dir}: run `ssb {name} --run-dir {run_dir}` first")
+    return read_json(p)
+
+
+def _check(run_dir: Path, stage: str, name: str, manifest: dict, data: bytes | None) -> None:
+    """Raise unless ``data`` (the bytes of ``stage``'s file ``name``, or None if missing) is what the manifest
+    recorded. Manifests written before files were recorded are trusted as they are."""
+    files = manifest.get("files")
+    if files is None:
+        return
+    path = Path(run_dir) / stage / name
+    redo = f"rerun `ssb {stage} --force --run-dir {run_dir}` (and the stages after it) to redo it"
+    want = files.get(name)
+    if want is None:
+        raise SsbError(f"{path}: not among the files stage '{stage}' finished with; {redo}")
+    if data is None:
+        raise SsbError(f"{path}: missing, but stage '{stage}' finished with it; restore it or {redo}")
+    if hashlib.sha256(data).hexdigest() != want["sha256"]:
+        if "rows" in want:
+            now = f"{len(_parse_rows(data, path)[0])} rows, the manifest {want['rows']}"
+        else:
+            now = f"{len(data)} bytes, the manifest {want['bytes']}"
+        raise SsbError(f"{path} has changed since stage '{stage}' finished ({now}; the content differs): restore "
+                       f"it or {redo}")
+
+
+def read_upstream(run_dir: str | Path, stage: str, name: str) -> list[dict]:
+    """The rows of upstream ``stage``'s JSONL file ``name``, after checking them against its manifest (which
+    must exist): a truncated, edited or missing file is refused with one line naming it."""
+    manifest = require_done(run_dir, stage)
+    path = Path(run_dir) / stage / name
+    data = path.read_bytes() if path.exists() else None
+    _check(Path(run_dir), stage, name, manifest, data)
+    return _parse_rows(data, path)[0] if data is not None else []
+
+
+def verify_upstream(run_dir: str | Path, stage: str, prefix: str = "") -> dict:
+    """Check every file of finished ``stage`` whose name starts with ``prefix`` (e.g. ``adapter/``) against its
+    manifest; returns the manifest."""
+    manifest = require_done(run_dir, stage)
+    for name in (manifest.get("files") or {}):
+        if name.startswith(prefix):
+            path = Path(run_dir) / stage / name
+            _check(Path(run_dir), stage, name, manifest, path.read_bytes() if path.exists() else None)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+
+_ACTIVE: set = set()  # stages this process has begun and not finished (their cost is recorded on errors)
+_DEFERRED: dict[str, tuple[Path, str]] = {}  # resolved run dir -> (file, text) to write when a stage begins
+
+
+def write_on_begin(run_dir: Path, name: str, text: str | None) -> None:
+    """Write ``RUN_DIR/name`` when the first stage of ``run_dir`` begins (or at once when ``flush_deferred`` is
+    called); ``None`` cancels. The command line saves ``config.yaml`` this way, so that a command refused or failed
+    before any stage began leaves no new config behind."""
+    key = str(Path(run_dir).resolve())
+    if text is None:
+        _DEFERRED.pop(key, None)
+    else:
+        _DEFERRED[key] = (Path(run_dir) / name, text)
+
+
+def flush_deferred(run_dir: Path) -> None:
+    item = _DEFERRED.pop(str(Path(run_dir).resolve()), None)
+    if item is not None and dist.is_main():
+        path, text = item
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
 class Stage:
-    """One stage's directory and its done / resume / changed-config bookkeeping."""
+    """One stage's directory and its done / resume / changed-config / cost bookkeeping.
+
+    Call :meth:`is_done` first (skip if True), then read and check the inputs and load the model, then
+    :meth:`begin` (from then on the stage counts as started), :meth:`add` counters as work is done (each call also
+    records the time so far), and :meth:`finish` last."""
 
     def __init__(self, run_dir: str | Path, name: str, fingerprint: str, config: Any = None, force: bool = False):
         self.run_dir = Path(run_dir)
@@ -138,7 +446,11 @@ class Stage:
         self.fingerprint = fingerprint
         self.config = config
         self.force = force
-        self._t0 = time.time()
+        self._elapsed, self._since = 0.0, time.time()  # this process's time on the stage; running from now
+        self._counters: dict[str, float] = {}
+        self._attempt: dict | None = None  # this process's entry in the cost ledger, once begun
+        self._prior: list[dict] = []  # earlier attempts in this rank's ledger
+        self._last_record = 0.0
 
     def path(self, name: str) -> Path:
         return self.dir / name
@@ -148,67 +460,152 @@ class Stage:
         p = self.path(MANIFEST)
         return read_json(p) if p.exists() else None
 
-    def is_done(self) -> bool:
-        """True if finished with this fingerprint. Raises if finished or begun with a different one."""
+    def check(self) -> str | None:
+        """``"finished"``, ``"started"`` or None; raises if finished or begun with a different fingerprint (unless
+        ``force``). A question: changes nothing."""
         for fname, what in ((MANIFEST, "finished"), (STARTED, "started")):
             p = self.path(fname)
             if not p.exists():
                 continue
             if self.force:
-                dist.barrier()  # every rank has looked before rank 0 deletes
-                if dist.is_main():
-                    shutil.rmtree(self.dir)
-                dist.barrier()
-                return False
+                return what
             old = read_json(p).get("fingerprint")
             if old != self.fingerprint:
                 raise SsbError(
                     f"{self.dir} was {what} with a different configuration (fingerprint {old} != {self.fingerprint}); "
                     f"rerun with --force to discard it and redo this stage (and those after it), or use another --run-dir"
                 )
-            return fname == MANIFEST
-        return False
+            return what
+        return None
+
+    def is_done(self) -> bool:
+        """True if finished with this fingerprint. Raises if finished or begun with a different one; with ``force``
+        deletes what is there and returns False."""
+        state = self.check()
+        if state is not None and self.force:
+            dist.barrier()  # every rank has looked before rank 0 deletes
+            if dist.is_main():
+                shutil.rmtree(self.dir)
+            dist.barrier()
+            return False
+        return state == "finished"
+
+    # ---- time and counters
+
+    def pause(self) -> None:
+        if self._since is not None:
+            self._elapsed += time.time() - self._since
+            self._since = None
+
+    def resume(self) -> None:
+        if self._since is None:
+            self._since = time.time()
+
+    @contextlib.contextmanager
+    def lend(self, other: "Stage"):
+        """Time spent in the block is ``other``'s, not this stage's (stages sharing one process: the waves)."""
+        self.pause()
+        other.resume()
+        try:
+            yield
+        finally:
+            other.pause()
+            self.resume()
+
+    def seconds(self) -> float:
+        return self._elapsed + (time.time() - self._since if self._since is not None else 0.0)
+
+    def add(self, **counters: float) -> None:
+        """Add to this attempt's counters (e.g. ``generated_tokens``) and record them with the time so far."""
+        for k, v in counters.items():
+            self._counters[k] = self._counters.get(k, 0) + v
+        self.record()
+
+    def heartbeat(self, every: float = 5.0) -> None:
+        """Record the time so far, at most once per ``every`` seconds (cheap to call every training step)."""
+        if time.time() - self._last_record >= every:
+            self.record()
+
+    def _ledger_path(self) -> Path:
+        return self.path(COST if dist.rank() == 0 else f"cost.rank{dist.rank()}.json")
+
+    def record(self) -> None:
+        """Write this attempt's time and counters to the stage's cost ledger (after :meth:`begin`)."""
+        if self._attempt is None or not self.dir.is_dir():
+            return
+        self._attempt.update(wall_seconds=round(self.seconds(), 3), gpus=max(self._attempt["gpus"], gpus_in_use()),
+                             counters={k: round(v, 3) if isinstance(v, float) else v
+                                       for k, v in self._counters.items()})
+        self._last_record = time.time()
+        try:
+            write_json(self._ledger_path(), {"attempts": self._prior + [self._attempt]})
+        except OSError:
+            pass  # bookkeeping must not fail the work
+
+    def _ledgers(self) -> list[tuple[int, list[dict]]]:
+        out = []
+        for p in sorted(self.dir.glob("cost*.json")):
+            if _is_ledger(p.name):
+                rank = 0 if p.name == COST else int(p.name[len("cost.rank"):-len(".json")])
+                try:
+                    out.append((rank, list(read_json(p).get("attempts") or [])))
+                except SsbError:
+                    pass
+        return out
 
     def begin(self) -> None:
-        if dist.is_main():
-            self.dir.mkdir(parents=True, exist_ok=True)
-            if not self.path(STARTED).exists():
-                write_json(self.path(STARTED), {"fingerprint": self.fingerprint, "started_at": _now()})
-        dist.barrier()
+        """From now on the stage counts as started: its directory, ``started.json`` and this attempt's cost entry
+        exist. Idempotent; every rank that writes into the stage calls it (no collective)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.path(STARTED).exists():
+            write_json(self.path(STARTED), {"fingerprint": self.fingerprint, "started_at": _now()})
+        flush_deferred(self.run_dir)  # the command's config.yaml, now that it has changed something
+        if self._attempt is None:
+            ledger = self._ledger_path()
+            self._prior = list(read_json(ledger).get("attempts") or []) if ledger.exists() else []
+            self._attempt = {"pid": os.getpid(), "host": platform.node(), "started_at": _now(),
+                             "world": dist.world(), "gpus": gpus_in_use()}
+            _ACTIVE.add(self)
+            self.record()
 
-    def finish(self, counts: dict[str, Any], wall_seconds: float | None = None, **extra: Any) -> dict:
-        """Write the manifest. ``wall_seconds``: this stage's own time where it shared a process with other stages
-        (the budgeted waves); default: since this object was made."""
-        started = read_json(self.path(STARTED)) if self.path(STARTED).exists() else {}
-        wall = time.time() - self._t0 if wall_seconds is None else wall_seconds
-        gpus = gpus_in_use()
-        manifest = {
-            "stage": self.name,
-            "fingerprint": self.fingerprint,
-            "counts": counts,
-            "wall_seconds": round(wall, 3),
-            "gpus": gpus,
-            "gpu_seconds": round(wall * gpus, 3),
-            "started_at": started.get("started_at"),
-            "finished_at": _now(),
-            "versions": versions(),
-            "git_commit": git_commit(),
-            "host": platform.node(),
-            "config": self.config,
-            **extra,
-        }
+    def finish(self, counts: dict[str, Any], **extra: Any) -> dict:
+        """Write the manifest (rank 0; the others wait for it). Extra keys are recorded as given, except the
+        counters added with :meth:`add`, which are the sums over every attempt and rank."""
+        self.begin()
+        self.record()
+        _ACTIVE.discard(self)
         if dist.is_main():  # under data parallelism rank 0 writes for all; the others wait for it
+            started = read_json(self.path(STARTED)) if self.path(STARTED).exists() else {}
+            ledgers = self._ledgers()
+            mine = [a for rank, attempts in ledgers if rank == 0 for a in attempts]
+            wall = sum(a.get("wall_seconds", 0.0) for a in mine)
+            gpu = sum(a.get("wall_seconds", 0.0) * a.get("gpus", 0) for a in mine)
+            totals: dict[str, float] = {}
+            for _, attempts in ledgers:
+                for a in attempts:
+                    for k, v in (a.get("counters") or {}).items():
+                        totals[k] = totals.get(k, 0) + v
+            manifest = {
+                "stage": self.name,
+                "fingerprint": self.fingerprint,
+                "counts": counts,
+                "wall_seconds": round(wall, 3),
+                "gpus": max([a.get("gpus", 0) for a in mine] or [0]),
+                "gpu_seconds": round(gpu, 3),
+                "attempts": len(mine),
+                "started_at": started.get("started_at"),
+                "finished_at": _now(),
+                "versions": versions(),
+                "git_commit": git_commit(),
+                "host": platform.node(),
+                "config": self.config,
+                **extra,
+                **{k: round(v, 3) if isinstance(v, float) else v for k, v in totals.items()},
+                "files": _output_files(self.dir),
+            }
             write_json(self.path(MANIFEST), manifest)  # last: its existence means "done"
         dist.barrier()
         return self.manifest
-
-
-def require_done(run_dir: str | Path, name: str) -> dict:
-    """The manifest of an upstream stage, or a clear error telling the user to run it first."""
-    p = Path(run_dir) / name / MANIFEST
-    if not p.exists():
-        raise SsbError(f"stage '{name}' has not finished in {run_dir}: run `ssb {name} --run-dir {run_dir}` first")
-    return read_json(p)
 
 
 def batches(items: list, size: int) -> Iterator[tuple[int, list]]:

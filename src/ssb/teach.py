@@ -25,14 +25,22 @@ import torch
 
 from ssb import dist
 from ssb.common import batch_seed
-from ssb.config import Config, fingerprint
+from ssb.config import Config, Reads
 from ssb.engine import SamplingParams, make_engine
 from ssb.errors import SsbError
 from ssb.grading import extract_answer, grade
 from ssb.models import load_tokenizer, render_chat
 from ssb.progress import GenerationBar
 from ssb.prompts import teacher_messages
-from ssb.rundir import Stage, append_rows, batches, read_rows, require_done, write_rows
+from ssb.rundir import Stage, append_rows, batches, locking, read_rows, read_upstream, require_done, write_rows
+
+
+# the config fields this stage reads (ssb.config.Reads); curate.strict: the teacher's replies are graded as curated
+READS = Reads("teach", result=("model", "seed", "teach", "curate.strict", "engine.backend"), how=("engine",))
+
+
+def upstream(cfg: Config) -> str:
+    return "curate"
 
 
 def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
@@ -41,20 +49,20 @@ def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
 
 
 def make_stage(cfg: Config, run_dir, curate_fp: str, force: bool = False) -> Stage:
-    fp = fingerprint("teach", curate_fp, cfg.model, cfg.seed, cfg.teach, cfg.curate.strict, cfg.engine.backend)
-    return Stage(run_dir, "teach", fp, {"model": cfg.model, "seed": cfg.seed, "teach": cfg.teach,
-                                        "curate": curate_fp}, force)
+    return Stage(run_dir, "teach", READS.fingerprint(cfg, curate_fp), {**READS.values(cfg), "curate": curate_fp},
+                 force)
 
 
+@locking
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
+    cfg = READS.view(cfg)
     stage = stage_for(cfg, run_dir, force)
     if stage.is_done():
         return stage.manifest
-    pairs = read_rows(stage.run_dir / "curate" / "pairs.jsonl")
+    pairs = read_upstream(run_dir, "curate", "pairs.jsonl")
     if not pairs:
         raise SsbError("curation kept 0 pairs (see curate/stats.json): nothing for the teacher to work on; "
                        "roll out more problems or samples")
-    stage.begin()
     teacher = Teacher(cfg, stage)
     teacher.work(pairs)
     return teacher.finish(pairs)
@@ -102,6 +110,9 @@ class Teacher:
         rank ``b % world``'s and all ranks agree when to stop."""
         todo = [p for p in pairs if not self._decided(p)]
         new_accepted, resumed = 0, self.accepted()
+        mine = any(b % dist.world() == dist.rank() for b, _ in batches(todo, self.tc.batch_size))
+        if mine and resumed < self.tc.max_examples:
+            self._engine()  # before the progress bar: a model that does not load is one error line
         bar = GenerationBar(len(todo), "teach", "pair")
         for b, batch in batches(todo, self.tc.batch_size):
             if b % dist.world() == 0:  # a round of `world` batches, one per rank
@@ -118,6 +129,12 @@ class Teacher:
             self.tries = _read_tries(self.log_path)
         return self.accepted()
 
+    def _engine(self):
+        if self.engine is None:
+            self.engine = self.engine_factory()
+            self.stage.begin()  # the model has loaded: from here on the stage counts as started
+        return self.engine
+
     def _batch(self, batch: list[dict], bar: GenerationBar) -> int:
         new = 0
         for attempt in range(self.tc.attempts):
@@ -125,8 +142,7 @@ class Teacher:
                     and not any(r["attempt"] == attempt for r in self.tries.get(p["id"], []))]
             if not live:
                 continue
-            if self.engine is None:
-                self.engine = self.engine_factory()
+            self._engine()
             seeds = [batch_seed(self.cfg.seed, "teach", p["id"], attempt) for p in live]
             hook = bar.begin(samples=len(live))
             outs = self.engine.generate([self.prompt(p) for p in live], self.params, seeds, progress=hook)
@@ -139,6 +155,7 @@ class Teacher:
                              "answer": extract_answer(s.text), "reply_text": s.text, "reply_ids": s.token_ids})
                 self.generated_tokens += len(s.token_ids)
             append_rows(self.own_log, rows)
+            self.stage.add(generated_tokens=sum(len(r["reply_ids"]) for r in rows))
             new += sum(r["accepted"] for r in rows)
             for r in rows:
                 self.tries.setdefault(r["id"], []).append(r)

@@ -13,8 +13,10 @@ the same whole-tensor files as without FSDP (and scatter them back on resume), s
 
 Checkpoints (every ``save_every`` steps, rank 0, atomically in ``<stage>/checkpoint/``): trainable weights and
 AdamW state as safetensors, step, torch RNG state, and the data position (which is the step: the order of every
-epoch is a function of the seed). Resuming loads them, replays the learning-rate schedule to that step, drops
-log rows after it and continues; the end weights equal an uninterrupted run's.
+epoch is a function of the seed), and the tokens trained and seconds spent training up to that step. Resuming
+loads them, replays the learning-rate schedule to that step, drops log rows after it and continues; the end weights
+equal an uninterrupted run's, and so do ``trained_tokens`` (``train_seconds`` adds every process's time up to its
+last checkpoint).
 
 Non-finite gradients: a step whose gradient norm is NaN or infinite is skipped (no optimizer update; the schedule
 moves on) and logged with ``"skipped": true``, as loss scalers do; more than 10% of steps (and at least 3) is
@@ -81,7 +83,9 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
     total = spec.max_steps or spec.epochs * per_epoch
     sched = get_scheduler(spec.schedule, opt, num_warmup_steps=spec.warmup_steps, num_training_steps=total)
     log_path = stage_dir / "train_log.jsonl"
-    step = _resume(stage_dir, model, names, opt, sched, log_path)
+    resumed = _resume(stage_dir, model, names, opt, sched, log_path)
+    step = resumed.get("step", 0)
+    tokens_before, seconds_before = resumed.get("trained_tokens", 0), resumed.get("train_seconds", 0.0)
     sharded = any(isinstance(p, DTensor) for p in params)
 
     model.train()
@@ -128,15 +132,16 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
             bar.update(1)
             bar.set_postfix(loss=f"{log['loss']:.4f}", tok_s=f"{log['tokens_per_s']:.0f}")
         if spec.save_every and step % spec.save_every == 0 and step < total:
-            save_checkpoint(stage_dir, model, names, opt, step)  # every rank: gathering shards is collective
+            save_checkpoint(stage_dir, model, names, opt, step, trained_tokens=tokens_before + trained,
+                            train_seconds=seconds_before + time.time() - t_start)  # every rank: collective
         dist.barrier()
     if bar is not None:
         bar.close()
     bad = [n for n, p in zip(names, params) if not bool(torch.isfinite(_full(p.detach())).all())]
     if bad:
         raise SsbError(f"training produced non-finite weights ({bad[0]} and {len(bad) - 1} more); not saving them")
-    return {"steps": step, "trained_tokens": trained, "train_seconds": round(time.time() - t_start, 3),
-            "skipped_steps": skipped}
+    return {"steps": step, "trained_tokens": tokens_before + trained,
+            "train_seconds": round(seconds_before + time.time() - t_start, 3), "skipped_steps": skipped}
 
 
 MAX_SKIPPED = 0.1  # fraction of steps with non-finite gradients after which training counts as diverged
@@ -179,7 +184,8 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: _full(p.detach()).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(stage_dir: Path, model, names: list[str], opt, step: int) -> None:
+def save_checkpoint(stage_dir: Path, model, names: list[str], opt, step: int, trained_tokens: int = 0,
+                    train_seconds: float = 0.0) -> None:
     """Called on every rank (shards are gathered); rank 0 writes."""
     from safetensors.torch import save_file
 
@@ -195,19 +201,21 @@ def save_checkpoint(stage_dir: Path, model, names: list[str], opt, step: int) ->
     tensors["rng"] = torch.get_rng_state()
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     groups = [{k: v for k, v in g.items()} for g in osd["param_groups"]]
-    (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": groups}))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": groups, "trained_tokens": trained_tokens,
+                                                "train_seconds": round(train_seconds, 3)}))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
 
 
-def _resume(stage_dir: Path, model, names: list[str], opt, sched, log_path: Path) -> int:
-    """Load ``<stage>/checkpoint`` if present; returns the step to continue from (0 = fresh start)."""
+def _resume(stage_dir: Path, model, names: list[str], opt, sched, log_path: Path) -> dict:
+    """Load ``<stage>/checkpoint`` if present; returns its state (``step``, ``trained_tokens``, ``train_seconds``),
+    or {} for a fresh start."""
     ckpt = stage_dir / CKPT
     if not (ckpt / "state.json").exists():
         if dist.is_main():
             log_path.unlink(missing_ok=True)  # a fresh start begins its log afresh
         dist.barrier()
-        return 0
+        return {}
     from safetensors.torch import load_file
 
     meta = json.loads((ckpt / "state.json").read_text())
@@ -235,4 +243,4 @@ def _resume(stage_dir: Path, model, names: list[str], opt, sched, log_path: Path
     if dist.is_main():
         write_rows(log_path, [r for r in read_rows(log_path, repair=True) if r["step"] <= meta["step"]])
     dist.barrier()
-    return meta["step"]
+    return meta

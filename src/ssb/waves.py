@@ -12,20 +12,21 @@ run resumes the wave it was in, with the same plan; the finished waves' yields (
 teacher samples and acceptances) go into the rollout manifest under ``waves``.
 
 The three stages keep their own directories, files and manifests (rollout's fingerprint also covers the curate
-and teach settings, since they decide how much is rolled out); one engine serves the rollouts and the teacher.
-Each manifest's ``wall_seconds`` is that stage's own share of the loop (loading the model counts for rollout), so
-the three add up to the loop's time and are not each the whole of it.
+and teach settings, since they decide how much is rolled out); one engine serves the rollouts and the teacher. The
+time of the waves is split between the three manifests, not counted three times: grading is curate's, the
+teacher's sampling is teach's, the rest (loading the engine, rolling out) rollout's (teach's if rollout had
+finished before).
 """
 
 from __future__ import annotations
 
-import time
+import contextlib
 
 from ssb import curate, dist, rollout, teach
 from ssb.config import Config
 from ssb.engine import make_engine
 from ssb.errors import SsbError
-from ssb.rundir import append_rows, read_rows
+from ssb.rundir import append_rows, locking, read_rows, read_upstream
 
 LOG = "waves.jsonl"
 MARGIN_PCT = 110  # plan 10% more problems than the yield so far says are needed
@@ -44,8 +45,10 @@ def next_total(done: int, accepted: int, target: int, available: int, min_wave: 
     return min(available, done + max(more, min_wave))
 
 
+@locking
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
     """Run (or resume, or skip if finished) rollout, curate and teach under the budget; returns the teach manifest."""
+    cfg = rollout.WAVES_READS.view(cfg)  # the three stages' fields: rollout's fingerprint covers them all
     r_stage = rollout.stage_for(cfg, run_dir, force, waves=True)
     r_done = r_stage.is_done()
     c_stage = curate.make_stage(cfg, run_dir, r_stage.fingerprint, force)
@@ -57,14 +60,22 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     if not problems:
         raise SsbError("rollout.data has no problems")
     target = cfg.teach.max_examples
-    for stage in (r_stage, t_stage):
-        stage.begin()
-    engine: dict = {}
+    base = t_stage if r_done else r_stage  # whose time the waves are unless lent (see the module's docstring)
+    for stage in (r_stage, c_stage, t_stage):
+        if stage is not base:
+            stage.pause()
+
+    def on(stage):
+        return contextlib.nullcontext() if stage is base else base.lend(stage)
+
+    rows = read_upstream(run_dir, "rollout", rollout.FILE) if r_done else None  # checked against its manifest
+    engine = make_engine(cfg.model, engine_cfg=cfg.engine)
+    if not r_done:
+        r_stage.begin()  # the model has loaded: from here on the stages count as started
+    t_stage.begin()
 
     def engine_factory():
-        if "e" not in engine:
-            engine["e"] = make_engine(cfg.model, engine_cfg=cfg.engine)
-        return engine["e"]
+        return engine
 
     teacher = teach.Teacher(cfg, t_stage, engine_factory)
     log = read_rows(r_stage.path(LOG), repair=dist.is_main())
@@ -73,30 +84,23 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     total = planned[-1]["problems_total"] if planned else min(len(problems), cfg.rollout.first_wave or target)
     cache: dict = {}
     gen = {"generated_tokens": 0, "generate_seconds": 0.0}
-    clock = {"rollout": 0.0, "curate": 0.0, "teach": 0.0}  # each stage's own wall time (model loading: rollout)
     while True:
         wave = len(planned) - 1
-        if r_done:  # finished earlier: the rows are all there
-            rows = read_rows(r_stage.path(rollout.FILE))
-        else:
+        if not r_done:  # (if finished earlier, the rows are all there)
             if not planned or planned[-1]["problems_total"] != total:
                 wave += 1
                 planned.append({"wave": wave, "problems_total": total})
                 if dist.is_main():
                     append_rows(r_stage.path(LOG), [planned[-1]])
-            t = time.time()
             _, stats = rollout.generate(cfg, r_stage, problems[:total], engine_factory)
-            clock["rollout"] += time.time() - t
             gen["generated_tokens"] += stats["generated_tokens"]
             gen["generate_seconds"] += stats["generate_seconds"]
             dist.barrier()  # rank 0 has merged every rank's rows
             rows = read_rows(r_stage.path(rollout.FILE))
-        t = time.time()
-        graded, pairs, stats = curate.select(rows, cfg, cache=cache)
-        t2 = time.time()
-        accepted = teacher.work(pairs)
-        clock["curate"] += t2 - t
-        clock["teach"] += time.time() - t2
+        with on(c_stage):
+            graded, pairs, stats = curate.select(rows, cfg, cache=cache)
+        with on(t_stage):
+            accepted = teacher.work(pairs)
         if not any(r["wave"] == wave for r in finished) and not r_done:
             funnel = teacher.funnel(pairs)
             before = finished[-1] if finished else {"problems_total": 0, "pairs_total": 0, "teacher_samples_total": 0,
@@ -114,10 +118,10 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
             break
         total = next_total(len(rows), accepted, target, len(problems), 1)
     return _finish(cfg, (r_stage, c_stage, t_stage), (r_done, c_done), rows, (graded, pairs, stats), teacher,
-                   finished, gen, clock)
+                   finished, gen, on)
 
 
-def _finish(cfg, stages, done, rows, curated, teacher, finished, gen, clock) -> dict:
+def _finish(cfg, stages, done, rows, curated, teacher, finished, gen, on) -> dict:
     r_stage, c_stage, t_stage = stages
     graded, pairs, stats = curated
     accepted_ids = [p["id"] for p in pairs if any(r["accepted"] for r in teacher.tries.get(p["id"], []))]
@@ -127,10 +131,12 @@ def _finish(cfg, stages, done, rows, curated, teacher, finished, gen, clock) -> 
     budget = {"target_examples": cfg.teach.max_examples, "problems_needed": needed,
               "rollout_overshoot": round(len(rows) / max(needed, 1), 4), "waves": finished}
     if not done[0]:
-        rollout.finish(r_stage, rows, gen, wall_seconds=clock["rollout"], **budget)
+        rollout.finish(r_stage, rows, gen, **budget)
     if not done[1]:
-        c_stage.begin()
-        if dist.is_main():
-            curate.write_files(c_stage, graded, pairs, stats)
-        c_stage.finish({"problems": stats["problems"], "pairs": len(pairs)}, wall_seconds=clock["curate"], stats=stats)
-    return teacher.finish(pairs, wall_seconds=clock["teach"], budget=budget)
+        with on(c_stage):
+            c_stage.begin()
+            if dist.is_main():
+                curate.write_files(c_stage, graded, pairs, stats)
+            c_stage.finish({"problems": stats["problems"], "pairs": len(pairs)}, stats=stats)
+    with on(t_stage):
+        return teacher.finish(pairs, budget=budget)
