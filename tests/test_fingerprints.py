@@ -25,7 +25,7 @@ NOT_HASHED = {
     "teach": ENGINE_KNOBS,
     "distill": {"distill.fsdp"},
     "evaluate": ENGINE_KNOBS | {"data_dir", "evaluate.benchmarks", "evaluate.adapter"},
-    "grpo": {"data_dir"},
+    "grpo": ENGINE_KNOBS | {"engine.backend", "data_dir", "grpo.save_every"},
 }
 
 
