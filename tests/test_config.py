@@ -58,5 +58,8 @@ def test_fingerprint_changes_with_config_and_every_key_is_documented():
 def test_shipped_configs_load():
     from pathlib import Path
 
-    for f in (Path(__file__).parents[1] / "configs").glob("*.yaml"):
-        load_config(f)
+    names = sorted(f.name for f in (Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert {"default.yaml", "smoke.yaml", "grpo_smoke.yaml", "testbed.yaml"} <= set(names)
+    for name in names:
+        cfg = load_config(Path(__file__).parents[1] / "configs" / name)
+        assert cfg.model.name_or_path  # every shipped config names its model

@@ -59,10 +59,7 @@ def test_case_table_golds_are_real(full_data_dir):
 
 # Gold solutions the grader gets wrong, each with why: known grading bugs, listed so the test still catches every
 # new one, and fails when one is fixed (then delete it here).
-KNOWN_MISGRADED_GOLD = {
-    "test/number_theory/459.json": r"'\boxed{15\frac{39}{40}}, or \boxed{\frac{639}{40}}': the same value written "
-                                   r"two ways is read as a hedge (answer_key does not read mixed numbers)",
-}
+KNOWN_MISGRADED_GOLD: dict[str, str] = {}  # problem id -> why its gold solution grades wrong (none today)
 
 
 @pytest.mark.full_data
@@ -378,3 +375,10 @@ def test_fast_path_skips_math_verify_and_worker_failure_is_false(monkeypatch):
     assert calls == []  # all decided without math-verify
     assert grade(r"\boxed{\sqrt{8}}", r"2\sqrt{2}") is False  # needs math-verify, which is unavailable: False
     assert len(calls) == 1 and ssb.grading._CACHE == {}  # ... and the failure is not cached
+
+
+def test_a_mixed_number_and_its_improper_fraction_are_one_answer_not_a_hedge():
+    same = r"So the sum is $\boxed{15\frac{39}{40}}$, or $\boxed{\frac{639}{40}}$."
+    assert extract_answer(same) == r"\frac{639}{40}" and grade(same, r"\frac{639}{40}", "math500")
+    other = r"So the sum is $\boxed{15\frac{39}{40}}$, or maybe $\boxed{\frac{641}{40}}$."
+    assert extract_answer(other) is None

@@ -268,4 +268,4 @@ def test_a_run_killed_after_its_last_checkpoint_finishes_without_training(tiny_m
     assert m["stopped_by"] == "tokens" and m["counts"]["steps"] == 1 and m["resumed_from_step"] == 1
     assert (tmp_path / "grpo" / "adapter" / "adapter_model.safetensors").is_file()
     assert {p.name for p in (tmp_path / "grpo").iterdir()} == {"adapter", "train_log.jsonl", "started.json",
-                                                                "manifest.json"}
+                                                                "manifest.json", "cost.json"}

@@ -12,7 +12,8 @@ Extraction (:func:`extract_answer`), in order:
        (``\boxed{\frac{1``) is still skipped;
      * a list written as several boxes: boxes joined only by ``,``, ``;`` or ``and`` (``$\boxed{3}$, $\boxed{5}$``,
        ``\boxed{1} and \boxed{-2}``) are read as one answer ``3, 5`` (repeats of the same value count once);
-     * hedge: when the box before the final one holds a different value (by :func:`answer_key`) and the text
+     * hedge: when the box before the final one holds a different value (by :func:`answer_key`; a mixed number
+       such as ``15\frac{39}{40}`` also counts as its value, 639/40) and the text
        between them hedges, the reply has no answer (None, so it grades wrong). The text hedges when it, or one of
        its sentences or lines, starts with "or", "either", "alternatively" or "otherwise", or when it is at most
        80 characters and contains one of "or", "either", "maybe", "perhaps", "possibly", "might", "otherwise",
@@ -221,6 +222,20 @@ def _is_hedge(between: str) -> bool:
     return len(between) <= HEDGE_WINDOW and _HEDGE_RE.search(text) is not None
 
 
+_MIXED_RE = re.compile(r"^\s*(-?)(\d+)\s*\\[dt]?frac\{(\d+)\}\{(\d+)\}\s*$")
+
+
+def _same_value_keys(content: str) -> set[str]:
+    r"""The keys a box's value may have: :func:`answer_key`, and for a mixed number (``15\frac{39}{40}``) also
+    its value as one (639/40): two boxes that agree on either are the same answer written twice, not a hedge."""
+    keys = {answer_key(content)}
+    m = _MIXED_RE.match(content)
+    if m and int(m.group(4)):
+        value = int(m.group(2)) + Fraction(int(m.group(3)), int(m.group(4)))
+        keys.add(_number_key(-value if m.group(1) else value))
+    return keys
+
+
 def _boxed_answer(response: str, boxes: list[tuple[int, int, str]]) -> tuple[str | None, bool]:
     """(answer, hedged) from the boxes of a response: the final box, or a list of boxes (see the module doc)."""
     k = len(boxes) - 1
@@ -239,7 +254,8 @@ def _boxed_answer(response: str, boxes: list[tuple[int, int, str]]) -> tuple[str
             contents.append(content)
     if k > 0:
         prev = boxes[k - 1]
-        if prev[1] <= group[0][0] and answer_key(prev[2]) not in keys and _is_hedge(response[prev[1]:group[0][0]]):
+        if (prev[1] <= group[0][0] and not _same_value_keys(prev[2]) & set(keys)
+                and _is_hedge(response[prev[1]:group[0][0]])):
             return None, True
     return ", ".join(contents), False
 

@@ -12,8 +12,9 @@ on one example with weight 0 (FSDP's collectives must match across ranks), and c
 the same whole-tensor files as without FSDP (and scatter them back on resume), so either can resume the other.
 
 Checkpoints (every ``save_every`` steps, rank 0, atomically in ``<stage>/checkpoint/``): trainable weights and
-AdamW state as safetensors, step, torch RNG state, and the data position (which is the step: the order of every
-epoch is a function of the seed), and the tokens trained and seconds spent training up to that step. Resuming
+AdamW state as safetensors, step, torch RNG states (CPU, and CUDA when used: dropout on a GPU draws from it), and
+the data position (which is the step: the order of every epoch is a function of the seed), and the tokens trained
+and seconds spent training up to that step. Resuming
 loads them, replays the learning-rate schedule to that step, drops log rows after it and continues; the end weights
 equal an uninterrupted run's, and so do ``trained_tokens`` (``train_seconds`` adds every process's time up to its
 last checkpoint).
@@ -199,6 +200,8 @@ def save_checkpoint(stage_dir: Path, model, names: list[str], opt, step: int, tr
     tmp.mkdir(parents=True)
     save_file(state, str(tmp / "weights.safetensors"))
     tensors["rng"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on a GPU draws from its own generator
+        tensors["cuda_rng"] = torch.cuda.get_rng_state()
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     groups = [{k: v for k, v in g.items()} for g in osd["param_groups"]]
     (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": groups, "trained_tokens": trained_tokens,
@@ -227,7 +230,7 @@ def _resume(stage_dir: Path, model, names: list[str], opt, sched, log_path: Path
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     state: dict = {}
     for key, v in tensors.items():
-        if key == "rng":
+        if key in ("rng", "cuda_rng"):
             continue
         i, name = key.split(".", 1)
         state.setdefault(int(i), {})[name] = v
@@ -240,6 +243,8 @@ def _resume(stage_dir: Path, model, names: list[str], opt, sched, log_path: Path
         for _ in range(meta["step"]):
             sched.step()
     torch.set_rng_state(tensors["rng"])
+    if "cuda_rng" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda_rng"])
     if dist.is_main():
         write_rows(log_path, [r for r in read_rows(log_path, repair=True) if r["step"] <= meta["step"]])
     dist.barrier()
