@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from ssb.config import EngineConfig, ModelConfig
-from ssb.engine import SamplingParams, TransformersEngine, make_engine, pick_tokens
+from ssb.engine import SamplingParams, TransformersEngine, pick_tokens
+from ssb.generation import make_engine
 from ssb.errors import SsbError
 from ssb.models import render_chat
 from ssb.prompts import student_messages
@@ -131,8 +132,8 @@ def test_fixed_shape_step_equals_the_eager_one(tiny_model_dir, monkeypatch):
     fixed = make_engine(_model_cfg(tiny_model_dir), engine_cfg=EngineConfig(max_batch_size=5))
     monkeypatch.setattr(fixed, "_static_step", lambda device: True)
     moves = []
-    real_move = mod._StaticLayer.relayout
-    monkeypatch.setattr(mod._StaticLayer, "relayout", lambda self, lo, off, cap, rows=None: moves.append(
+    real_move = mod.StaticLayer.relayout
+    monkeypatch.setattr(mod.StaticLayer, "relayout", lambda self, lo, off, cap, rows=None: moves.append(
         "realloc" if rows is not None or cap != self.kbuf.shape[2] else "in place") or real_move(
         self, lo, off, cap, rows))
     prompts = _prompts(eager)

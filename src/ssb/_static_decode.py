@@ -80,7 +80,7 @@ def relayout_buffers(layer, lo: int, off: int, cap: int, rows: torch.Tensor | No
     layer._view()
 
 
-class _StaticLayer(DynamicLayer):
+class StaticLayer(DynamicLayer):
     """A KV layer over a ``[rows, heads, cap, dim]`` buffer written at the device column ``col`` (set before each
     step); attention always reads the whole buffer (the mask hides dead columns). ``n`` columns are in use."""
 

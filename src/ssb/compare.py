@@ -95,7 +95,7 @@ def run(cfg: Config, root, runs=RUNS, force: bool = False) -> Path:
 
 
 def _run(cfg: Config, root: Path, runs, force: bool) -> Path:
-    from ssb.cli import run_stages
+    from ssb.pipeline import run_stages
     from ssb.report import main_report
 
     ssb_dir = root / "ssb"

@@ -48,11 +48,12 @@ from ssb import dist
 from ssb.config import Config, Reads, fingerprint
 from ssb.errors import SsbError
 from ssb.losses import chunked_distill_loss, chunked_topk_distill_loss, topk_teacher
-from ssb.models import load_model, load_tokenizer, render_chat, resolve_device, resolve_dtype, stop_token_ids
+from ssb.models import (load_model, load_tokenizer, lora_config, render_chat, resolve_device, resolve_dtype,
+                        stop_token_ids)
 from ssb.progress import progress
 from ssb.prompts import student_messages
 from ssb.rundir import Stage, batches, locking, read_upstream, require_done
-from ssb.train import CKPT, TrainSpec, train, trainable_state
+from ssb.train import CKPT, TrainSpec, full_tensor, train, trainable_state
 from ssb.teacher_cache import TopkCacheReader, TopkCacheWriter, bytes_per_token, check_existing
 
 CACHE_DIR, CACHE_DTYPE = "teacher_topk", "float16"
@@ -153,13 +154,10 @@ def make_stage(cfg: Config, run_dir, up: str, force: bool = False) -> Stage:
 
 
 def _lora(model, dc, seed: int):
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    targets = dc.target_modules if dc.target_modules == "all-linear" else [
-        t.strip() for t in dc.target_modules.split(",") if t.strip()]
     torch.manual_seed(seed)
-    return get_peft_model(model, LoraConfig(r=dc.lora_r, lora_alpha=dc.lora_alpha, lora_dropout=dc.lora_dropout,
-                                            target_modules=targets, task_type="CAUSAL_LM"))
+    return get_peft_model(model, lora_config(dc))
 
 
 @locking
@@ -296,12 +294,13 @@ def _loss(model, decoder, lm_head, batch: dict, dc, loss_kw: dict, cached=None) 
     else:
         teacher = None
     weights = None if dc.average == "token" else 1.0 / batch["seq_len"].float()
-    common = dict(lm_head_bias=_whole(lm_head.bias), kd_weight=dc.kd_weight, ce_weight=dc.ce_weight,
+    common = dict(lm_head_bias=full_tensor(lm_head.bias), kd_weight=dc.kd_weight, ce_weight=dc.ce_weight,
                   targets=batch["targets"], weights=weights, **loss_kw)
     if cached is not None:
-        total = chunked_topk_distill_loss(student, *cached, _whole(lm_head.weight), teacher_tempered=True, **common)
+        total = chunked_topk_distill_loss(student, *cached, full_tensor(lm_head.weight), teacher_tempered=True,
+                                          **common)
     else:
-        total = chunked_distill_loss(student, teacher, _whole(lm_head.weight), **common)
+        total = chunked_distill_loss(student, teacher, full_tensor(lm_head.weight), **common)
     return total
 
 
@@ -310,9 +309,3 @@ def _hidden(decoder, ids, mask) -> torch.Tensor:
     out = decoder(input_ids=ids, attention_mask=mask)
     return out if isinstance(out, torch.Tensor) else out.last_hidden_state
 
-
-def _whole(t):
-    """The FSDP root keeps lm_head unsharded from its forward to the end of backward; a shard is gathered anyway."""
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t

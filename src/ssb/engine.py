@@ -47,7 +47,7 @@ from typing import Callable, Protocol
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from ssb._static_decode import (CudaGraphStep, _StaticLayer, fixed_forward, relayout_buffers, round_capacity,
+from ssb._static_decode import (CudaGraphStep, StaticLayer, fixed_forward, relayout_buffers, round_capacity,
                                supports_fixed_step)
 
 
@@ -199,9 +199,9 @@ class _Decoder:
         self.start, self.pos, self.out = [0] * rows, [0] * rows, [[] for _ in range(rows)]
         udtype = torch.float32 if self.device.type == "mps" else torch.float64
         self.u = torch.ones(rows, params.max_new_tokens, dtype=udtype)
-        self.layers: list[_BufferLayer | _StaticLayer] = []
+        self.layers: list[_BufferLayer | StaticLayer] = []
         self.t = 0  # the shared column clock: next column written
-        self.static = eng._static_step(self.device)  # fixed-shape steps over _StaticLayer buffers
+        self.static = eng._static_step(self.device)  # fixed-shape steps over StaticLayer buffers
         self.graph = None
         if self.static and self.device.type == "cuda":
             self.graph = CudaGraphStep(lambda inp: fixed_forward(self.model, self.cache, inp), self._captured)
@@ -289,7 +289,7 @@ class _Decoder:
     def _alloc(self, longest: int):
         kv, _ = next(iter(self.prefilled.values()))
         cap = longest + min(self.params.max_new_tokens, 256) + 1
-        layer_cls, cap = (_StaticLayer, round_capacity(cap)) if self.static else (_BufferLayer, cap)
+        layer_cls, cap = (StaticLayer, round_capacity(cap)) if self.static else (_BufferLayer, cap)
         for k, _ in kv:
             shape = (len(self.sid), k.shape[0], cap, k.shape[2])
             self.layers.append(layer_cls(k.new_zeros(shape), k.new_zeros(shape), longest))
@@ -378,19 +378,3 @@ class _Decoder:
         self.t = self.layers[0].n
         return out.logits[:, -1]
 
-
-def make_engine(model_cfg, adapter=None, engine_cfg=None):
-    """The engine selected by ``engine_cfg.backend`` (default: the embedded transformers engine); with
-    ``adapter``, the peft adapter is merged (transformers) or served as a LoRA (vLLM)."""
-    from ssb.models import load_model, load_tokenizer, stop_token_ids
-
-    if engine_cfg is not None and engine_cfg.backend == "vllm":
-        from ssb.vllm_engine import VLLMEngine
-
-        return VLLMEngine(model_cfg, engine_cfg, adapter=adapter)
-    tokenizer = load_tokenizer(model_cfg)
-    model = load_model(model_cfg, adapter=adapter, merge=adapter is not None)
-    kw = {} if engine_cfg is None else dict(max_batch_size=engine_cfg.max_batch_size,
-                                            prefill_tokens=engine_cfg.prefill_tokens,
-                                            cuda_graphs=engine_cfg.cuda_graphs)
-    return TransformersEngine(model, tokenizer, stop_token_ids(tokenizer, model), **kw)

@@ -15,7 +15,8 @@ from ssb import dist
 from ssb.common import generate_rows
 from ssb.config import Config, Reads, fingerprint
 from ssb.data import DatasetConfig, load_problems
-from ssb.engine import SamplingParams, make_engine
+from ssb.engine import SamplingParams
+from ssb.generation import make_engine
 from ssb.errors import SsbError
 from ssb.grading import extract_answer, grade, grade_answer
 from ssb.metrics import summarize

@@ -143,6 +143,15 @@ def _box_span(text: str, start: int) -> tuple[str, int] | None:
     return (m.group(0), i + m.end()) if m else None
 
 
+def has_box(text: str) -> bool:
+    r"""True if ``text`` has a complete, non-empty ``\boxed{...}`` (balanced braces).
+
+    >>> has_box(r"so \boxed{4}"), has_box(r"so \boxed{}"), has_box(r"so \boxed{4")
+    (True, False, False)
+    """
+    return any((_box_content(text, m.end()) or "").strip() for m in _BOX_RE.finditer(text))
+
+
 def _box_content(text: str, start: int) -> str | None:
     """Content of the box whose command ends at ``start`` (None if unbalanced or not a box)."""
     span = _box_span(text, start)

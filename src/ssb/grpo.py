@@ -70,8 +70,8 @@ from ssb.config import Config, Reads
 from ssb.data import load_problems
 from ssb.engine import SamplingParams, TransformersEngine
 from ssb.errors import SsbError
-from ssb.grading import _BOX_RE, _box_content, grade
-from ssb.models import load_model, load_tokenizer, render_chat, resolve_device, stop_token_ids
+from ssb.grading import grade, has_box
+from ssb.models import load_model, load_tokenizer, lora_config, render_chat, resolve_device, stop_token_ids
 from ssb.prompts import student_messages
 from ssb.rundir import Stage, append_rows, gpus_in_use, locking, read_json, read_rows, write_json, write_rows
 
@@ -105,10 +105,6 @@ def _text(completion) -> str:
     return "".join(str(m.get("content") or "") for m in completion if m.get("role", "assistant") == "assistant")
 
 
-def has_box(text: str) -> bool:
-    r"""True if ``text`` has a complete, non-empty ``\boxed{...}`` (balanced braces)."""
-    return any((_box_content(text, m.end()) or "").strip() for m in _BOX_RE.finditer(text))
-
 
 def reward_funcs(format_bonus: float | None = None, stats: dict | None = None) -> list:
     """TRL reward functions ``(prompts, completions, **columns) -> list[float]``; ``answer`` and ``grader`` are
@@ -127,15 +123,6 @@ def reward_funcs(format_bonus: float | None = None, stats: dict | None = None) -
 
     return [correct] if format_bonus is None else [correct, boxed]
 
-
-def _peft_config(cfg: Config):
-    from peft import LoraConfig
-
-    d = cfg.distill
-    targets = d.target_modules if d.target_modules == "all-linear" else [
-        t.strip() for t in d.target_modules.split(",") if t.strip()]
-    return LoraConfig(r=d.lora_r, lora_alpha=d.lora_alpha, lora_dropout=d.lora_dropout, target_modules=targets,
-                      task_type="CAUSAL_LM")
 
 
 def _log_callback(path, heartbeat=None):
@@ -352,7 +339,7 @@ def run(cfg: Config, run_dir, force: bool = False, callbacks: list | None = None
         warnings.filterwarnings("ignore", message=".*rollout_func.*experimental", category=UserWarning)
         trainer = GRPOTrainer(
             model=model, reward_funcs=reward_funcs(gc.format_reward, stats), args=args, train_dataset=dataset,
-            processing_class=tokenizer, peft_config=_peft_config(cfg),
+            processing_class=tokenizer, peft_config=lora_config(cfg.distill),
             rollout_func=ssb_rollout_func(cfg, tokenizer, stop_ids) if gc.generator == "ssb" else None,
             callbacks=[_log_callback(log, stage.heartbeat), budget, *(callbacks or [])])
     t_start = time.time()

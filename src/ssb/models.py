@@ -281,6 +281,17 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None, merge: bool 
     return model
 
 
+def lora_config(dc):
+    """The peft ``LoraConfig`` of the ``distill`` section's LoRA fields (r, α, dropout, target modules): the one
+    adapter shape of SSB's student and of its baselines (SFT, RFT, GRPO)."""
+    from peft import LoraConfig
+
+    targets = dc.target_modules if dc.target_modules == "all-linear" else [
+        t.strip() for t in dc.target_modules.split(",") if t.strip()]
+    return LoraConfig(r=dc.lora_r, lora_alpha=dc.lora_alpha, lora_dropout=dc.lora_dropout, target_modules=targets,
+                      task_type="CAUSAL_LM")
+
+
 def stop_token_ids(tokenizer, model=None) -> list[int]:
     """Every id that ends an assistant turn: the tokenizer's eos, the generation config's eos, and common
     end-of-turn tokens of chat templates (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``) when present."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 from ssb.common import generate_rows, sample_dict
 from ssb.config import Config, Reads
 from ssb.data import load_problems
-from ssb.engine import SamplingParams, make_engine
+from ssb.engine import SamplingParams
+from ssb.generation import make_engine
 from ssb.errors import SsbError
 from ssb.models import render_chat
 from ssb.prompts import student_messages

@@ -59,6 +59,7 @@ from typing import Any, Iterable, Iterator
 from ssb import dist
 from ssb.errors import SsbError
 
+PIPELINE = ("rollout", "curate", "teach", "distill", "evaluate")  # the stages of `ssb run`, in order
 MANIFEST = "manifest.json"
 STARTED = "started.json"
 LOCK = ".lock"

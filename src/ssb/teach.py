@@ -26,7 +26,8 @@ import torch
 from ssb import dist
 from ssb.common import batch_seed
 from ssb.config import Config, Reads
-from ssb.engine import SamplingParams, make_engine
+from ssb.engine import SamplingParams
+from ssb.generation import make_engine
 from ssb.errors import SsbError
 from ssb.grading import extract_answer, grade
 from ssb.models import load_tokenizer, render_chat

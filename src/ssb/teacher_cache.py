@@ -40,8 +40,7 @@ from ssb.rundir import write_json
 FORMAT, VERSION, INDEX = "ssb-teacher-topk", 1, "index.json"
 VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
-__all__ = ["TopkCacheWriter", "TopkCacheReader", "bytes_per_token", "check_existing", "FULL_LOGITS_BYTES_PER_VOCAB"]
-FULL_LOGITS_BYTES_PER_VOCAB = 4  # fp32
+__all__ = ["TopkCacheWriter", "TopkCacheReader", "bytes_per_token", "check_existing"]
 
 
 def bytes_per_token(k: int, value_dtype: str = "float16") -> int:
@@ -146,12 +145,12 @@ class TopkCacheReader:
     Only the requested rows are read (safetensors slices of memory-mapped shards)."""
 
     def __init__(self, path: str | Path, k: int | None = None, temperature: float | None = None,
-                 fingerprint: str | None = None, require_complete: bool = True):
+                 fingerprint: str | None = None):
         self.path = Path(path)
         index = _read_index(self.path)
         if index is None:
             raise SsbError(f"no teacher cache at {self.path} (missing {INDEX})")
-        if require_complete and not index["complete"]:
+        if not index["complete"]:
             raise SsbError(f"teacher cache {self.path} is incomplete (its build was interrupted); rerun distill")
         check_compatible(index, self.path, index["k"] if k is None else k,
                          index["temperature"] if temperature is None else temperature, fingerprint)

@@ -84,7 +84,7 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
     total = spec.max_steps or spec.epochs * per_epoch
     sched = get_scheduler(spec.schedule, opt, num_warmup_steps=spec.warmup_steps, num_training_steps=total)
     log_path = stage_dir / "train_log.jsonl"
-    resumed = _resume(stage_dir, model, names, opt, sched, log_path)
+    resumed = _resume(stage_dir, model, opt, sched, log_path)
     step = resumed.get("step", 0)
     tokens_before, seconds_before = resumed.get("trained_tokens", 0), resumed.get("train_seconds", 0.0)
     sharded = any(isinstance(p, DTensor) for p in params)
@@ -111,7 +111,7 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
         if not sharded:
             _sync_grads(params)
         stats = dist.all_reduce_sum(stats)
-        norm_val = _full(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm if spec.max_grad_norm > 0
+        norm_val = full_tensor(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm if spec.max_grad_norm > 0
                                                         else math.inf))
         finite = bool(torch.isfinite(norm_val))  # the same on every rank: gradients are summed first
         if finite:
@@ -133,12 +133,12 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
             bar.update(1)
             bar.set_postfix(loss=f"{log['loss']:.4f}", tok_s=f"{log['tokens_per_s']:.0f}")
         if spec.save_every and step % spec.save_every == 0 and step < total:
-            save_checkpoint(stage_dir, model, names, opt, step, trained_tokens=tokens_before + trained,
+            save_checkpoint(stage_dir, model, opt, step, trained_tokens=tokens_before + trained,
                             train_seconds=seconds_before + time.time() - t_start)  # every rank: collective
         dist.barrier()
     if bar is not None:
         bar.close()
-    bad = [n for n, p in zip(names, params) if not bool(torch.isfinite(_full(p.detach())).all())]
+    bad = [n for n, p in zip(names, params) if not bool(torch.isfinite(full_tensor(p.detach())).all())]
     if bad:
         raise SsbError(f"training produced non-finite weights ({bad[0]} and {len(bad) - 1} more); not saving them")
     return {"steps": step, "trained_tokens": tokens_before + trained,
@@ -167,7 +167,7 @@ def _sync_grads(params: list[torch.Tensor]) -> None:
         offset += g.numel()
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A whole tensor: an FSDP shard (DTensor) is all-gathered (collective: every rank must call), others pass."""
     return t.full_tensor() if isinstance(t, DTensor) else t
 
@@ -182,17 +182,17 @@ def _placed_like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 def trainable_state(model) -> dict[str, torch.Tensor]:
     """Name → whole CPU tensor of every trainable parameter (the LoRA weights), gathered if sharded. Every rank
     must call it; every rank gets the result."""
-    return {n: _full(p.detach()).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: full_tensor(p.detach()).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(stage_dir: Path, model, names: list[str], opt, step: int, trained_tokens: int = 0,
+def save_checkpoint(stage_dir: Path, model, opt, step: int, trained_tokens: int = 0,
                     train_seconds: float = 0.0) -> None:
     """Called on every rank (shards are gathered); rank 0 writes."""
     from safetensors.torch import save_file
 
     state = trainable_state(model)
     osd = opt.state_dict()
-    tensors = {f"{i}.{k}": _full(v).cpu().contiguous() for i, s in osd["state"].items() for k, v in s.items()}
+    tensors = {f"{i}.{k}": full_tensor(v).cpu().contiguous() for i, s in osd["state"].items() for k, v in s.items()}
     if not dist.is_main():
         return
     tmp, out = stage_dir / f".{CKPT}.tmp", stage_dir / CKPT
@@ -210,7 +210,7 @@ def save_checkpoint(stage_dir: Path, model, names: list[str], opt, step: int, tr
     os.replace(tmp, out)
 
 
-def _resume(stage_dir: Path, model, names: list[str], opt, sched, log_path: Path) -> dict:
+def _resume(stage_dir: Path, model, opt, sched, log_path: Path) -> dict:
     """Load ``<stage>/checkpoint`` if present; returns its state (``step``, ``trained_tokens``, ``train_seconds``),
     or {} for a fresh start."""
     ckpt = stage_dir / CKPT

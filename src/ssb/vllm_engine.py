@@ -9,8 +9,9 @@
 - Only ``SamplingParams`` apply: nothing is taken from the model's ``generation_config`` (no repetition
   penalty), as in the embedded engine.
 - An adapter (evaluation) is served through vLLM's LoRA support (``enable_lora``, ``LoRARequest``), unmerged.
-- :meth:`VLLMEngine.prompt_topk_logprobs` returns the teacher's top-k log-probs at every position of given
-  sequences via ``prompt_logprobs`` (for a top-k teacher cache).
+- :meth:`VLLMEngine.prompt_topk_logprobs` returns the top-k log-probs at every position of given sequences via
+  ``prompt_logprobs``. Nothing in ssb calls it yet: the top-k teacher cache is built by distill with the
+  transformers model, at the training temperature, which this raw (T=1) view cannot give exactly.
 - Progress: vLLM runs a call as one ``LLM.generate``, so the ``progress`` hook is called once, at the end, with
   the call's totals (tokens, samples).
 - Data parallelism over several GPUs: run one process per GPU on a shard (vLLM's offline data-parallel example);

@@ -24,7 +24,7 @@ import contextlib
 
 from ssb import curate, dist, rollout, teach
 from ssb.config import Config
-from ssb.engine import make_engine
+from ssb.generation import make_engine
 from ssb.errors import SsbError
 from ssb.rundir import append_rows, locking, read_rows, read_upstream
 
