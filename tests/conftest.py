@@ -69,3 +69,20 @@ def small_overrides(model_dir: Path, data_dir: Path) -> list[str]:
         "evaluate.benchmarks=[{name: arith, seed: 1, limit: 8}]", "evaluate.max_new_tokens=24",
         "evaluate.batch_size=8",
     ]
+
+
+def train_killed_at(call: int):
+    """A stand-in for ``ssb.distill.train`` whose ``call``-th step raises KeyboardInterrupt (a simulated kill)."""
+    import ssb.train
+
+    orig, calls = ssb.train.train, {"n": 0}
+
+    def train(model, spec, stage_dir, step_loss, norm_of):
+        def counted(idx):
+            calls["n"] += 1
+            if calls["n"] == call:
+                raise KeyboardInterrupt("simulated kill")
+            return step_loss(idx)
+        return orig(model, spec, stage_dir, counted, norm_of)
+
+    return train

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, small_overrides
+from conftest import REPO, small_overrides, train_killed_at
 from ssb import distill, rollout, waves
 from ssb.cli import main
 from ssb.config import dump_yaml, load_config
@@ -303,17 +303,8 @@ def test_distill_cost_adds_up_across_a_checkpoint_resume(tmp_path, tiny_model_di
         _finished(d, "teach", {"examples.jsonl": examples})
     distill.run(cfg, ref)
 
-    orig_train, calls = distill.train, {"n": 0}
-
-    def crash_at_step_3(model, spec, stage_dir, step_loss, norm_of):
-        def counted(idx):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise KeyboardInterrupt("simulated kill")
-            return step_loss(idx)
-        return orig_train(model, spec, stage_dir, counted, norm_of)
-
-    monkeypatch.setattr(distill, "train", crash_at_step_3)
+    orig_train = distill.train
+    monkeypatch.setattr(distill, "train", train_killed_at(3))
     with pytest.raises(KeyboardInterrupt):
         distill.run(cfg, crash)
     first = read_json(crash / "distill" / "cost.json")["attempts"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import small_overrides
+from conftest import small_overrides, train_killed_at
 from ssb import curate, distill, rollout, teach
 from ssb.config import load_config
 from ssb.rundir import read_rows
@@ -169,19 +169,7 @@ def test_fsdp_distill_resumes_a_single_process_checkpoint(base, tmp_path, monkey
     shutil.copytree(runs[1], ref)
     distill.run(cfg, ref)
 
-    import ssb.train
-
-    orig_train, calls = ssb.train.train, {"n": 0}
-
-    def crash_at_step_3(model, spec, stage_dir, step_loss, norm_of):
-        def counted(idx):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise KeyboardInterrupt("simulated kill")
-            return step_loss(idx)
-        return orig_train(model, spec, stage_dir, counted, norm_of)
-
-    monkeypatch.setattr("ssb.distill.train", crash_at_step_3)
+    monkeypatch.setattr("ssb.distill.train", train_killed_at(3))
     with pytest.raises(KeyboardInterrupt):
         distill.run(cfg, runs[1])
     assert (runs[1] / "distill" / "checkpoint" / "state.json").exists()
