@@ -4,7 +4,7 @@
 A 135M model almost never solves GSM8K, so curation on its own rollouts is usually empty. After the real rollout
 and curate stages, the test stands in for curation the way a user may replace any stage: it writes
 ``curate/pairs.jsonl`` with the dataset's worked solution as the correct attempt and one of the model's own
-responses as the incorrect one. The teacher (the same model) then mostly copies the hinted answer, which is
+responses as the incorrect one, and records the new file in curate's manifest (stages verify what they read). The teacher (the same model) then mostly copies the hinted answer, which is
 enough to exercise teach → distill → evaluate on real tokens.
 """
 
@@ -19,7 +19,7 @@ import pytest
 
 from ssb import curate, distill, evaluate, rollout, teach
 from ssb.config import load_config
-from ssb.rundir import read_rows, write_rows
+from ssb.rundir import file_record, read_json, read_rows, write_json, write_rows
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 pytestmark = pytest.mark.slow
@@ -73,6 +73,10 @@ def test_smollm2_through_every_stage(smollm_dir, data_dir, tmp_path):
                       "correct": f"{worked}\nThe answer is \\boxed{{{r['answer']}}}.",
                       "incorrect": r["samples"][0]["text"]})
     write_rows(tmp_path / "curate" / "pairs.jsonl", pairs)
+    # A replaced stage output comes with its manifest's record of it (later stages verify what they read)
+    manifest = read_json(tmp_path / "curate" / "manifest.json")
+    manifest["files"]["pairs.jsonl"] = file_record(tmp_path / "curate" / "pairs.jsonl")
+    write_json(tmp_path / "curate" / "manifest.json", manifest)
 
     teach.run(cfg, tmp_path)
     examples = read_rows(tmp_path / "teach" / "examples.jsonl")

@@ -15,6 +15,8 @@ columns inside them (in place); only a reallocation (more columns, or fewer rows
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import warnings
 
 import torch
@@ -105,6 +107,18 @@ class StaticLayer(DynamicLayer):
         relayout_buffers(self, lo, off, cap, rows, in_place=True)
 
 
+def with_cache(model, cache) -> dict:
+    """The keyword under which ``model``'s forward takes a KV cache: ``cache`` in recent transformers,
+    ``past_key_values`` before (deprecated there, to be removed in 5.40), whichever this version has."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model: its base
+    return {_cache_kwarg(type(base)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(cls) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
 def fixed_forward(model, cache, inp: torch.Tensor) -> torch.Tensor:
     """Last-position logits of one decode step. ``inp`` [rows, 4]: token, position, first live column, current
     column (the same in every row)."""
@@ -114,8 +128,8 @@ def fixed_forward(model, cache, inp: torch.Tensor) -> torch.Tensor:
     cols = torch.arange(cache.layers[0].kbuf.shape[2], device=inp.device)
     mask = ((cols >= inp[:, 2:3]) & (cols <= inp[:, 3:4]))[:, None, None]  # [rows, 1, 1, cap]
     with _decode_attention_on(model):  # a 4D mask is taken as prepared: transformers builds none
-        out = model(input_ids=inp[:, :1], position_ids=inp[:, 1:2], attention_mask=mask,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=inp[:, :1], position_ids=inp[:, 1:2], attention_mask=mask, use_cache=True,
+                    logits_to_keep=1, **with_cache(model, cache))
     return out.logits[:, -1]
 
 

@@ -48,7 +48,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ssb._static_decode import (CudaGraphStep, StaticLayer, fixed_forward, relayout_buffers, round_capacity,
-                               supports_fixed_step)
+                               supports_fixed_step, with_cache)
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,8 @@ class _Decoder:
         pos = (mask.cumsum(-1) - 1).clamp_(min=0)
         cache = DynamicCache()
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=pos.to(self.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         position_ids=pos.to(self.device), use_cache=True, logits_to_keep=1,
+                         **with_cache(self.model, cache))
         logits = out.logits[:, -1].float()
         for g, i in enumerate(todo):
             n = len(self.prompts[i])
@@ -373,8 +374,8 @@ class _Decoder:
         start = torch.tensor([st if s >= 0 else self.t for s, st in zip(self.sid, self.start)])
         mask = (torch.arange(self.t + 1)[None] >= start[:, None]).long()
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=pos.to(self.device), past_key_values=self.cache, use_cache=True,
-                         logits_to_keep=1)
+                         position_ids=pos.to(self.device), use_cache=True, logits_to_keep=1,
+                         **with_cache(self.model, self.cache))
         self.t = self.layers[0].n
         return out.logits[:, -1]
 
