@@ -86,7 +86,6 @@ class Teacher:
         self.tries = _read_tries(self.log_path)
         self.engine, self.tokenizer = None, None
         self.prompts: dict[str, list[int]] = {}
-        self.generated_tokens = 0
 
     def accepted(self) -> int:
         return sum(any(r["accepted"] for r in rs) for rs in self.tries.values())
@@ -154,7 +153,6 @@ class Teacher:
                                                          strict=self.cfg.curate.strict)
                 rows.append({"id": p["id"], "attempt": attempt, "accepted": ok, "finish_reason": s.finish_reason,
                              "answer": extract_answer(s.text), "reply_text": s.text, "reply_ids": s.token_ids})
-                self.generated_tokens += len(s.token_ids)
             append_rows(self.own_log, rows)
             self.stage.add(generated_tokens=sum(len(r["reply_ids"]) for r in rows))
             new += sum(r["accepted"] for r in rows)
@@ -178,9 +176,7 @@ class Teacher:
 
     def finish(self, pairs: list[dict], **extra) -> dict:
         """Write ``examples.jsonl`` (the first ``max_examples`` accepted pairs, in pair order) and the manifest."""
-        tokens = self.generated_tokens
         if dist.world() > 1:
-            tokens = int(dist.all_reduce_sum(torch.tensor(tokens)))
             if not dist.is_main():
                 return self.stage.finish({})  # waits for rank 0's manifest
             write_rows(self.log_path, [r for rs in self.tries.values() for r in rs])
@@ -202,7 +198,7 @@ class Teacher:
                   "samples": funnel["samples"]}
         return self.stage.finish(counts, prompt=self.tc.prompt, context=self.tc.context,
                                  acceptance=round(funnel["accepted"] / max(funnel["pairs_tried"], 1), 4),
-                                 funnel=funnel, generated_tokens=tokens, **extra)
+                                 funnel=funnel, **extra)  # generated_tokens: the cost ledger's sum
 
 
 def _read_tries(log_path) -> dict[str, list[dict]]:

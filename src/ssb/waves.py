@@ -7,9 +7,10 @@ Problems are taken in dataset order, the teacher works through the pairs in that
 first ``max_examples`` accepted pairs. Waves only decide how far down the list generation has gone.
 
 Wave sizes: the first wave is ``rollout.first_wave`` problems (default ``teach.max_examples``); each later wave is
-sized from the yield so far (examples per problem rolled out) to reach the target with a 10% margin. Each wave is recorded in ``rollout/waves.jsonl`` when planned and when finished, so an interrupted
-run resumes the wave it was in, with the same plan; the finished waves' yields (problems rolled out, usable pairs,
-teacher samples and acceptances) go into the rollout manifest under ``waves``.
+sized from the yield so far (examples per problem rolled out) to reach the target with a 10% margin. Each wave is
+recorded in ``rollout/waves.jsonl`` when planned and when finished, so an interrupted run resumes the wave it was
+in, with the same plan; the finished waves' yields (problems rolled out, usable pairs, teacher samples and
+acceptances) go into the rollout manifest under ``waves``.
 
 The three stages keep their own directories, files and manifests (rollout's fingerprint also covers the curate
 and teach settings, since they decide how much is rolled out); one engine serves the rollouts and the teacher. The
@@ -83,7 +84,6 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     finished = [r for r in log if "accepted" in r]
     total = planned[-1]["problems_total"] if planned else min(len(problems), cfg.rollout.first_wave or target)
     cache: dict = {}
-    gen = {"generated_tokens": 0, "generate_seconds": 0.0}
     while True:
         wave = len(planned) - 1
         if not r_done:  # (if finished earlier, the rows are all there)
@@ -92,9 +92,7 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
                 planned.append({"wave": wave, "problems_total": total})
                 if dist.is_main():
                     append_rows(r_stage.path(LOG), [planned[-1]])
-            _, stats = rollout.generate(cfg, r_stage, problems[:total], engine_factory)
-            gen["generated_tokens"] += stats["generated_tokens"]
-            gen["generate_seconds"] += stats["generate_seconds"]
+            rollout.generate(cfg, r_stage, problems[:total], engine_factory)  # its cost goes to r_stage's ledger
             dist.barrier()  # rank 0 has merged every rank's rows
             rows = read_rows(r_stage.path(rollout.FILE))
         with on(c_stage):
@@ -118,10 +116,10 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
             break
         total = next_total(len(rows), accepted, target, len(problems), 1)
     return _finish(cfg, (r_stage, c_stage, t_stage), (r_done, c_done), rows, (graded, pairs, stats), teacher,
-                   finished, gen, on)
+                   finished, on)
 
 
-def _finish(cfg, stages, done, rows, curated, teacher, finished, gen, on) -> dict:
+def _finish(cfg, stages, done, rows, curated, teacher, finished, on) -> dict:
     r_stage, c_stage, t_stage = stages
     graded, pairs, stats = curated
     accepted_ids = [p["id"] for p in pairs if any(r["accepted"] for r in teacher.tries.get(p["id"], []))]
@@ -131,7 +129,7 @@ def _finish(cfg, stages, done, rows, curated, teacher, finished, gen, on) -> dic
     budget = {"target_examples": cfg.teach.max_examples, "problems_needed": needed,
               "rollout_overshoot": round(len(rows) / max(needed, 1), 4), "waves": finished}
     if not done[0]:
-        rollout.finish(r_stage, rows, gen, **budget)
+        rollout.finish(r_stage, rows, {}, **budget)
     if not done[1]:
         with on(c_stage):
             c_stage.begin()
