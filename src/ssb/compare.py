@@ -51,15 +51,12 @@ STEPS = {"base": ["evaluate"], "ssb": ["rollout", "curate", "teach", "distill", 
 
 
 def training_cost(run_dir: Path) -> dict:
-    """SSB's training cost from its manifests: device-seconds (GPU-seconds, or wall seconds where no GPU was
-    used), GPU-seconds, wall seconds and generated tokens."""
-    cost = {"device_seconds": 0.0, "gpu_seconds": 0.0, "wall_seconds": 0.0, "generated_tokens": 0}
-    for stage in TRAINING:
-        m = read_json(Path(run_dir) / stage / MANIFEST)
-        cost["gpu_seconds"] += m.get("gpu_seconds") or 0.0
-        cost["wall_seconds"] += m.get("wall_seconds") or 0.0
-        cost["device_seconds"] += (m.get("gpu_seconds") or 0.0) if m.get("gpus") else (m.get("wall_seconds") or 0.0)
-        cost["generated_tokens"] += m.get("generated_tokens") or 0
+    """SSB's training cost from its manifests (:func:`ssb.report.cost_totals`: wall seconds, GPU-seconds,
+    generated tokens) plus the budget unit, device-seconds: GPU-seconds, or wall seconds where no GPU was used."""
+    from ssb.report import cost_totals
+
+    cost = cost_totals([read_json(Path(run_dir) / stage / MANIFEST) for stage in TRAINING])
+    cost["device_seconds"] = cost["gpu_seconds"] or cost["wall_seconds"]
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in cost.items()}
 
 

@@ -117,13 +117,13 @@ def _cost(path: Path) -> dict | None:
             for s in STAGES if any(k.split("/")[0] == s for k in manifests)}
     training = [m for k, m in manifests.items() if k in TRAINING]
     evaluation = [m for k, m in manifests.items() if k.startswith("evaluate/")]
-    return {"wall": wall, "training": _totals(training), "evaluation": _totals(evaluation),
+    return {"wall": wall, "training": cost_totals(training), "evaluation": cost_totals(evaluation),
             "generated_tokens": sum(m.get("generated_tokens", 0) for m in manifests.values()),
             "trained_tokens": (manifests.get("distill") or {}).get("counts", {}).get("trained_tokens"),
             "reused": reused, "broken": broken}
 
 
-def _totals(manifests: list[dict]) -> dict:
+def cost_totals(manifests: list[dict]) -> dict:
     """Summed cost; ``gpu_seconds`` is None when a manifest predates its recording."""
     gpu = [m.get("gpu_seconds") for m in manifests]
     return {"wall_seconds": sum(m.get("wall_seconds", 0) for m in manifests),
