@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from ssb.choices import LOSSES, TEACHER_CONTEXTS, TEACHER_PROMPTS
 from ssb.data import DatasetConfig
 from ssb.errors import SsbError
 
@@ -78,12 +79,12 @@ class CurateConfig:
 @dataclass
 class TeachConfig:
     context: str = _f("both", "What the teacher sees: both attempts (paper), the correct one only, or none.",
-                      ("both", "correct_only", "none"))
+                      TEACHER_CONTEXTS)
     prompt: str = _f("guided", "Teacher instructions: guided (incorrect attempt first, correct attempt last, the "
                      "verified answer stated; chosen by teacher acceptance, see benchmarks/RESULTS.md), paper (the "
                      "authors' instructions: match the correct attempt's answer, guard against the mistake, never "
                      "mention the attempts), resolve (ssb's first prompt: study the attempts, solve from scratch).",
-                     ("guided", "paper", "resolve"))
+                     TEACHER_PROMPTS)
     temperature: float = _f(0.4, "Teacher sampling temperature.")
     top_k: int = _f(50, "Top-k sampling (0 = off).")
     top_p: float = _f(1.0, "Nucleus sampling (1.0 = off).")
@@ -95,7 +96,7 @@ class TeachConfig:
 
 @dataclass
 class DistillConfig:
-    loss: str = _f("forward_kl", "Divergence to the teacher.", ("forward_kl", "reverse_kl", "jsd"))
+    loss: str = _f("forward_kl", "Divergence to the teacher.", LOSSES)
     temperature: float = _f(2.0, "Softmax temperature of both distributions in the divergence.")
     scale_t2: bool = _f(True, "Multiply the divergence by T² (Hinton et al.; the paper).")
     jsd_beta: float = _f(0.5, "β of the generalised JSD (loss=jsd only).")

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ssb.choices import GRADERS
 from ssb.errors import SsbError
 
-GRADERS = ("gsm8k", "math500", "aime", "math")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 BUILTIN = "builtin"  # the data_dir value naming BUILTIN_DIR
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin_data"

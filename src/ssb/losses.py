@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-LOSSES = ("forward_kl", "reverse_kl", "jsd")
+from ssb.choices import LOSSES
 LOG_FLOOR = -1e4  # substitute for log q = -inf where p > 0 (see module docstring)
 
 __all__ = ["LOSSES", "LOG_FLOOR", "distill_loss", "chunked_distill_loss", "topk_teacher", "topk_distill_loss",

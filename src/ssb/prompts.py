@@ -11,13 +11,12 @@ the student's training target, and the student never sees the hints.
 
 from __future__ import annotations
 
+from ssb.choices import TEACHER_CONTEXTS, TEACHER_PROMPTS
+
 SYSTEM_PROMPT = (
     "You are an expert math tutor. Solve the problem step by step, explaining your reasoning clearly and "
     "checking your work. Put your final answer within \\boxed{}."
 )
-
-TEACHER_CONTEXTS = ("both", "correct_only", "none")
-TEACHER_PROMPTS = ("guided", "paper", "resolve")
 
 _TEACHER_INTRO = "Solve the following math problem.\n\nProblem:\n{question}\n"
 _HINT_CORRECT = "\nHere is an earlier attempt at this problem that reached the CORRECT final answer:\n<correct_attempt>\n{correct}\n</correct_attempt>\n"
