@@ -27,7 +27,7 @@ import torch
 import transformers
 
 from ssb import grpo
-from ssb.config import load_config
+from ssb.configio import load_config
 from ssb.rundir import read_rows
 
 GENERATORS = ("ssb", "generate", "paged")

@@ -50,7 +50,7 @@ $PY -c "import torch, transformers, peft, trl; print('torch', torch.__version__,
 log "load the model once (GGUF -> safetensors cache)"
 $PY - "$C" "${common[@]}" <<'PY'
 import sys, time
-from ssb.config import load_config
+from ssb.configio import load_config
 from ssb.models import load_model, load_tokenizer
 t = time.time(); cfg = load_config(sys.argv[1], sys.argv[2:])
 load_tokenizer(cfg.model); load_model(cfg.model); print(f"model ready in {time.time() - t:.1f}s")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ssb import teach
-from ssb.config import load_config
+from ssb.configio import load_config
 from ssb.distill import _lora, _loss, build_examples, collate, rollout_targets
 from ssb.models import load_tokenizer
 from ssb.rundir import read_rows

@@ -78,7 +78,7 @@ def test_rerun_does_nothing(compared):
 
 
 def test_ablation_without_ssb_is_refused(tiny_model_dir, data_dir, tmp_path):
-    from ssb.config import load_config
+    from ssb.configio import load_config
 
     cfg = load_config(None, small_overrides(tiny_model_dir, data_dir))
     with pytest.raises(SsbError, match="needs the ssb run's finished teach stage"):

@@ -1,6 +1,8 @@
 import pytest
 
-from ssb.config import Config, ConfigError, describe, fingerprint, load_config
+from ssb.config import Config, ConfigError
+from ssb.configio import describe, load_config
+from ssb.reads import fingerprint
 
 
 def test_defaults_reproduce_the_paper():

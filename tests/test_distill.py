@@ -94,7 +94,7 @@ def taught(tiny_model_dir, data_dir, tmp_path_factory):
     """A run dir with real rollout -> curate -> teach outputs on the tiny model (a few seconds)."""
     from conftest import small_overrides
     from ssb import curate, rollout, teach
-    from ssb.config import load_config
+    from ssb.configio import load_config
 
     d = tmp_path_factory.mktemp("taught")
     cfg = load_config(None, small_overrides(tiny_model_dir, data_dir) + ["rollout.data={name: arith, limit: 8}"])
@@ -104,7 +104,7 @@ def taught(tiny_model_dir, data_dir, tmp_path_factory):
 
 
 def _distill_cfg(base, *extra):
-    from ssb.config import load_config, to_dict
+    from ssb.configio import load_config, to_dict
 
     return load_config(None, ["distill.lr=1e-3", "distill.batch_size=8", "distill.epochs=12",
                               "distill.schedule=constant", "distill.lora_r=8", "distill.lora_alpha=16",

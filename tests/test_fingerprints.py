@@ -1,5 +1,5 @@
 """Each stage's fingerprint follows from the config fields it declares it reads (``READS`` in its module, see
-:class:`ssb.config.Reads`), and a stage cannot read a field it has not declared. Changing any field must change
+:class:`ssb.reads.Reads`), and a stage cannot read a field it has not declared. Changing any field must change
 the fingerprint of every stage that reads it (and of the stages after those) and of no other."""
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import dataclasses
 import pytest
 
 from ssb import curate, distill, evaluate, grpo, rollout, teach
-from ssb.config import Config, UndeclaredConfigRead, get_path, load_config
+from ssb.config import Config
+from ssb.configio import load_config
+from ssb.reads import UndeclaredConfigRead, get_path
 from ssb.data import DatasetConfig
 
 READS = {"rollout": rollout.READS, "rollout-waves": rollout.WAVES_READS, "curate": curate.READS,

@@ -11,7 +11,7 @@ import torch
 
 from conftest import small_overrides
 from ssb import curate, distill, evaluate, rollout, teach
-from ssb.config import load_config
+from ssb.configio import load_config
 from ssb.engine import TransformersEngine
 from ssb.errors import SsbError
 from ssb.rundir import read_rows

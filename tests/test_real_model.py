@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ssb import curate, distill, evaluate, rollout, teach
-from ssb.config import load_config
+from ssb.configio import load_config
 from ssb.rundir import file_record, read_json, read_rows, write_json, write_rows
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO, small_overrides, train_killed_at
 from ssb import distill, rollout, waves
 from ssb.cli import main
-from ssb.config import dump_yaml, load_config
+from ssb.configio import dump_yaml, load_config
 from ssb.errors import SsbError
 from ssb.rundir import Stage, read_json, read_rows, write_rows
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import small_overrides, train_killed_at
 from ssb import curate, distill, rollout, teach
-from ssb.config import load_config
+from ssb.configio import load_config
 from ssb.rundir import read_rows
 
 pytestmark = pytest.mark.slow

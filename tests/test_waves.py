@@ -11,7 +11,7 @@ import pytest
 from conftest import small_overrides
 from ssb import teach, waves
 from ssb.cli import main
-from ssb.config import load_config
+from ssb.configio import load_config
 from ssb.rundir import read_rows
 
 

@@ -18,7 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-from ssb.config import Config, describe, dump_yaml, load_config
+from ssb.config import Config
+from ssb.configio import describe, dump_yaml, load_config
 from ssb import dist
 from ssb.errors import SsbError
 from ssb.pipeline import run_stages

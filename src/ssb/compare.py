@@ -31,7 +31,8 @@ import sys
 from pathlib import Path
 
 from ssb import dist
-from ssb.config import Config, load_config, to_dict
+from ssb.config import Config
+from ssb.configio import load_config, to_dict
 from ssb.errors import SsbError
 from ssb.rundir import MANIFEST, locked, read_json
 

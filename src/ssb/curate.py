@@ -25,12 +25,13 @@ from collections import Counter
 
 from tqdm.auto import tqdm
 
-from ssb.config import Config, Reads
+from ssb.config import Config
+from ssb.reads import Reads
 from ssb.grading import answer_key, extract_answer, grade, grade_answer
 from ssb.rundir import Stage, locking, read_upstream, require_done, write_json, write_rows
 
 DROP_REASONS = ("no_answer", "no_correct", "no_incorrect")
-READS = Reads("curate", result=("seed", "curate"))  # the config fields this stage reads (ssb.config.Reads)
+READS = Reads("curate", result=("seed", "curate"))  # the config fields this stage reads (ssb.reads.Reads)
 
 
 def choose_pair(answers: list[str | None], correct: list[bool], rng: random.Random, grader: str = "math"):

@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from ssb import dist
-from ssb.config import Config, Reads, fingerprint
+from ssb.config import Config
+from ssb.reads import Reads, fingerprint
 from ssb.errors import SsbError
 from ssb.losses import chunked_distill_loss, chunked_topk_distill_loss, topk_teacher
 from ssb.models import (load_model, load_tokenizer, lora_config, render_chat, resolve_device, resolve_dtype,

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ssb import dist
 from ssb.common import generate_rows
-from ssb.config import Config, Reads, fingerprint
+from ssb.config import Config
+from ssb.reads import Reads, fingerprint
 from ssb.data import DatasetConfig, load_problems
 from ssb.engine import SamplingParams
 from ssb.generation import make_engine
@@ -24,7 +25,7 @@ from ssb.models import render_chat
 from ssb.prompts import student_messages
 from ssb.rundir import MANIFEST, Stage, locking, read_json, verify_upstream, write_json
 
-# The config fields this stage reads (ssb.config.Reads). Each benchmark's fingerprint has its one benchmark and the
+# The config fields this stage reads (ssb.reads.Reads). Each benchmark's fingerprint has its one benchmark and the
 # resolved adapter (its fingerprint, or path) instead of the lists in evaluate.benchmarks and evaluate.adapter.
 READS = Reads("evaluate", result=("model", "seed", "evaluate", "engine.backend"),
               how=("engine", "data_dir", "evaluate.benchmarks", "evaluate.adapter"))

@@ -66,7 +66,8 @@ from pathlib import Path
 
 import torch
 
-from ssb.config import Config, Reads
+from ssb.config import Config
+from ssb.reads import Reads
 from ssb.data import load_problems
 from ssb.engine import SamplingParams, TransformersEngine
 from ssb.errors import SsbError

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from ssb import dist
-from ssb.config import Config, dump_yaml
+from ssb.config import Config
+from ssb.configio import dump_yaml
 from ssb.rundir import MANIFEST, flush_deferred, read_json, write_on_begin
 
 

@@ -9,7 +9,8 @@ Output ``rollout/rollouts.jsonl``, one row per problem, in dataset order::
 from __future__ import annotations
 
 from ssb.common import generate_rows, sample_dict
-from ssb.config import Config, Reads
+from ssb.config import Config
+from ssb.reads import Reads
 from ssb.data import load_problems
 from ssb.engine import SamplingParams
 from ssb.generation import make_engine
@@ -19,7 +20,7 @@ from ssb.prompts import student_messages
 from ssb.rundir import Stage, locking
 
 FILE = "rollouts.jsonl"
-# The config fields this stage reads (see ssb.config.Reads): the result ones make up its fingerprint.
+# The config fields this stage reads (see ssb.reads.Reads): the result ones make up its fingerprint.
 READS = Reads("rollout", result=("model", "seed", "rollout", "engine.backend"), how=("engine", "data_dir"))
 # Under ssb run's budget (ssb.waves) how far the rollout goes depends on curation and the teacher too.
 WAVES_READS = Reads("rollout-waves", result=READS.result + ("curate", "teach"), how=READS.how)

@@ -25,7 +25,8 @@ import torch
 
 from ssb import dist
 from ssb.common import batch_seed
-from ssb.config import Config, Reads
+from ssb.config import Config
+from ssb.reads import Reads
 from ssb.engine import SamplingParams
 from ssb.generation import make_engine
 from ssb.errors import SsbError
