@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ssb.data import BUILTIN_DIR, DataError, DatasetConfig, Problem, arith_problems, load_problems
+from ssb.config import DatasetConfig
+from ssb.data import BUILTIN_DIR, DataError, Problem, arith_problems, load_problems
 
 
 @pytest.fixture(autouse=True)

@@ -10,10 +10,9 @@ import dataclasses
 import pytest
 
 from ssb import curate, distill, evaluate, grpo, rollout, teach
-from ssb.config import Config
+from ssb.config import Config, DatasetConfig
 from ssb.configio import load_config
 from ssb.reads import UndeclaredConfigRead, get_path
-from ssb.data import DatasetConfig
 
 READS = {"rollout": rollout.READS, "rollout-waves": rollout.WAVES_READS, "curate": curate.READS,
          "teach": teach.READS, "distill": distill.READS, "evaluate": evaluate.READS, "grpo": grpo.READS}

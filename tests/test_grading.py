@@ -66,7 +66,8 @@ KNOWN_MISGRADED_GOLD: dict[str, str] = {}  # problem id -> why its gold solution
 @pytest.mark.parametrize("name, split, solution_field", [
     ("gsm8k", "train", "answer"), ("gsm8k", "test", "answer"), ("math500", "test", "solution")])
 def test_every_gold_solution_grades_correct_against_its_own_answer(name, split, solution_field, full_data_dir):
-    from ssb.data import DatasetConfig, load_problems
+    from ssb.config import DatasetConfig
+    from ssb.data import load_problems
 
     rows = [json.loads(line) for line in (full_data_dir / name / f"{split}.jsonl").read_text("utf-8").splitlines()]
     problems = load_problems(DatasetConfig(name, split=split), data_dir=full_data_dir)

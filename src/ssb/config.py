@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ssb.choices import LOSSES, TEACHER_CONTEXTS, TEACHER_PROMPTS
-from ssb.data import DatasetConfig
 from ssb.errors import SsbError
 
 
@@ -30,6 +29,35 @@ def _f(default: Any, help: str, choices: tuple | None = None):
 
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+@dataclass
+class DatasetConfig:
+    """One problem source."""
+
+    name: str = "gsm8k"
+    """Known benchmark (gsm8k, math500, aime24, aime25, amc23), 'arith' (built-in synthetic set), a hub
+    dataset id ('openai/gsm8k'), or a local .jsonl/.json/.parquet file."""
+    split: str | None = None
+    """Hub split, and the file for known benchmarks' offline copies; None -> the benchmark's default."""
+    subset: str | None = None
+    """Hub config name (gsm8k: 'main'); None -> the benchmark's default."""
+    question_field: str | None = None
+    """Column with the question; None -> the known default, else 'question' then 'problem'."""
+    answer_field: str | None = None
+    """Column with the gold answer; None -> the known default, else 'answer'."""
+    id_field: str | None = None
+    """Column with a stable id; None -> the known default or 'id' if present, else '<name>-<row>'."""
+    grader: str | None = None
+    """Grading rules: 'gsm8k' | 'math500' | 'aime' | 'math'; None -> the benchmark's default, else 'math'."""
+    skip: int = 0
+    """Drop the first N problems (after shuffling, before `limit`): a held-out slice disjoint from a `limit`."""
+    limit: int | None = None
+    """Keep the first N problems (after shuffling and `skip`); None -> all ('arith': 64)."""
+    shuffle: bool = False
+    """Shuffle the problems (deterministically, by `seed`) before applying `limit`."""
+    seed: int = 0
+    """Seed for `shuffle` and for generating 'arith' problems."""
 
 
 @dataclass

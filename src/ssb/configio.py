@@ -17,8 +17,7 @@ from typing import Any
 
 import yaml
 
-from ssb.config import Config, ConfigError, DistillConfig
-from ssb.data import DatasetConfig
+from ssb.config import Config, ConfigError, DatasetConfig, DistillConfig
 
 
 def _hints(cls) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ssb.choices import GRADERS
+from ssb.config import DatasetConfig
 from ssb.errors import SsbError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -45,35 +46,6 @@ class Problem:
     question: str
     answer: str  # gold final answer as a string (GSM8K: the text after '####', commas kept)
     grader: str  # 'gsm8k' | 'math500' | 'aime' | 'math': which grading rules apply
-
-
-@dataclass
-class DatasetConfig:
-    """One problem source."""
-
-    name: str = "gsm8k"
-    """Known benchmark (gsm8k, math500, aime24, aime25, amc23), 'arith' (built-in synthetic set), a hub
-    dataset id ('openai/gsm8k'), or a local .jsonl/.json/.parquet file."""
-    split: str | None = None
-    """Hub split, and the file for known benchmarks' offline copies; None -> the benchmark's default."""
-    subset: str | None = None
-    """Hub config name (gsm8k: 'main'); None -> the benchmark's default."""
-    question_field: str | None = None
-    """Column with the question; None -> the known default, else 'question' then 'problem'."""
-    answer_field: str | None = None
-    """Column with the gold answer; None -> the known default, else 'answer'."""
-    id_field: str | None = None
-    """Column with a stable id; None -> the known default or 'id' if present, else '<name>-<row>'."""
-    grader: str | None = None
-    """Grading rules: 'gsm8k' | 'math500' | 'aime' | 'math'; None -> the benchmark's default, else 'math'."""
-    skip: int = 0
-    """Drop the first N problems (after shuffling, before `limit`): a held-out slice disjoint from a `limit`."""
-    limit: int | None = None
-    """Keep the first N problems (after shuffling and `skip`); None -> all ('arith': 64)."""
-    shuffle: bool = False
-    """Shuffle the problems (deterministically, by `seed`) before applying `limit`."""
-    seed: int = 0
-    """Seed for `shuffle` and for generating 'arith' problems."""
 
 
 # hub: (id, subset, default split, question/answer/id columns); local: offline copy under the data dir.

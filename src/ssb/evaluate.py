@@ -13,9 +13,9 @@ from pathlib import Path
 
 from ssb import dist
 from ssb.common import generate_rows
-from ssb.config import Config
+from ssb.config import Config, DatasetConfig
 from ssb.reads import Reads, fingerprint
-from ssb.data import DatasetConfig, load_problems
+from ssb.data import load_problems
 from ssb.engine import SamplingParams
 from ssb.generation import make_engine
 from ssb.errors import SsbError
