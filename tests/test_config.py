@@ -1,6 +1,9 @@
+import dataclasses
+import typing
+
 import pytest
 
-from ssb.config import Config, ConfigError
+from ssb.config import Config, ConfigError, Range
 from ssb.configio import describe, load_config
 from ssb.reads import fingerprint
 
@@ -55,6 +58,23 @@ def test_fingerprint_changes_with_config_and_every_key_is_documented():
     assert fingerprint(Config()) != fingerprint(load_config(None, ["seed=1"]))
     rows = describe()
     assert all(help for _, _, help in rows) and any(k == "distill.temperature" for k, _, _ in rows)
+
+
+def test_every_number_declares_its_range():
+    """A number without a declared range would take any value; every section's and every dataset's number has one."""
+    def numbers(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            kinds = set(typing.get_args(tp)) | {tp, typing.get_origin(tp)}
+            if dataclasses.is_dataclass(tp) or list in kinds:
+                inner = tp if dataclasses.is_dataclass(tp) else typing.get_args(tp)[0]
+                yield from numbers(inner, f"{prefix}{f.name}.")
+            elif kinds & {int, float}:
+                yield prefix + f.name, f.metadata.get("allowed")
+
+    found = dict(numbers(Config))
+    assert "rollout.data.limit" in found and "distill.jsd_beta" in found and "seed" in found
+    assert [k for k, allowed in found.items() if not isinstance(allowed, Range)] == []
 
 
 def test_shipped_configs_load():

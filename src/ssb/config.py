@@ -1,15 +1,20 @@
-"""Typed run configuration: the dataclasses, one documented field at a time.
+"""Typed run configuration: the schema, one documented field at a time.
 
-Every field's ``help`` is shown by ``ssb config``. The defaults reproduce the paper (Qwen2.5-3B-Instruct, GSM8K
-train, K=4 rollouts at T=0.8 / top-k 50, teacher at T=0.4, 256 teacher-verified examples, LoRA r=32 α=32 on all
-linear layers, lr 2e-4, batch 4, 3 epochs, forward KL at T=2 scaled by T², no cross-entropy).
+Each field reads ``name: type = _f(default, help, allowed)``. ``help`` is what ``ssb config --keys`` prints;
+``allowed`` is what the value may be: a tuple of choices, or for a number its range (``gt(0)``: > 0, ``ge(0)``: >= 0,
+``between(0, 1)``: in [0, 1]; every number declares one). Rules across fields are a section's ``check()``.
 
-Loading (YAML files, ``key=value`` overrides, the checks) is :mod:`ssb.configio`; what each stage reads of the config,
-and its fingerprint, is :mod:`ssb.reads`.
+The defaults reproduce the paper (Qwen2.5-3B-Instruct, GSM8K train, K=4 rollouts at T=0.8 / top-k 50, teacher at
+T=0.4, 256 teacher-verified examples, LoRA r=32 α=32 on all linear layers, lr 2e-4, batch 4, 3 epochs, forward KL at
+T=2 scaled by T², no cross-entropy).
+
+Loading (YAML files, ``key=value`` overrides, the checks of types, choices and ranges) is :mod:`ssb.configio`; what
+each stage reads of the config, and its fingerprint, is :mod:`ssb.reads`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,46 +27,82 @@ class ConfigError(SsbError):
     """An invalid configuration file, key or value."""
 
 
-def _f(default: Any, help: str, choices: tuple | None = None):
-    meta = {"help": help, "choices": choices}
-    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        import copy
+# --------------------------------------------------------------------------------------------- how a field is declared
 
+@dataclass(frozen=True)
+class Range:
+    """The numbers a field may take: from ``lo`` (excluded if ``lo_open``) up to ``hi`` (None: no upper bound)."""
+
+    lo: float
+    hi: float | None = None
+    lo_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        return (value > self.lo if self.lo_open else value >= self.lo) and (self.hi is None or value <= self.hi)
+
+    def __str__(self) -> str:  # as the error message puts it: "> 0", ">= 0", "in (0, 1]"
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
+        return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}]"
+
+
+def gt(lo: float) -> Range:
+    """Greater than ``lo``."""
+    return Range(lo, lo_open=True)
+
+
+def ge(lo: float) -> Range:
+    """``lo`` or more."""
+    return Range(lo)
+
+
+def between(lo: float, hi: float, lo_open: bool = False) -> Range:
+    """From ``lo`` to ``hi``, both included (``lo`` excluded if ``lo_open``)."""
+    return Range(lo, hi, lo_open)
+
+
+FRACTION = between(0, 1, lo_open=True)  # in (0, 1]: top_p, a share of GPU memory
+SCHEDULES = ("linear", "cosine", "constant")  # learning-rate schedules after warm-up (transformers' get_scheduler)
+
+
+def _f(default: Any, help: str, allowed: tuple | Range | None = None):
+    """A documented field: ``help`` for ``ssb config --keys``; ``allowed``: its choices or its range."""
+    meta = {"help": help, "allowed": allowed}
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
+# --------------------------------------------------------------------------------------------- the schema
+
 @dataclass
 class DatasetConfig:
-    """One problem source."""
+    """One problem source: ``rollout.data`` and each of ``evaluate.benchmarks`` (a bare name means ``{name: ...}``)."""
 
-    name: str = "gsm8k"
-    """Known benchmark (gsm8k, math500, aime24, aime25, amc23), 'arith' (built-in synthetic set), a hub
-    dataset id ('openai/gsm8k'), or a local .jsonl/.json/.parquet file."""
-    split: str | None = None
-    """Hub split, and the file for known benchmarks' offline copies; None -> the benchmark's default."""
-    subset: str | None = None
-    """Hub config name (gsm8k: 'main'); None -> the benchmark's default."""
-    question_field: str | None = None
-    """Column with the question; None -> the known default, else 'question' then 'problem'."""
-    answer_field: str | None = None
-    """Column with the gold answer; None -> the known default, else 'answer'."""
-    id_field: str | None = None
-    """Column with a stable id; None -> the known default or 'id' if present, else '<name>-<row>'."""
-    grader: str | None = None
-    """Grading rules: 'gsm8k' | 'math500' | 'aime' | 'math'; None -> the benchmark's default, else 'math'."""
-    skip: int = 0
-    """Drop the first N problems (after shuffling, before `limit`): a held-out slice disjoint from a `limit`."""
-    limit: int | None = None
-    """Keep the first N problems (after shuffling and `skip`); None -> all ('arith': 64)."""
-    shuffle: bool = False
-    """Shuffle the problems (deterministically, by `seed`) before applying `limit`."""
-    seed: int = 0
-    """Seed for `shuffle` and for generating 'arith' problems."""
+    name: str = _f("gsm8k", "Known benchmark (gsm8k, math500, aime24, aime25, amc23), 'arith' (built-in synthetic "
+                   "set), a hub dataset id ('openai/gsm8k'), or a local .jsonl/.json/.parquet file.")
+    split: str | None = _f(None, "Hub split, and the file for known benchmarks' offline copies; None -> the "
+                           "benchmark's default.")
+    subset: str | None = _f(None, "Hub config name (gsm8k: 'main'); None -> the benchmark's default.")
+    question_field: str | None = _f(None, "Column with the question; None -> the known default, else 'question' "
+                                    "then 'problem'.")
+    answer_field: str | None = _f(None, "Column with the gold answer; None -> the known default, else 'answer'.")
+    id_field: str | None = _f(None, "Column with a stable id; None -> the known default or 'id' if present, else "
+                              "'<name>-<row>'.")
+    grader: str | None = _f(None, "Grading rules, one of ssb.choices.GRADERS (checked when the data is read); None -> "
+                            "the benchmark's default, else 'math'.")
+    skip: int = _f(0, "Drop the first N problems (after shuffling, before `limit`): a held-out slice disjoint from a "
+                   "`limit`.", ge(0))
+    limit: int | None = _f(None, "Keep the first N problems (after shuffling and `skip`); None -> all ('arith': 64).",
+                           gt(0))
+    shuffle: bool = _f(False, "Shuffle the problems (deterministically, by `seed`) before applying `limit`.")
+    seed: int = _f(0, "Seed for `shuffle` and for generating 'arith' problems.", ge(0))
 
 
 @dataclass
 class ModelConfig:
+    """``model``: the base model, teacher and student alike."""
+
     name_or_path: str = _f("Qwen/Qwen2.5-3B-Instruct", "Hub id or local directory of a causal LM with a chat "
                            "template; 'ssb-tiny-arith' builds the tiny CPU model used by the smoke run.")
     gguf_file: str | None = _f(None, "Load weights from this GGUF file inside name_or_path (dequantised once, "
@@ -76,28 +117,34 @@ class ModelConfig:
 
 @dataclass
 class RolloutConfig:
+    """``rollout`` (stage 1): the student's own attempts, K per training problem."""
+
     data: DatasetConfig = _f(DatasetConfig(name="gsm8k", split="train"), "Training problems.")
-    samples: int = _f(4, "K: responses sampled per problem.")
-    temperature: float = _f(0.8, "Sampling temperature.")
-    top_k: int = _f(50, "Top-k sampling (0 = off).")
-    top_p: float = _f(1.0, "Nucleus sampling (1.0 = off).")
-    max_new_tokens: int = _f(8192, "Longest response, in tokens; longer ones are cut and marked truncated.")
-    batch_size: int = _f(16, "Problems per generation batch (each with `samples` sequences).")
+    samples: int = _f(4, "K: responses sampled per problem.", gt(0))
+    temperature: float = _f(0.8, "Sampling temperature.", ge(0))
+    top_k: int = _f(50, "Top-k sampling (0 = off).", ge(0))
+    top_p: float = _f(1.0, "Nucleus sampling (1.0 = off).", FRACTION)
+    max_new_tokens: int = _f(8192, "Longest response, in tokens; longer ones are cut and marked truncated.", gt(0))
+    batch_size: int = _f(16, "Problems per generation batch (each with `samples` sequences).", gt(0))
     budget: str = _f("waves", "How many problems `ssb run` rolls out: waves (rollout -> curate -> teach in waves "
                      "until teach.max_examples verified examples exist; the same examples whatever the wave "
                      "sizes) or all (every problem of rollout.data, then curate, then teach).", ("waves", "all"))
     first_wave: int | None = _f(None, "budget=waves: problems in the first wave (None = teach.max_examples); later "
-                                "waves are sized from the yield so far.")
+                                "waves are sized from the yield so far.", gt(0))
 
 
 @dataclass
 class CurateConfig:
+    """``curate`` (stage 2): per problem, one correct attempt and one incorrect one."""
+
     strict: bool = _f(False, "Paper grading: last \\boxed{} string equals the gold string exactly.")
-    max_pairs: int | None = _f(None, "Keep at most this many pairs (in dataset order); None = all.")
+    max_pairs: int | None = _f(None, "Keep at most this many pairs (in dataset order); None = all.", gt(0))
 
 
 @dataclass
 class TeachConfig:
+    """``teach`` (stage 3): the teacher (the base model, shown the attempts) writes a verified solution."""
+
     context: str = _f("both", "What the teacher sees: both attempts (paper), the correct one only, or none.",
                       TEACHER_CONTEXTS)
     prompt: str = _f("guided", "Teacher instructions: guided (incorrect attempt first, correct attempt last, the "
@@ -105,94 +152,108 @@ class TeachConfig:
                      "authors' instructions: match the correct attempt's answer, guard against the mistake, never "
                      "mention the attempts), resolve (ssb's first prompt: study the attempts, solve from scratch).",
                      TEACHER_PROMPTS)
-    temperature: float = _f(0.4, "Teacher sampling temperature.")
-    top_k: int = _f(50, "Top-k sampling (0 = off).")
-    top_p: float = _f(1.0, "Nucleus sampling (1.0 = off).")
-    max_new_tokens: int = _f(8192, "Longest teacher reply; truncated replies are never kept.")
-    attempts: int = _f(1, "Teacher samples tried per pair until one grades correct (1 = no retry).")
-    max_examples: int = _f(256, "Stop once this many teacher-verified examples exist.")
-    batch_size: int = _f(16, "Pairs per generation batch.")
+    temperature: float = _f(0.4, "Teacher sampling temperature.", ge(0))
+    top_k: int = _f(50, "Top-k sampling (0 = off).", ge(0))
+    top_p: float = _f(1.0, "Nucleus sampling (1.0 = off).", FRACTION)
+    max_new_tokens: int = _f(8192, "Longest teacher reply; truncated replies are never kept.", gt(0))
+    attempts: int = _f(1, "Teacher samples tried per pair until one grades correct (1 = no retry).", gt(0))
+    max_examples: int = _f(256, "Stop once this many teacher-verified examples exist.", gt(0))
+    batch_size: int = _f(16, "Pairs per generation batch.", gt(0))
 
 
 @dataclass
 class DistillConfig:
+    """``distill`` (stage 4): LoRA on the student, trained towards the teacher on its verified replies."""
+
     loss: str = _f("forward_kl", "Divergence to the teacher.", LOSSES)
-    temperature: float = _f(2.0, "Softmax temperature of both distributions in the divergence.")
+    temperature: float = _f(2.0, "Softmax temperature of both distributions in the divergence.", gt(0))
     scale_t2: bool = _f(True, "Multiply the divergence by T² (Hinton et al.; the paper).")
-    jsd_beta: float = _f(0.5, "β of the generalised JSD (loss=jsd only).")
-    kd_weight: float = _f(1.0, "Weight of the divergence term.")
-    ce_weight: float = _f(0.0, "Weight of cross-entropy on the teacher's tokens (paper: 0).")
+    jsd_beta: float = _f(0.5, "β of the generalised JSD (loss=jsd only).", between(0, 1))
+    kd_weight: float = _f(1.0, "Weight of the divergence term.", ge(0))
+    ce_weight: float = _f(0.0, "Weight of cross-entropy on the teacher's tokens (paper: 0).", ge(0))
     average: str = _f("token", "Average the loss over all reply tokens in a batch, or per sequence first.",
                       ("token", "sequence"))
-    lora_r: int = _f(32, "LoRA rank.")
-    lora_alpha: int = _f(32, "LoRA α.")
-    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_r: int = _f(32, "LoRA rank.", gt(0))
+    lora_alpha: int = _f(32, "LoRA α.", gt(0))
+    lora_dropout: float = _f(0.0, "LoRA dropout.", ge(0))
     target_modules: str = _f("all-linear", "LoRA targets: 'all-linear' or comma-separated module names.")
-    lr: float = _f(2e-4, "Peak learning rate (AdamW).")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    warmup_steps: int = _f(0, "Linear warm-up steps.")
-    schedule: str = _f("linear", "Learning-rate schedule after warm-up.", ("linear", "cosine", "constant"))
-    batch_size: int = _f(4, "Examples per optimizer step.")
-    epochs: int = _f(3, "Passes over the teacher-verified examples.")
-    max_steps: int | None = _f(None, "Stop after this many optimizer steps (None = epochs decide).")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
-    chunk_size: int = _f(1024, "Reply positions per lm_head chunk in the loss (memory vs. speed).")
+    lr: float = _f(2e-4, "Peak learning rate (AdamW).", gt(0))
+    weight_decay: float = _f(0.0, "AdamW weight decay.", ge(0))
+    warmup_steps: int = _f(0, "Linear warm-up steps.", ge(0))
+    schedule: str = _f("linear", "Learning-rate schedule after warm-up.", SCHEDULES)
+    batch_size: int = _f(4, "Examples per optimizer step.", gt(0))
+    epochs: int = _f(3, "Passes over the teacher-verified examples.", gt(0))
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (None = epochs decide).", gt(0))
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).", ge(0))
+    chunk_size: int = _f(1024, "Reply positions per lm_head chunk in the loss (memory vs. speed).", gt(0))
     gradient_checkpointing: bool = _f(False, "Recompute student activations in backward to save memory.")
     paper_student_format: bool = _f(False, "Reproduce the authors: student prompt without the chat template "
                                     "and no end-of-turn target. Off by default.")
     teacher: str = _f("online", "Teacher signal: online (frozen base, adapter off, full vocabulary, every step) or "
                       "topk (one teacher pass before training caches its top-k log-probs at the training "
                       "temperature in distill/teacher_topk/; no teacher forward while training).", ("online", "topk"))
-    topk: int = _f(64, "k of the cached top-k teacher (teacher=topk only): 388 bytes per reply token at k=64.")
+    topk: int = _f(64, "k of the cached top-k teacher (teacher=topk only): 388 bytes per reply token at k=64.", gt(0))
     targets: str = _f("teacher", "Training targets: the teacher's verified replies (SSB, and SFT with kd_weight=0), "
                       "or the student's own correct rollouts (rollouts: rejection-sampling fine-tuning, RFT; "
                       "needs kd_weight=0, ce_weight=1; at most teach.max_examples problems).",
                       ("teacher", "rollouts"))
     save_every: int = _f(100, "Checkpoint adapter + optimizer + RNG + data position every N steps (0 = never); "
-                         "an interrupted distill resumes from the last checkpoint.")
+                         "an interrupted distill resumes from the last checkpoint.", ge(0))
     fsdp: bool = _f(False, "Shard the frozen base model and the LoRA weights across ranks with FSDP2 "
                     "(torch.distributed.fsdp.fully_shard) for models that do not fit one GPU (torchrun with more "
                     "than one process; ignored in a single process). Same loss curve as without; teacher=online only.")
 
+    def check(self) -> None:
+        """Rules across fields (each field's own choices or range are checked with its type, when loading)."""
+        if self.kd_weight == 0 and self.ce_weight == 0:
+            raise ConfigError("distill: kd_weight and ce_weight are both 0; nothing to train")
+        if self.targets == "rollouts" and self.kd_weight != 0:
+            raise ConfigError("distill.targets=rollouts (RFT) trains on the student's own samples, which have no "
+                              "teacher: set distill.kd_weight=0 distill.ce_weight=1")
+
 
 @dataclass
 class EvaluateConfig:
+    """``evaluate`` (stage 5): accuracy on the benchmarks."""
+
     benchmarks: list[DatasetConfig] = _f(
         [DatasetConfig(name="math500"), DatasetConfig(name="aime24")], "Benchmarks (names or dataset mappings).")
     adapter: str = _f("auto", "auto: this run's distill adapter if present, else its grpo adapter, else the base model; "
                       "none: base model; or a path to a peft adapter directory.")
-    samples: int = _f(1, "Responses per problem (pass@1 is their mean).")
-    temperature: float = _f(0.0, "0 = greedy.")
-    top_k: int = _f(0, "Top-k sampling (0 = off).")
-    top_p: float = _f(1.0, "Nucleus sampling (1.0 = off).")
-    max_new_tokens: int = _f(8192, "Longest response.")
-    batch_size: int = _f(16, "Problems per generation batch.")
+    samples: int = _f(1, "Responses per problem (pass@1 is their mean).", gt(0))
+    temperature: float = _f(0.0, "0 = greedy.", ge(0))
+    top_k: int = _f(0, "Top-k sampling (0 = off).", ge(0))
+    top_p: float = _f(1.0, "Nucleus sampling (1.0 = off).", FRACTION)
+    max_new_tokens: int = _f(8192, "Longest response.", gt(0))
+    batch_size: int = _f(16, "Problems per generation batch.", gt(0))
     strict: bool = _f(False, "Also report the paper's exact-string scoring (always recorded per sample).")
 
 
 @dataclass
 class GrpoConfig:
-    """The RL baseline (``ssb grpo``): TRL's GRPOTrainer on the rollout problems, LoRA settings from ``distill``."""
+    """``grpo``, the RL baseline (``ssb grpo``, not part of ``ssb run``): TRL's GRPOTrainer on the rollout problems,
+    with the LoRA settings of ``distill``."""
 
-    steps: int = _f(200, "Optimizer steps (one fresh generation batch per step: fully on-policy).")
-    batch_size: int = _f(4, "Prompts per optimizer step; each gets num_generations completions.")
-    num_generations: int = _f(8, "G: completions sampled per prompt (the group the advantage is relative to; >= 2).")
+    steps: int = _f(200, "Optimizer steps (one fresh generation batch per step: fully on-policy).", gt(0))
+    batch_size: int = _f(4, "Prompts per optimizer step; each gets num_generations completions.", gt(0))
+    num_generations: int = _f(8, "G: completions sampled per prompt (the group the advantage is relative to; "
+                              ">= 2).", gt(0))
     micro_batch_size: int = _f(8, "Completions per forward/backward pass (memory knob; must divide "
-                               "batch_size × num_generations; the rest is gradient accumulation).")
-    temperature: float = _f(0.8, "Sampling temperature (the paper's rollout setting).")
-    top_k: int = _f(50, "Top-k sampling (0 = off); rollout's default.")
-    top_p: float = _f(1.0, "Nucleus sampling (1.0 = off).")
+                               "batch_size × num_generations; the rest is gradient accumulation).", gt(0))
+    temperature: float = _f(0.8, "Sampling temperature (the paper's rollout setting).", ge(0))
+    top_k: int = _f(50, "Top-k sampling (0 = off); rollout's default.", ge(0))
+    top_p: float = _f(1.0, "Nucleus sampling (1.0 = off).", FRACTION)
     max_new_tokens: int = _f(1024, "Longest completion in tokens (TRL max_completion_length); longer ones are cut "
-                             "and usually earn reward 0. GSM8K solutions of a 3B instruct model fit easily.")
+                             "and usually earn reward 0. GSM8K solutions of a 3B instruct model fit easily.", gt(0))
     lr: float = _f(1e-5, "Peak learning rate (AdamW). 1e-5 is TRL's 'LoRA Without Regret' GRPO recipe (LoRA needs "
-                   "~10x the 1e-6 of full-FT GRPO; with α fixed the best LoRA lr is roughly rank-independent).")
-    schedule: str = _f("cosine", "Learning-rate schedule after warm-up (the recipe above uses cosine).",
-                       ("linear", "cosine", "constant"))
-    warmup_steps: int = _f(0, "Linear warm-up steps.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+                   "~10x the 1e-6 of full-FT GRPO; with α fixed the best LoRA lr is roughly rank-independent).", gt(0))
+    schedule: str = _f("cosine", "Learning-rate schedule after warm-up (the recipe above uses cosine).", SCHEDULES)
+    warmup_steps: int = _f(0, "Linear warm-up steps.", ge(0))
+    weight_decay: float = _f(0.0, "AdamW weight decay.", ge(0))
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).", ge(0))
     beta: float | None = _f(None, "KL coefficient to the base model (adapter disabled); null = no KL term and no "
-                            "reference pass (TRL's default β=0, as in DAPO / Dr. GRPO; DeepSeek-R1 used 0.001).")
+                            "reference pass (TRL's default β=0, as in DAPO / Dr. GRPO; DeepSeek-R1 used 0.001).",
+                            ge(0))
     loss_type: str = _f("dapo", "TRL loss aggregation: dapo (TRL default: token-mean over the whole batch, no length "
                         "bias), grpo (textbook: mean per sequence, then over sequences), dr_grpo (sum / "
                         "max_new_tokens), bnpo (token-mean per micro-batch).", ("dapo", "grpo", "dr_grpo", "bnpo"))
@@ -200,21 +261,22 @@ class GrpoConfig:
                             "default), of the whole batch, or none (Dr. GRPO: mean-centred only).",
                             ("group", "batch", "none"))
     format_reward: float | None = _f(None, "Bonus added when a completion has a complete \\boxed{} answer, right or "
-                                     "wrong (e.g. 0.1); null = off: the reward is correctness only (1 or 0).")
+                                     "wrong (e.g. 0.1); null = off: the reward is correctness only (1 or 0).", ge(0))
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
-    logging_steps: int = _f(1, "Write a grpo/train_log.jsonl row every this many steps (TRL averages in between).")
+    logging_steps: int = _f(1, "Write a grpo/train_log.jsonl row every this many steps (TRL averages in "
+                            "between).", gt(0))
     max_seconds: float | None = _f(None, "Budget: stop once this stage's device-seconds reach this (wall seconds x "
                                    "GPUs in use on GPU; plain wall seconds on CPU), counted from the start of the stage "
                                    "(model loading included) and summed over resumes; checked after each optimizer "
                                    "step, so the last step may overshoot. `steps` stays the maximum. A budget-stopped "
                                    "run does not finish a linear/cosine schedule (it is laid out over `steps`): use "
-                                   "schedule=constant for budgeted runs. null = no limit.")
+                                   "schedule=constant for budgeted runs. null = no limit.", gt(0))
     max_generated_tokens: int | None = _f(None, "Budget: stop once this many completion tokens have been generated "
                                           "(summed over resumes; checked after each step, like max_seconds; same "
-                                          "schedule caveat). null = no limit.")
+                                          "schedule caveat). null = no limit.", gt(0))
     save_every: int = _f(50, "Checkpoint (adapter, optimizer, scheduler, RNG, budget counters) every N steps with "
                          "TRL's own machinery in grpo/.trl (0 = never); a rerun of an interrupted grpo resumes from "
-                         "the last checkpoint. Not part of the stage's fingerprint.")
+                         "the last checkpoint. Not part of the stage's fingerprint.", ge(0))
     generator: str = _f("ssb", "Who samples the completions, always from the current LoRA policy: ssb (ssb's own "
                         "continuous-batching engine, as rollout/teach/evaluate use, with engine.max_batch_size, "
                         "prefill_tokens and cuda_graphs; per-step seeded, so resumes are exact), generate (TRL's "
@@ -225,21 +287,25 @@ class GrpoConfig:
 
 @dataclass
 class EngineConfig:
+    """``engine``: how rollout, teach and evaluate generate."""
+
     backend: str = _f("transformers", "Generation engine: the embedded transformers one (no extra dependency) or "
                       "vLLM (pip install ssb[vllm]).", ("transformers", "vllm"))
-    max_batch_size: int = _f(256, "transformers: most sequences decoded at once (finished ones are refilled).")
-    prefill_tokens: int = _f(16384, "transformers: prompt tokens (padding included) per prefill forward.")
+    max_batch_size: int = _f(256, "transformers: most sequences decoded at once (finished ones are refilled).", gt(0))
+    prefill_tokens: int = _f(16384, "transformers: prompt tokens (padding included) per prefill forward.", gt(0))
     cuda_graphs: bool = _f(True, "transformers, CUDA only: capture the fixed-shape decode step in a CUDA graph "
                            "(false = eager steps).")
-    gpu_memory_utilization: float = _f(0.9, "vllm: fraction of GPU memory vLLM may use.")
-    tensor_parallel_size: int = _f(1, "vllm: GPUs one model is split over.")
-    max_model_len: int | None = _f(None, "vllm: longest prompt + reply (None = the model's).")
+    gpu_memory_utilization: float = _f(0.9, "vllm: fraction of GPU memory vLLM may use.", FRACTION)
+    tensor_parallel_size: int = _f(1, "vllm: GPUs one model is split over.", gt(0))
+    max_model_len: int | None = _f(None, "vllm: longest prompt + reply (None = the model's).", gt(0))
 
 
 @dataclass
 class Config:
+    """A whole run: the base model, the seed, where data lives, and one section per stage."""
+
     model: ModelConfig = _f(ModelConfig(), "The base model (teacher and student).")
-    seed: int = _f(0, "Seed for sampling, curation tie-breaks, LoRA init and data order.")
+    seed: int = _f(0, "Seed for sampling, curation tie-breaks, LoRA init and data order.", ge(0))
     data_dir: str | None = _f(None, "Directory with local copies of known datasets (e.g. ../shared/data), or "
                               "'builtin': the small slices shipped with ssb (only unshuffled requests with a limit "
                               "inside them); also $SSB_DATA_DIR. None -> the hub.")

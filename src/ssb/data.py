@@ -45,7 +45,7 @@ class Problem:
     id: str  # stable id: the source's id column if any, else f"{name}-{row_index}"
     question: str
     answer: str  # gold final answer as a string (GSM8K: the text after '####', commas kept)
-    grader: str  # 'gsm8k' | 'math500' | 'aime' | 'math': which grading rules apply
+    grader: str  # one of GRADERS: which grading rules apply
 
 
 # hub: (id, subset, default split, question/answer/id columns); local: offline copy under the data dir.
