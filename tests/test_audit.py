@@ -250,7 +250,8 @@ def test_run_dir_supplies_real_attempts_and_replies(cli, tiny_model_dir, tmp_pat
     (d / "teach" / "examples.jsonl").unlink()
     code, out, _ = cli("--config", "configs/smoke.yaml", "--run-dir", d, "--n", "1")
     assert code == 0 and f"attempts and replies: {d}/curate/pairs.jsonl" in out
-    assert "context=both; attempts: curate/pairs.jsonl)" in out and "reply targets (distill trains on these; PLACEHOLDER" in out
+    assert "context=both; attempts: curate/pairs.jsonl)" in out
+    assert "reply targets (distill trains on these; PLACEHOLDER" in out
 
 
 def test_reply_without_end_of_turn_is_an_error(cli, tiny_model_dir, tmp_path):

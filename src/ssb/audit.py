@@ -6,10 +6,10 @@ Two halves:
   need to know about the tokenizer and its chat template), each returning :class:`Finding`\\ s (name, severity,
   message, where). Every check is something ssb's options can actually produce:
 
-  ``double-bos``            the prompt starts with BOS twice (a chat template that writes the BOS token itself, on a
-                            tokenizer that also adds one, or writes it twice);
-  ``missing-bos``           the tokenizer puts BOS in front of text but the rendered prompt has none (a template
-                            without ``bos_token`` on a model that expects it; the paper's plain-text student);
+  ``double-bos``            the prompt starts with BOS twice: a chat template that writes it twice (ssb adds none
+                            itself: it tokenises rendered chats with ``add_special_tokens=False``);
+  ``missing-bos``           the tokenizer puts BOS in front of text but the rendered prompt has none, for the same
+                            reason: a template without ``bos_token``, or the paper's plain-text student;
   ``prompt-past-context``   a prompt as long as the context (``max_position_embeddings``, or vLLM's
                             ``engine.max_model_len``): it would be cut or refused, and leaves no room for a reply;
   ``reply-past-context``    prompt + ``max_new_tokens`` (or prompt + reply, in distill) longer than the context:
@@ -88,8 +88,7 @@ def check_bos(prompt: list[int], info: TokenInfo, where: str, missing: str = ERR
     lead = next((i for i, t in enumerate(prompt) if t != info.bos_id), len(prompt))
     if lead >= 2:
         return [Finding("double-bos", ERROR, f"starts with {lead} BOS tokens ({info.name(info.bos_id)}): the chat "
-                        f"template writes BOS and it is added again (or written twice); the model was trained on "
-                        f"one", where)]
+                        f"template writes more than one; the model was trained on one", where)]
     if lead == 0 and info.adds_bos:
         return [Finding("missing-bos", missing, f"does not start with BOS ({info.name(info.bos_id)}), which this "
                         f"tokenizer puts in front of text: the model expects it", where)]
@@ -113,7 +112,8 @@ def check_context(prompt_len: int, new_tokens: int, context: int | None, where: 
 
 
 def check_teacher_worst_case(prompt_len: int, attempts_len: int, n_attempts: int, attempt_budget: int,
-                             reply_budget: int, context: int | None, context_what: str = "the context") -> list[Finding]:
+                             reply_budget: int, context: int | None,
+                             context_what: str = "the context") -> list[Finding]:
     """:func:`check_context` for the longest teacher prompt the config allows: ``prompt_len`` tokens of which
     ``attempts_len`` are its ``n_attempts`` attempts, each of which may be as long as ``attempt_budget``
     (``rollout.max_new_tokens``). A warning, whatever the overflow: most attempts are far shorter.
@@ -136,8 +136,10 @@ def check_generation_prompt(prompt: list[int], info: TokenInfo, where: str) -> l
     """The prompt must end with the assistant header, as ``add_generation_prompt`` renders it.
 
     >>> info = TokenInfo(generation_prompt=(7, 8))
-    >>> check_generation_prompt([1, 5, 7, 8], info, "p"), [f.name for f in check_generation_prompt([1, 5, 7], info, "p")]
-    ([], ['prompt-cut'])
+    >>> check_generation_prompt([1, 5, 7, 8], info, "p")
+    []
+    >>> [f.name for f in check_generation_prompt([1, 5, 7], info, "p")]
+    ['prompt-cut']
     """
     gp = list(info.generation_prompt)
     if not gp or prompt[-len(gp):] == gp:
@@ -293,9 +295,8 @@ def token_info(tokenizer, stop_ids: list[int]) -> TokenInfo:
     eot = None
     try:
         full = text(msgs + [{"role": "assistant", "content": _SENTINEL}], False)
-        after = ids(full[full.rindex(_SENTINEL) + len(_SENTINEL):])
-        if after and (after[0] in special or after[0] in stop_ids):
-            eot = after[0]
+        after = ids(full[full.rindex(_SENTINEL) + len(_SENTINEL):])[:3]  # e.g. <|im_end|> \n, or ▁ </s>
+        eot = next((t for t in after if t in special or t in stop_ids), None)
     except Exception:  # a template that refuses this chat: no end-of-turn to check
         pass
     names = {i: tokenizer.convert_ids_to_tokens(i) for i in special | set(stop_ids)}
@@ -382,7 +383,8 @@ def _training_items(cfg: "Config", run: Path | None, n: int) -> tuple[list[dict]
     items = [{"id": p.id, "question": p.question, "answer": p.answer, "placeholder": True,
               "correct": PLACEHOLDER_CORRECT.format(answer=p.answer), "incorrect": PLACEHOLDER_INCORRECT.format(),
               "correct_answer": p.answer} for p in load_problems(cfg.rollout.data, cfg.data_dir)[:n]]
-    return items, pairs, f"PLACEHOLDERS (no {run / 'curate' / 'pairs.jsonl' if run else '--run-dir with curate/pairs.jsonl'})"
+    missing = run / "curate" / "pairs.jsonl" if run else "--run-dir with curate/pairs.jsonl"
+    return items, pairs, f"PLACEHOLDERS (no {missing})"
 
 
 def _attempts(pair: dict | None) -> dict:

@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     common(p, run_dir_required=False)
     p.add_argument("--keys", action="store_true")
     p = sub.add_parser("prompts", help="Audit the prompts before spending GPU time: render the student, teacher and "
-                       "evaluation prompts of the first problems as text and token ids (tokenizer only, no weights) and "
-                       "flag a doubled BOS, a cut prompt, end-of-turn missing from the targets, student and teacher "
-                       "under different templates. Exit status 1 if any finding is an error.")
+                       "evaluation prompts of the first problems as text and token ids (tokenizer only, no weights) "
+                       "and flag a doubled BOS, a cut prompt, end-of-turn missing from the targets, student and "
+                       "teacher under different templates. Exit status 1 if any finding is an error.")
     p.add_argument("--config", help="YAML config file (default: RUN_DIR/config.yaml, else built-in defaults).")
     p.add_argument("--run-dir", help="A run directory whose curate/pairs.jsonl and teach/examples.jsonl supply real "
                    "attempts and replies (default: labelled placeholders). Nothing is written.")
