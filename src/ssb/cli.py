@@ -59,6 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("config", help="Print the resolved config, or every key with its help (--keys).")
     common(p, run_dir_required=False)
     p.add_argument("--keys", action="store_true")
+    p = sub.add_parser("prompts", help="Audit the prompts before spending GPU time: render the student, teacher and "
+                       "evaluation prompts of the first problems as text and token ids (tokenizer only, no weights) "
+                       "and flag a doubled BOS, a cut prompt, end-of-turn missing from the targets, student and "
+                       "teacher under different templates. Exit status 1 if any finding is an error.")
+    p.add_argument("--config", help="YAML config file (default: RUN_DIR/config.yaml, else built-in defaults).")
+    p.add_argument("--run-dir", help="A run directory whose curate/pairs.jsonl and teach/examples.jsonl supply real "
+                   "attempts and replies (default: labelled placeholders). Nothing is written.")
+    p.add_argument("--n", type=int, default=2, help="Training problems to render (default 2).")
+    p.add_argument("--full", action="store_true", help="Print long prompts and id lists whole.")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="Config overrides.")
     p = sub.add_parser("report", help="Compare run directories: DIR/report.md with tables and plots.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="Directory to write report.md and its plots to.")
@@ -102,6 +112,11 @@ def _dispatch(args) -> int:
         else:
             print(dump_yaml(resolve_config(args)), end="")
         return 0
+    if args.command == "prompts":
+        from ssb.audit import audit_prompts
+
+        _quiet_libraries()
+        return audit_prompts(resolve_config(args), args.run_dir, n=args.n, full=args.full)
     if args.command == "compare":
         from ssb import compare
 

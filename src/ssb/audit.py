@@ -1,0 +1,571 @@
+"""The prompt audit (``ssb prompts``): see what the student, the teacher and the evaluation see, before a GPU runs.
+
+Two halves:
+
+- **Checks** (pure; no I/O, no tokenizer object): functions of token id lists and a :class:`TokenInfo` (what they
+  need to know about the tokenizer and its chat template), each returning :class:`Finding`\\ s (name, severity,
+  message, where). Every check is something ssb's options can actually produce:
+
+  ``double-bos``            the prompt starts with BOS twice: a chat template that writes it twice (ssb adds none
+                            itself: it tokenises rendered chats with ``add_special_tokens=False``);
+  ``missing-bos``           the tokenizer puts BOS in front of text but the rendered prompt has none, for the same
+                            reason: a template without ``bos_token``, or the paper's plain-text student;
+  ``prompt-past-context``   a prompt as long as the context (``max_position_embeddings``, or vLLM's
+                            ``engine.max_model_len``): it would be cut or refused, and leaves no room for a reply;
+  ``reply-past-context``    prompt + ``max_new_tokens`` (or prompt + reply, in distill) longer than the context:
+                            long replies run past the positions the model was trained on;
+  ``prompt-cut``            a prompt that does not end with the template's assistant header (the generation
+                            prompt): cut mid-template, or rendered without ``add_generation_prompt``;
+  ``no-generation-prompt``  the chat template adds nothing for ``add_generation_prompt``;
+  ``end-of-turn-not-stop``  the token the template closes an assistant turn with is not a stop token: generation
+                            would run on to ``max_new_tokens`` and every teacher reply be rejected as truncated;
+  ``missing-end-of-turn``   the reply targets do not end with an end-of-turn token: the student never learns to stop
+                            (a warning under ``distill.paper_student_format``, which drops it on purpose);
+  ``template-mismatch``     the student's and the teacher's prompts differ outside the user turn (other special
+                            tokens, another system turn): the KL target is conditioned on a different wrapper than
+                            the student's (a warning under ``distill.paper_student_format``: the authors' choice);
+  ``prompt-mismatch``       two prompts that should be the same ids are not (the student's training prompt and the
+                            rollout / evaluation prompt; a stored teacher prompt and the one the config renders now);
+  ``benchmark-unavailable`` an evaluation benchmark that cannot be loaded (the evaluate stage would fail on it).
+
+- **The command** (:func:`audit_prompts`): loads the tokenizer (and the model's config, never its weights), renders
+  for the first problems what each stage renders (the student prompt through :func:`ssb.distill.build_examples`,
+  the teacher prompt as :mod:`ssb.teach` does, the evaluation prompt of each benchmark), prints text and ids, runs
+  the checks and returns the exit status: 1 if any finding is an error, else 0.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ssb.config import Config
+
+ERROR, WARNING = "error", "warning"
+
+
+@dataclass(frozen=True)
+class Finding:
+    name: str  # one of the names in the module docstring
+    severity: str  # "error" | "warning"
+    message: str
+    where: str = ""  # which prompt of which problem
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """What the checks need to know about a tokenizer, its chat template and the model (see :func:`token_info`)."""
+
+    special_ids: frozenset[int] = frozenset()  # special tokens: the template's markers, BOS, EOS, ...
+    bos_id: int | None = None
+    adds_bos: bool = False  # the tokenizer puts BOS in front of plain text: the model expects one
+    stop_ids: frozenset[int] = frozenset()  # ids that end generation (ssb.models.stop_token_ids)
+    end_of_turn_id: int | None = None  # the token the template closes an assistant turn with (None: none found)
+    generation_prompt: tuple[int, ...] = ()  # what add_generation_prompt appends: the assistant header
+    names: dict[int, str] = field(default_factory=dict)  # id -> token, for messages
+
+    def name(self, i: int | None) -> str:
+        return f"{self.names.get(i, '?')}={i}" if i is not None else "none"
+
+
+# ----------------------------------------------------------------------------------------------- checks (pure)
+
+
+def check_bos(prompt: list[int], info: TokenInfo, where: str, missing: str = ERROR) -> list[Finding]:
+    """A doubled BOS at the start; or none where the tokenizer adds one (severity ``missing``).
+
+    >>> info = TokenInfo(bos_id=1, adds_bos=True, names={1: "<s>"})
+    >>> [f.name for f in check_bos([1, 1, 5], info, "p")], [f.name for f in check_bos([5, 6], info, "p")]
+    (['double-bos'], ['missing-bos'])
+    >>> check_bos([1, 5, 1], info, "p")  # a BOS id further on (e.g. a template opening every turn with it) is fine
+    []
+    """
+    if info.bos_id is None or not prompt:
+        return []
+    lead = next((i for i, t in enumerate(prompt) if t != info.bos_id), len(prompt))
+    if lead >= 2:
+        return [Finding("double-bos", ERROR, f"starts with {lead} BOS tokens ({info.name(info.bos_id)}): the chat "
+                        f"template writes more than one; the model was trained on one", where)]
+    if lead == 0 and info.adds_bos:
+        return [Finding("missing-bos", missing, f"does not start with BOS ({info.name(info.bos_id)}), which this "
+                        f"tokenizer puts in front of text: the model expects it", where)]
+    return []
+
+
+def check_context(prompt_len: int, new_tokens: int, context: int | None, where: str, new_what: str,
+                  context_what: str = "the context") -> list[Finding]:
+    """A prompt that fills the context (error), or one that leaves less room than ``new_tokens`` (warning).
+    ``new_what`` names the reply budget (``teach.max_new_tokens=8192``, ``the reply``)."""
+    if not context:
+        return []
+    if prompt_len >= context:
+        return [Finding("prompt-past-context", ERROR, f"{prompt_len} tokens, {context_what} is {context}: the prompt "
+                        f"would be cut or refused, with no room for a reply", where)]
+    if prompt_len + new_tokens > context:
+        return [Finding("reply-past-context", WARNING, f"{prompt_len} prompt tokens + {new_what} ({new_tokens}) = "
+                        f"{prompt_len + new_tokens} > {context_what} ({context}): replies longer than "
+                        f"{context - prompt_len} tokens run past it", where)]
+    return []
+
+
+def check_teacher_worst_case(prompt_len: int, attempts_len: int, n_attempts: int, attempt_budget: int,
+                             reply_budget: int, context: int | None,
+                             context_what: str = "the context") -> list[Finding]:
+    """:func:`check_context` for the longest teacher prompt the config allows: ``prompt_len`` tokens of which
+    ``attempts_len`` are its ``n_attempts`` attempts, each of which may be as long as ``attempt_budget``
+    (``rollout.max_new_tokens``). A warning, whatever the overflow: most attempts are far shorter.
+
+    >>> [f.name for f in check_teacher_worst_case(300, 100, 2, 8192, 8192, 32768)]
+    []
+    >>> [(f.name, f.severity) for f in check_teacher_worst_case(300, 100, 2, 8192, 8192, 20000)]
+    [('reply-past-context', 'warning')]
+    >>> [(f.name, f.severity) for f in check_teacher_worst_case(300, 100, 2, 8192, 8192, 4096)]
+    [('prompt-past-context', 'warning')]
+    """
+    worst = prompt_len - attempts_len + n_attempts * attempt_budget
+    why = f"at worst (its {n_attempts} attempt(s) as long as rollout.max_new_tokens={attempt_budget}): "
+    return [Finding(f.name, WARNING, why + f.message, "teacher prompt")
+            for f in check_context(worst, reply_budget, context, "teacher prompt", "teach.max_new_tokens",
+                                   context_what)]
+
+
+def check_generation_prompt(prompt: list[int], info: TokenInfo, where: str) -> list[Finding]:
+    """The prompt must end with the assistant header, as ``add_generation_prompt`` renders it.
+
+    >>> info = TokenInfo(generation_prompt=(7, 8))
+    >>> check_generation_prompt([1, 5, 7, 8], info, "p")
+    []
+    >>> [f.name for f in check_generation_prompt([1, 5, 7], info, "p")]
+    ['prompt-cut']
+    """
+    gp = list(info.generation_prompt)
+    if not gp or prompt[-len(gp):] == gp:
+        return []
+    return [Finding("prompt-cut", ERROR, f"does not end with the assistant header {gp}: cut mid-template or rendered "
+                    f"without the generation prompt, so the model would continue the user's turn", where)]
+
+
+def check_template(info: TokenInfo) -> list[Finding]:
+    """The chat template itself: it opens an assistant turn for ``add_generation_prompt``, and the token it closes
+    one with is a stop token of generation.
+
+    >>> [f.name for f in check_template(TokenInfo(stop_ids=frozenset({2}), end_of_turn_id=3, generation_prompt=(1,)))]
+    ['end-of-turn-not-stop']
+    """
+    out = []
+    if not info.generation_prompt:
+        out.append(Finding("no-generation-prompt", ERROR, "the chat template adds nothing for add_generation_prompt: "
+                           "every prompt ends after the user's turn instead of opening the assistant's",
+                           "chat template"))
+    if info.end_of_turn_id is not None and info.end_of_turn_id not in info.stop_ids:
+        stops = ", ".join(info.name(i) for i in sorted(info.stop_ids)) or "none"
+        out.append(Finding("end-of-turn-not-stop", ERROR, f"the template ends an assistant turn with "
+                           f"{info.name(info.end_of_turn_id)}, which is not a stop token ({stops}): generation would "
+                           f"not stop at the end of a reply", "chat template"))
+    return out
+
+
+def check_reply_targets(targets: list[int], info: TokenInfo, where: str, paper_format: bool = False) -> list[Finding]:
+    """The reply tokens distill trains on must end with end-of-turn (a stop token), or the student never learns to
+    stop; ``paper_format`` (the authors drop it on purpose) makes this a warning.
+
+    >>> info = TokenInfo(stop_ids=frozenset({2}), names={2: "<|im_end|>"})
+    >>> check_reply_targets([5, 6, 2], info, "r"), [f.severity for f in check_reply_targets([5, 6], info, "r", True)]
+    ([], ['warning'])
+    """
+    if targets and targets[-1] in info.stop_ids:
+        return []
+    end = info.name(info.end_of_turn_id if info.end_of_turn_id is not None else min(info.stop_ids, default=None))
+    if paper_format:
+        return [Finding("missing-end-of-turn", WARNING, f"do not end with end-of-turn ({end}): "
+                        f"distill.paper_student_format=true drops it (the authors' choice), so the student is "
+                        f"never trained to stop", where)]
+    return [Finding("missing-end-of-turn", ERROR, f"do not end with end-of-turn ({end}): the "
+                    f"student is never trained to stop", where)]
+
+
+def segments(ids: list[int], special_ids: frozenset[int]) -> tuple[list[int], list[list[int]]]:
+    """(the special tokens in order, the runs of ordinary tokens around them: one more than specials).
+
+    >>> segments([1, 5, 6, 2, 7, 1, 8], frozenset({1, 2}))
+    ([1, 2, 1], [[], [5, 6], [7], [8]])
+    """
+    skeleton, runs = [], [[]]
+    for t in ids:
+        if t in special_ids:
+            skeleton.append(t)
+            runs.append([])
+        else:
+            runs[-1].append(t)
+    return skeleton, runs
+
+
+def check_same_template(a: list[int], b: list[int], info: TokenInfo, where: str, names: tuple[str, str],
+                        expected: str | None = None) -> list[Finding]:
+    """Prompts ``a`` and ``b`` (e.g. student and teacher) must be the same chat around different user turns: the
+    same special tokens in the same order, and the same ordinary tokens between them except in one run (the user's
+    message). ``expected`` (a reason, e.g. the paper's student format) turns the error into a warning.
+
+    >>> info = TokenInfo(special_ids=frozenset({1, 2}))
+    >>> student, teacher = [1, 10, 2, 1, 20, 2, 1, 30], [1, 10, 2, 1, 21, 22, 2, 1, 30]
+    >>> check_same_template(student, teacher, info, "p", ("student", "teacher"))
+    []
+    >>> [f.name for f in check_same_template([1, 11, 2, 1, 20, 2, 1, 30], teacher, info, "p", ("student", "teacher"))]
+    ['template-mismatch']
+    """
+    sa, ra = segments(a, info.special_ids)
+    sb, rb = segments(b, info.special_ids)
+    severity, why = (WARNING, f" ({expected})") if expected else (ERROR, "")
+    if sa != sb:
+        text = (f"the {names[0]} prompt has {len(sa)} special tokens ({_skeleton(sa, info)}), the {names[1]} prompt "
+                f"{len(sb)} ({_skeleton(sb, info)}): they are not under the same chat template{why}")
+        return [Finding("template-mismatch", severity, text, where)]
+    differ = [k for k, (x, y) in enumerate(zip(ra, rb)) if x != y]
+    if len(differ) <= 1:
+        return []
+    k = differ[0]
+    after = f"after {info.name(sa[k - 1])} (special token {k})" if k else "before the first special token"
+    return [Finding("template-mismatch", severity, f"the {names[0]} and {names[1]} prompts differ outside the user's "
+                    f"turn, in {len(differ)} places, first {after}: another system prompt or chat wrapper{why}",
+                    where)]
+
+
+def check_same_prompt(a: list[int], b: list[int], where: str, names: tuple[str, str], expected: str | None = None,
+                      why: str = "") -> list[Finding]:
+    """Two prompts that should be the same ids.
+
+    >>> [f.message for f in check_same_prompt([1, 2, 3], [1, 2, 4], "p", ("training", "evaluation"))]
+    ['the training and evaluation prompts differ (first at token 2; 3 and 3 tokens)']
+    """
+    if a == b:
+        return []
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    text = f"the {names[0]} and {names[1]} prompts differ (first at token {first}; {len(a)} and {len(b)} tokens)"
+    if expected:
+        return [Finding("prompt-mismatch", WARNING, f"{text} ({expected})", where)]
+    return [Finding("prompt-mismatch", ERROR, text + why, where)]
+
+
+def exit_status(findings: list[Finding]) -> int:
+    """1 if any finding is an error, else 0."""
+    return int(any(f.severity == ERROR for f in findings))
+
+
+def _skeleton(ids: list[int], info: TokenInfo, most: int = 4) -> str:
+    if not ids:
+        return "none"
+    shown = " ".join(info.names.get(i, str(i)) for i in ids[:most])
+    return shown + (" …" if len(ids) > most else "")
+
+
+# ----------------------------------------------------------------------------------------------- the command
+
+PLACEHOLDER_CORRECT = "[PLACEHOLDER: a sampled attempt that reached the gold answer] ... \\boxed{{{answer}}}"
+PLACEHOLDER_INCORRECT = "[PLACEHOLDER: a sampled attempt that reached the most common wrong answer] ... \\boxed{{?}}"
+PLACEHOLDER_REPLY = "[PLACEHOLDER: the teacher's verified solution] ... \\boxed{{{answer}}}"
+_SENTINEL = "SSB-AUDIT-REPLY"
+
+
+def token_info(tokenizer, stop_ids: list[int]) -> TokenInfo:
+    """The :class:`TokenInfo` of a loaded tokenizer: its special tokens, BOS, the generation prompt and the end of an
+    assistant turn as its chat template renders them."""
+    from ssb.prompts import student_messages
+
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if tok.special}
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer("1", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def text(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+
+    msgs = student_messages("What is 1 + 1?")
+    with_gp, without = ids(text(msgs, True)), ids(text(msgs, False))
+    if with_gp[:len(without)] == without:
+        gp = with_gp[len(without):]
+    else:  # the header changed the tokenisation of what precedes it: take the header's own tokens
+        t_with, t_without = text(msgs, True), text(msgs, False)
+        gp = ids(t_with[len(t_without):]) if t_with.startswith(t_without) else []
+    eot = None
+    try:
+        full = text(msgs + [{"role": "assistant", "content": _SENTINEL}], False)
+        after = ids(full[full.rindex(_SENTINEL) + len(_SENTINEL):])[:3]  # e.g. <|im_end|> \n, or ▁ </s>
+        eot = next((t for t in after if t in special or t in stop_ids), None)
+    except Exception:  # a template that refuses this chat: no end-of-turn to check
+        pass
+    names = {i: tokenizer.convert_ids_to_tokens(i) for i in special | set(stop_ids)}
+    return TokenInfo(frozenset(special), bos, adds_bos, frozenset(stop_ids), eot, tuple(gp), names)
+
+
+def _source(model_cfg) -> tuple[str, dict]:
+    """Where the stages load the tokenizer and config from (:func:`ssb.models._load_source`) without converting
+    anything: a GGUF model's converted directory when one exists, else the GGUF file itself (its metadata only)."""
+    from ssb.models import (GGUF_HASH_INDEX, _converted, _source_kwargs, file_sha256, gguf_models_dir, gguf_source,
+                            model_path)
+
+    if model_cfg.gguf_file:
+        key = file_sha256(gguf_source(model_cfg), gguf_models_dir() / GGUF_HASH_INDEX)[:16]
+        done = [d for d in sorted(gguf_models_dir().glob(f"{key}-*")) if _converted(d)]
+        if done:
+            return str(done[0]), {"trust_remote_code": model_cfg.trust_remote_code}
+    return model_path(model_cfg), _source_kwargs(model_cfg)
+
+
+def _model_limits(path: str, kw: dict) -> tuple[int | None, object]:
+    """(positions the model was trained for, a stand-in holding its generation config) from the model's config
+    files only: no weights are loaded."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        conf = AutoConfig.from_pretrained(path, **kw)
+    except (OSError, ValueError):
+        return None, None
+    context = None
+    for c in (conf, getattr(conf, "text_config", None)):
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            if context is None and isinstance(getattr(c, attr, None), int):
+                context = getattr(c, attr)
+    try:  # as from_pretrained sets a model's generation config: its file, else from the model's config
+        if "gguf_file" in kw:
+            raise OSError
+        gen = GenerationConfig.from_pretrained(path, **kw)
+    except (OSError, ValueError, TypeError):
+        gen = SimpleNamespace(eos_token_id=getattr(conf, "eos_token_id", None))
+    return context, SimpleNamespace(generation_config=gen)
+
+
+def _load_tokenizer(model_cfg, path: str, kw: dict):
+    """The tokenizer every stage uses (:func:`ssb.models.load_tokenizer`), from ``path`` (see :func:`_source`)."""
+    from transformers import AutoTokenizer
+
+    from ssb.errors import SsbError
+    from ssb.models import load_tokenizer
+
+    if not model_cfg.gguf_file:
+        return load_tokenizer(model_cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:
+        raise SsbError(f"cannot load tokenizer from '{path}': {str(e).splitlines()[0]}") from None
+    if not tok.chat_template:
+        raise SsbError(f"tokenizer of '{path}' has no chat template; ssb needs a chat model")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _rows(path: Path) -> list[dict]:
+    from ssb.rundir import read_rows
+
+    return read_rows(path) if path.is_file() else []  # never repairs: the audit writes nothing
+
+
+def _training_items(cfg: "Config", run: Path | None, n: int) -> tuple[list[dict], dict[str, dict], str]:
+    """(the first ``n`` problems to render, the run's curated pairs by id, where they come from): the run's teacher
+    examples (real attempts and replies), else its curated pairs (real attempts), else the training problems with
+    labelled placeholder attempts."""
+    from ssb.data import load_problems
+
+    examples = _rows(run / "teach" / "examples.jsonl") if run else []
+    pairs = {p["id"]: p for p in _rows(run / "curate" / "pairs.jsonl")} if run else {}
+    if examples:
+        return [dict(e, **_attempts(pairs.get(e["id"]))) for e in examples[:n]], pairs, f"{run}/teach/examples.jsonl"
+    if pairs:
+        return [dict(p) for p in list(pairs.values())[:n]], pairs, f"{run}/curate/pairs.jsonl"
+    items = [{"id": p.id, "question": p.question, "answer": p.answer, "placeholder": True,
+              "correct": PLACEHOLDER_CORRECT.format(answer=p.answer), "incorrect": PLACEHOLDER_INCORRECT.format(),
+              "correct_answer": p.answer} for p in load_problems(cfg.rollout.data, cfg.data_dir)[:n]]
+    missing = run / "curate" / "pairs.jsonl" if run else "--run-dir with curate/pairs.jsonl"
+    return items, pairs, f"PLACEHOLDERS (no {missing})"
+
+
+def _attempts(pair: dict | None) -> dict:
+    return {} if pair is None else {k: pair[k] for k in ("correct", "incorrect", "correct_answer") if k in pair}
+
+
+def audit_prompts(cfg: "Config", run_dir: str | Path | None = None, n: int = 2, full: bool = False, out=None) -> int:
+    """Render and check the prompts of ``cfg`` for the first ``n`` problems (real attempts and replies from
+    ``run_dir`` when it has them), print them and the findings to ``out`` (stdout); returns the exit status."""
+    import sys
+
+    from ssb.data import load_problems
+    from ssb.distill import build_examples
+    from ssb.errors import SsbError
+    from ssb.evaluate import label
+    from ssb.grading import extract_answer
+    from ssb.models import render_chat, stop_token_ids
+    from ssb.prompts import student_messages, teacher_messages
+
+    out = out or sys.stdout
+    if n < 1:
+        raise SsbError(f"--n: must be >= 1; got {n}")
+    path, kw = _source(cfg.model)
+    tok = _load_tokenizer(cfg.model, path, kw)
+    context, holder = _model_limits(path, kw)
+    stops = stop_token_ids(tok, holder)
+    info = token_info(tok, stops)
+    positions = "the context (max_position_embeddings)"
+    gen_context, gen_what = context, positions  # what generation may fill: vLLM's own limit, if set
+    if cfg.engine.backend == "vllm" and cfg.engine.max_model_len:
+        gen_context, gen_what = cfg.engine.max_model_len, "engine.max_model_len"
+    rc, tc, dc = cfg.rollout, cfg.teach, cfg.distill
+    paper = dc.paper_student_format
+    authors = "distill.paper_student_format=true: the authors' choice" if paper else None
+    items, pairs, source = _training_items(cfg, Path(run_dir) if run_dir else None, n)
+    if not items:
+        raise SsbError("no problems to render (rollout.data is empty)")
+
+    def show(title: str, ids: list[int]) -> None:
+        print(f"--- {title} · {len(ids)} tokens", file=out)
+        print(_visible(tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False), full), file=out)
+        print(f"ids: {_ids(ids, full)}", file=out)
+
+    def ntok(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    gguf = f" / {cfg.model.gguf_file}" if cfg.model.gguf_file else ""
+    print(f"ssb prompts: {cfg.model.name_or_path}{gguf} (tokenizer and config only, no weights)", file=out)
+    print(f"  special tokens: {_skeleton(sorted(info.special_ids), info, 6)}; BOS: {info.name(info.bos_id)}"
+          f"{' (the tokenizer adds it to text)' if info.adds_bos else ''}", file=out)
+    print(f"  stop ids: {', '.join(info.name(i) for i in sorted(info.stop_ids)) or 'none'}; end of an assistant "
+          f"turn: {info.name(info.end_of_turn_id)}; assistant header (generation prompt): "
+          f"{tok.decode(list(info.generation_prompt), skip_special_tokens=False)!r} = {list(info.generation_prompt)}",
+          file=out)
+    vllm = f", engine.max_model_len {gen_context}" if gen_context != context else ""
+    print(f"  context: {context or 'unknown'} positions{vllm}; teach.prompt={tc.prompt}, teach.context={tc.context}, "
+          f"distill.paper_student_format={str(paper).lower()}, distill.targets={dc.targets}", file=out)
+    print(f"  attempts and replies: {source}", file=out)
+
+    findings = check_template(info)
+    # a finished reply, as the engine records it, ends with the stop token that ended it
+    stop = info.end_of_turn_id if info.end_of_turn_id in stops else (stops[0] if stops else None)
+    for k, it in enumerate(items):
+        where = f"problem {it['id']}"
+        print(f"\n=== training problem {k + 1} of {len(items)}: {it['id']} ===", file=out)
+        rendered = None  # the teacher prompt as teach renders it from the attempts (ssb.teach.Teacher.prompt)
+        if "correct" in it:
+            answer = it.get("correct_answer") or extract_answer(it["correct"])
+            rendered = render_chat(tok, teacher_messages(it["question"], it["correct"], it["incorrect"], tc.context,
+                                                         prompt=tc.prompt, answer=answer))
+        stored = it.get("teacher_prompt_ids")
+        if "reply_ids" in it:
+            reply, reply_from = list(it["reply_ids"]), "teach/examples.jsonl"
+        else:
+            reply = tok(PLACEHOLDER_REPLY.format(answer=it["answer"]), add_special_tokens=False)["input_ids"]
+            reply += [stop] if stop is not None else []
+            reply_from = "PLACEHOLDER, ending with the stop token as the engine records a finished reply"
+        if dc.targets == "rollouts":
+            reply_from += "; distill.targets=rollouts trains on the student's own rollouts, which end the same way"
+        # what distill trains on: the student's prompt, the teacher's, the reply targets (ssb.distill.build_examples)
+        (ex,) = build_examples([{"question": it["question"], "reply_ids": reply,
+                                 "teacher_prompt_ids": stored if stored is not None else rendered}], tok, stops, paper)
+        n_t = len(ex.targets)
+        student, teacher = ex.student_ids[:-n_t], ex.teacher_ids[:-n_t]
+        sampled = render_chat(tok, student_messages(it["question"]))  # what rollout (and evaluate) prompt with
+
+        if paper:
+            show("student prompt (distill; distill.paper_student_format: plain text, no chat template)", student)
+            show("rollout prompt (the base model is sampled on this; evaluate renders the same way)", sampled)
+        else:
+            show("student prompt (distill; rollout and evaluate render the same ids)", student)
+        origin = ("as stored in teach/examples.jsonl" if stored is not None else
+                  "attempts: " + ("PLACEHOLDERS" if it.get("placeholder") else "curate/pairs.jsonl"))
+        show(f"teacher prompt (teach.prompt={tc.prompt}, context={tc.context}; {origin})", teacher)
+        show(f"reply targets (distill trains on these; {reply_from})", ex.targets)
+
+        findings += check_bos(student, info, f"{where}: student prompt", WARNING if paper else ERROR)
+        findings += check_bos(sampled, info, f"{where}: rollout prompt") if paper else []
+        findings += check_bos(teacher, info, f"{where}: teacher prompt")
+        for name, ids, budget, what in (("rollout prompt", sampled, rc.max_new_tokens, "rollout.max_new_tokens"),
+                                        ("teacher prompt", teacher, tc.max_new_tokens, "teach.max_new_tokens")):
+            findings += check_context(len(ids), budget, gen_context, f"{where}: {name}", what, gen_what)
+            findings += check_generation_prompt(ids, info, f"{where}: {name}")
+        findings += [] if paper else check_generation_prompt(student, info, f"{where}: student prompt")
+        for name, ids in (("student", ex.student_ids), ("teacher", ex.teacher_ids)):
+            findings += check_context(len(ids) - n_t, n_t, context, f"{where}: distill {name} sequence", "the reply",
+                                      positions)
+        findings += check_reply_targets(ex.targets, info, f"{where}: reply targets", paper)
+        if dc.targets == "teacher":
+            findings += check_same_template(student, teacher, info, f"{where}: student vs teacher prompt",
+                                            ("student", "teacher"), authors)
+        findings += check_same_prompt(student, sampled, f"{where}: student training vs rollout/evaluate prompt",
+                                      ("student's training", "rollout/evaluate"), authors)
+        if stored is not None and rendered is not None:
+            findings += check_same_prompt(
+                teacher, rendered, f"{where}: teacher prompt", ("stored (teach/examples.jsonl)", "re-rendered"),
+                why=": the teacher replied to another prompt than this config and tokenizer render (a changed "
+                    "template or teach setting, or a template that renders today's date)")
+        if k == 0 and rendered is not None and tc.context != "none":
+            hints = ("correct", "incorrect")[: 2 if tc.context == "both" else 1]
+            findings += check_teacher_worst_case(len(rendered), sum(ntok(it[h].strip()) for h in hints), len(hints),
+                                                 rc.max_new_tokens, tc.max_new_tokens, gen_context, gen_what)
+
+    print("\n=== evaluation prompts (the first problem of each benchmark) ===", file=out)
+    first = render_chat(tok, student_messages(items[0]["question"]))
+    for ds in cfg.evaluate.benchmarks:
+        where = f"evaluate {label(ds)}"
+        try:
+            problems = load_problems(ds, cfg.data_dir)
+        except Exception as e:  # the evaluate stage would fail the same way, after the training
+            findings.append(Finding("benchmark-unavailable", ERROR, f"cannot load it: {str(e).splitlines()[0]}",
+                                    where))
+            continue
+        if not problems:
+            findings.append(Finding("benchmark-unavailable", ERROR, "it has no problems", where))
+            continue
+        ids = render_chat(tok, student_messages(problems[0].question))
+        where += f" ({problems[0].id})"
+        show(where, ids)
+        findings += check_bos(ids, info, where)
+        findings += check_generation_prompt(ids, info, where)
+        findings += check_context(len(ids), cfg.evaluate.max_new_tokens, gen_context, where,
+                                  "evaluate.max_new_tokens", gen_what)
+        findings += check_same_template(first, ids, info, where, ("rollout", "evaluation"))
+
+    print("\n=== findings ===", file=out)
+    for line in _summarise(findings):
+        print(line, file=out)
+    errors, warnings = (sum(f.severity == s for f in findings) for s in (ERROR, WARNING))
+    print(f"ssb prompts: {errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}", file=out)
+    return exit_status(findings)
+
+
+def _summarise(findings: list[Finding]) -> list[str]:
+    """One line per (severity, name, kind of prompt): the first message, and on how many problems it recurs."""
+    groups: dict[tuple, list[Finding]] = {}
+    for f in findings:
+        kind = f.where.split(": ", 1)[-1]
+        groups.setdefault((f.severity != ERROR, f.name, kind), []).append(f)
+    if not groups:
+        return ["none"]
+    lines = []
+    for (_, name, _), fs in sorted(groups.items(), key=lambda kv: kv[0][0]):
+        more = f" (and {len(fs) - 1} more)" if len(fs) > 1 else ""
+        lines.append(f"{fs[0].severity.upper():7} {name} [{fs[0].where}{more}] {fs[0].message}")
+    return lines
+
+
+def _visible(text: str, full: bool, most: int = 4000) -> str:
+    """Text with each newline shown as ⏎ and every line indented; the middle of a long text cut unless ``full``."""
+    if not full and len(text) > most:
+        cut = len(text) - most
+        text = text[: most // 2] + f"[… {cut} characters not shown; --full shows them …]" + text[-most // 2:]
+    lines = text.replace("\n", "⏎\n").split("\n")
+    if len(lines) > 1 and not lines[-1]:
+        lines.pop()  # the ⏎ before it shows the newline
+    return "\n".join("  │ " + line for line in lines)
+
+
+def _ids(ids: list[int], full: bool, most: int = 64) -> str:
+    if full or len(ids) <= most + 16:
+        return json.dumps(ids)
+    half = most // 2
+    return f"{json.dumps(ids[:half])[:-1]}, … {len(ids) - most} more …, {json.dumps(ids[-half:])[1:]}"
