@@ -303,20 +303,6 @@ def token_info(tokenizer, stop_ids: list[int]) -> TokenInfo:
     return TokenInfo(frozenset(special), bos, adds_bos, frozenset(stop_ids), eot, tuple(gp), names)
 
 
-def _source(model_cfg) -> tuple[str, dict]:
-    """Where the stages load the tokenizer and config from (:func:`ssb.models._load_source`) without converting
-    anything: a GGUF model's converted directory when one exists, else the GGUF file itself (its metadata only)."""
-    from ssb.models import (GGUF_HASH_INDEX, _converted, _source_kwargs, file_sha256, gguf_models_dir, gguf_source,
-                            model_path)
-
-    if model_cfg.gguf_file:
-        key = file_sha256(gguf_source(model_cfg), gguf_models_dir() / GGUF_HASH_INDEX)[:16]
-        done = [d for d in sorted(gguf_models_dir().glob(f"{key}-*")) if _converted(d)]
-        if done:
-            return str(done[0]), {"trust_remote_code": model_cfg.trust_remote_code}
-    return model_path(model_cfg), _source_kwargs(model_cfg)
-
-
 def _model_limits(path: str, kw: dict) -> tuple[int | None, object]:
     """(positions the model was trained for, a stand-in holding its generation config) from the model's config
     files only: no weights are loaded."""
@@ -340,26 +326,6 @@ def _model_limits(path: str, kw: dict) -> tuple[int | None, object]:
     except (OSError, ValueError, TypeError):
         gen = SimpleNamespace(eos_token_id=getattr(conf, "eos_token_id", None))
     return context, SimpleNamespace(generation_config=gen)
-
-
-def _load_tokenizer(model_cfg, path: str, kw: dict):
-    """The tokenizer every stage uses (:func:`ssb.models.load_tokenizer`), from ``path`` (see :func:`_source`)."""
-    from transformers import AutoTokenizer
-
-    from ssb.errors import SsbError
-    from ssb.models import load_tokenizer
-
-    if not model_cfg.gguf_file:
-        return load_tokenizer(model_cfg)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, **kw)
-    except (OSError, ValueError) as e:
-        raise SsbError(f"cannot load tokenizer from '{path}': {str(e).splitlines()[0]}") from None
-    if not tok.chat_template:
-        raise SsbError(f"tokenizer of '{path}' has no chat template; ssb needs a chat model")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def _rows(path: Path) -> list[dict]:
@@ -407,8 +373,10 @@ def audit_prompts(cfg: "Config", run_dir: str | Path | None = None, n: int = 2, 
     out = out or sys.stdout
     if n < 1:
         raise SsbError(f"--n: must be >= 1; got {n}")
-    path, kw = _source(cfg.model)
-    tok = _load_tokenizer(cfg.model, path, kw)
+    from ssb.models import load_tokenizer, metadata_source
+
+    path, kw = metadata_source(cfg.model)  # a GGUF model's metadata, or its converted directory: no weights
+    tok = load_tokenizer(cfg.model, (path, kw))
     context, holder = _model_limits(path, kw)
     stops = stop_token_ids(tok, holder)
     info = token_info(tok, stops)

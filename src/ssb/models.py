@@ -64,7 +64,7 @@ def model_path(cfg: ModelConfig) -> str:
     return str(path) if path.exists() else cfg.name_or_path
 
 
-def _source_kwargs(cfg: ModelConfig) -> dict:
+def source_kwargs(cfg: ModelConfig) -> dict:
     kw = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.revision:
         kw["revision"] = cfg.revision
@@ -142,8 +142,16 @@ def gguf_source(cfg: ModelConfig) -> Path:
     return Path(found)
 
 
-def _converted(d: Path) -> bool:
+def is_converted(d: Path) -> bool:
+    """Whether ``d`` is a finished GGUF conversion (config, tokenizer and safetensors weights)."""
     return (d / "config.json").is_file() and (d / "tokenizer_config.json").is_file() and any(d.glob("*.safetensors"))
+
+
+def converted_gguf_dir(cfg: ModelConfig) -> Path | None:
+    """A finished conversion of ``cfg``'s GGUF model in any dtype (the first by name), or None; converts nothing."""
+    models = gguf_models_dir()
+    key = file_sha256(gguf_source(cfg), models / GGUF_HASH_INDEX)[:16]
+    return next((d for d in sorted(models.glob(f"{key}-*")) if is_converted(d)), None)
 
 
 def gguf_cache_dir(cfg: ModelConfig, dtype: torch.dtype | None = None) -> Path:
@@ -161,15 +169,15 @@ def gguf_cache_dir(cfg: ModelConfig, dtype: torch.dtype | None = None) -> Path:
     models.mkdir(parents=True, exist_ok=True)
     key = file_sha256(src, models / GGUF_HASH_INDEX)[:16]
     if dtype is None:
-        done = [d for d in sorted(models.glob(f"{key}-*")) if _converted(d)]
-        if done:
-            return done[0]
+        done = converted_gguf_dir(cfg)
+        if done is not None:
+            return done
         dtype = resolve_dtype(cfg, resolve_device(cfg.device))
     out = models / f"{key}-{str(dtype).removeprefix('torch.')}"
-    if _converted(out):
+    if is_converted(out):
         return out
     with _file_lock(models / f".{out.name}.lock"):
-        if _converted(out):  # another process converted it while we waited
+        if is_converted(out):  # another process converted it while we waited
             return out
         print(f"ssb: converting GGUF {src} once to {out}", file=sys.stderr, flush=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=models))
@@ -178,12 +186,12 @@ def gguf_cache_dir(cfg: ModelConfig, dtype: torch.dtype | None = None) -> Path:
             try:
                 os.rename(tmp, out)
             except OSError:
-                if not _converted(out):  # not a finished copy from another process: a stale leftover
+                if not is_converted(out):  # not a finished copy from another process: a stale leftover
                     shutil.rmtree(out, ignore_errors=True)
                     try:
                         os.rename(tmp, out)
                     except OSError:
-                        if not _converted(out):
+                        if not is_converted(out):
                             raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # the race loser's copy, or a failed conversion
@@ -215,7 +223,7 @@ def _convert_gguf(cfg: ModelConfig, dtype: torch.dtype, out: Path) -> None:
     """Dequantise the GGUF model and its tokenizer through transformers and save both to ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path, kw = model_path(cfg), _source_kwargs(cfg)
+    path, kw = model_path(cfg), source_kwargs(cfg)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
@@ -233,16 +241,28 @@ def _load_source(cfg: ModelConfig, dtype: torch.dtype | None = None) -> tuple[st
     """Where to load from and how: the converted directory for a GGUF model, else the configured source."""
     if cfg.gguf_file:
         return str(gguf_cache_dir(cfg, dtype)), {"trust_remote_code": cfg.trust_remote_code}
-    return model_path(cfg), _source_kwargs(cfg)
+    return model_path(cfg), source_kwargs(cfg)
 
 
 # ---------------------------------------------------------------- loading
 
 
-def load_tokenizer(cfg: ModelConfig):
+def metadata_source(cfg: ModelConfig) -> tuple[str, dict]:
+    """Where ``cfg``'s tokenizer and config can be read without converting anything or loading weights: a GGUF
+    model's converted directory if one exists, else the configured source (a GGUF file's metadata)."""
+    if cfg.gguf_file:
+        done = converted_gguf_dir(cfg)
+        if done is not None:
+            return str(done), {"trust_remote_code": cfg.trust_remote_code}
+    return model_path(cfg), source_kwargs(cfg)
+
+
+def load_tokenizer(cfg: ModelConfig, source: tuple[str, dict] | None = None):
+    """The tokenizer every stage uses (pad = eos if it has none); ``source``: (path, kwargs) to read it from
+    instead of :func:`_load_source` (e.g. :func:`metadata_source`, which converts nothing)."""
     from transformers import AutoTokenizer
 
-    path, kw = _load_source(cfg)
+    path, kw = source or _load_source(cfg)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
