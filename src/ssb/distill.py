@@ -22,6 +22,8 @@ neither in training nor in the cache build.
 
 Ablations are switches of this stage, not separate code: SFT is ``kd_weight=0 ce_weight=1`` (cross-entropy on the
 teacher's replies); RFT is ``targets=rollouts kd_weight=0 ce_weight=1`` (the student's own correct rollouts).
+On-policy distillation is ``targets=on_policy`` (:mod:`ssb.on_policy`): the same questions and teacher, but at every
+step the student samples the replies it is trained on (through :func:`train`'s ``before_step`` hook).
 
 Training (:mod:`ssb.train`) runs under torchrun with any number of processes and the same loss curve, and
 checkpoints every ``save_every`` steps into ``distill/checkpoint/``; an interrupted distill resumes from there.
@@ -31,7 +33,8 @@ puts each rank's shards on its device; the loss curve, checkpoints and adapter a
 top-k teacher cache is not supported with it (its build is a single-process pass over the whole model).
 
 Outputs: ``distill/adapter/`` (a standard peft adapter: ``PeftModel.from_pretrained(base, path)`` loads it),
-``distill/train_log.jsonl`` (per step: step, epoch, loss, grad_norm, lr, tokens, tokens_per_s, seconds).
+``distill/train_log.jsonl`` (per step: step, epoch, loss, grad_norm, lr, tokens, tokens_per_s, seconds; on-policy
+also sampled_tokens, student_replies, sample_seconds).
 """
 
 from __future__ import annotations
