@@ -218,6 +218,7 @@ def test_on_policy_stage_trains_and_records_its_sampling(taught, tmp_path):
     assert (m["hint"], m["samples"], m["targets"]) == ("pair", 1, "on_policy")
 
 
+@pytest.mark.slow
 def test_on_policy_killed_then_resumed_ends_at_the_same_weights(taught, tmp_path, monkeypatch):
     from conftest import train_killed_at
 
