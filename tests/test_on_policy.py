@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ssb import distill, on_policy
-from ssb.config import DistillConfig, load_config, to_dict
+from ssb.config import DistillConfig
+from ssb.configio import load_config, to_dict
 from ssb.distill import _lora, _loss, align, collate
 from ssb.engine import SamplingParams, TransformersEngine
 from ssb.errors import SsbError
