@@ -9,7 +9,8 @@
 # and runs.tar.gz (run directories and logs; adapters left out). The runs are concurrent processes on the one GPU
 # (a 0.5B model leaves it mostly idle per process), each started as soon as what it needs exists:
 #   ssb (budgeted rollout -> curate -> teach -> distill -> evaluate) | base | held-out teacher variants
-#   after ssb's teach: sft, rft      after ssb's distill: grpo, given ssb's training device-seconds
+#   after ssb's teach: sft, rft, onpolicy      after ssb's distill: grpo, given ssb's training device-seconds
+# The held-out teacher-prompt variants (measured on 2026-11-30, benchmarks/RESULTS.md) run only with HELDOUT=1.
 # Concurrency lengthens every run's wall (so GPU-) seconds; GRPO's budget is SSB's, measured under the same
 # sharing. Everything stops by DEADLINE_S after the start (SIGINT: a cut step leaves a resumable run directory,
 # rerunning this script continues it), then the report is written from what finished.
@@ -60,8 +61,9 @@ step ssb compare --config $C --run-dir "$R" --runs ssb "${train[@]}" &
 step base evaluate --config $C --run-dir "$R/base" evaluate.adapter=none &
 (after "$R/ssb/teach/manifest.json" && step sft compare --config $C --run-dir "$R" --runs sft "${train[@]}") &
 (after "$R/ssb/teach/manifest.json" && step rft compare --config $C --run-dir "$R" --runs rft "${train[@]}") &
+(after "$R/ssb/teach/manifest.json" && step onpolicy compare --config $C --run-dir "$R" --runs onpolicy "${train[@]}") &
 (after "$R/ssb/distill/manifest.json" && step grpo compare --config $C --run-dir "$R" --runs grpo "${train[@]}") &
-(
+[ "${HELDOUT:-0}" = 1 ] && (
   step heldout run --config $C --run-dir "$R/heldout" --stages rollout,curate rollout.budget=all "$heldout"
   for v in guided paper resolve; do
     mkdir -p "$R/heldout-$v"; for s in rollout curate; do ln -sfn ../heldout/$s "$R/heldout-$v/$s"; done
@@ -72,7 +74,7 @@ step base evaluate --config $C --run-dir "$R/base" evaluate.adapter=none &
 wait
 
 log "report"
-present=(); for r in base ssb grpo sft rft; do [ -d "$R/$r/evaluate" ] && present+=("$R/$r"); done
+present=(); for r in base ssb grpo sft rft onpolicy; do [ -d "$R/$r/evaluate" ] && present+=("$R/$r"); done
 $PY -m ssb.cli report "${present[@]}" --out "$R/report" --base base --focus ssb >"$R/logs/report.log" 2>&1
 tail -1 "$R/logs/report.log"
 $PY - "$R" >"$R/report/teacher_variants.md" <<'PY'

@@ -1,4 +1,4 @@
-"""`ssb compare` end to end on the tiny model: all five runs (base, SSB, GRPO at SSB's cost, SFT, RFT), the links
+"""`ssb compare` end to end on the tiny model: all six runs (base, SSB, GRPO at SSB's cost, SFT, RFT, on-policy), the links
 that let the ablations reuse SSB's upstream stages, the paired statistics and the cost plot; a rerun does nothing."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def test_every_run_is_evaluated_on_the_same_problems(compared):
     adapters = {r: json.loads((root / r / "evaluate" / "arith" / "metrics.json").read_text())["adapter"]
                 for r in compare.RUNS}
     assert adapters["base"] is None and adapters["grpo"].endswith("grpo/adapter")
-    assert all(adapters[r].endswith("distill/adapter") for r in ("ssb", "sft", "rft"))
+    assert all(adapters[r].endswith("distill/adapter") for r in ("ssb", "sft", "rft", "onpolicy"))
 
 
 def test_ablations_link_ssb_upstream_stages(compared):
@@ -48,6 +48,16 @@ def test_ablations_link_ssb_upstream_stages(compared):
     rft = yaml.safe_load((root / "rft" / "config.yaml").read_text())["distill"]
     assert (sft["kd_weight"], sft["ce_weight"], sft["targets"]) == (0.0, 1.0, "teacher")
     assert (rft["kd_weight"], rft["ce_weight"], rft["targets"]) == (0.0, 1.0, "rollouts")
+    onp = yaml.safe_load((root / "onpolicy" / "config.yaml").read_text())["distill"]
+    assert (onp["kd_weight"], onp["targets"], onp["hint"]) == (1.0, "on_policy", "pair")
+
+
+def test_on_policy_run_records_its_generation_cost(compared):
+    root, _ = compared
+    m = json.loads((root / "onpolicy" / "distill" / "manifest.json").read_text())
+    log = read_rows(root / "onpolicy" / "distill" / "train_log.jsonl")
+    assert m["targets"] == "on_policy" and m["generated_tokens"] == sum(r["sampled_tokens"] for r in log) > 0
+    assert "onpolicy" in (root / "report" / "report.md").read_text()
 
 
 def test_grpo_gets_ssb_training_cost_and_problems(compared):
@@ -62,7 +72,7 @@ def test_report_has_paired_differences_and_cost_plot(compared):
     root, _ = compared
     paired = json.loads((root / "report" / "paired.json").read_text())
     pairs = {(c["run"], c["against"]) for c in paired["comparisons"] if c["benchmark"] == "arith"}
-    assert {(r, "base") for r in ("ssb", "grpo", "sft", "rft")} | {("ssb", r) for r in ("grpo", "sft", "rft")} <= pairs
+    assert {(r, "base") for r in ("ssb", "grpo", "sft", "rft", "onpolicy")} | {("ssb", r) for r in ("grpo", "sft", "rft", "onpolicy")} <= pairs
     for c in paired["comparisons"]:
         assert c["ci95"][0] <= c["diff"] <= c["ci95"][1]
     assert (root / "report" / "cost.png").stat().st_size > 0

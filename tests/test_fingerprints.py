@@ -24,7 +24,7 @@ NOT_HASHED = {
     "rollout-waves": ENGINE_KNOBS | {"data_dir"},
     "curate": set(),
     "teach": ENGINE_KNOBS,
-    "distill": {"distill.fsdp"},
+    "distill": ENGINE_KNOBS | {"engine.backend", "data_dir", "distill.fsdp"},
     "evaluate": ENGINE_KNOBS | {"data_dir", "evaluate.benchmarks", "evaluate.adapter"},
     "grpo": ENGINE_KNOBS | {"engine.backend", "data_dir", "grpo.save_every"},
 }

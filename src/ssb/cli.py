@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("compare", help="One command, one harness: base, SSB, GRPO at SSB's training cost, SFT and "
                        "RFT, each in RUN_DIR/<run>, then RUN_DIR/report (paired differences, accuracy vs cost).")
     common(p)
-    p.add_argument("--runs", default="base,ssb,grpo,sft,rft", help="Comma-separated subset of the runs, in order.")
+    p.add_argument("--runs", default=None, help="Comma-separated subset of the runs (default: all: base, ssb, grpo, "
+                   "sft, rft, onpolicy).")
     p = sub.add_parser("config", help="Print the resolved config, or every key with its help (--keys).")
     common(p, run_dir_required=False)
     p.add_argument("--keys", action="store_true")
@@ -123,7 +124,7 @@ def _dispatch(args) -> int:
         cfg = load_config(args.config, args.overrides)
         _quiet_libraries()
         dist.init()
-        runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+        runs = compare.RUNS if args.runs is None else [r.strip() for r in args.runs.split(",") if r.strip()]
         with locked(*compare.run_dirs(Path(args.run_dir), runs), collective=True):
             path = compare.run(cfg, Path(args.run_dir), runs, force=args.force)
         if dist.is_main():

@@ -10,8 +10,9 @@ On one model, one grader and one evaluation harness it runs, each in its own run
 | ``grpo`` | RL at equal cost | ``ssb grpo`` on the problems SSB rolled out, stopped when its device-seconds reach SSB's training device-seconds (rollout + curate + teach + distill), then evaluate |
 | ``sft`` | is the soft target needed? | cross-entropy on the teacher's replies: ``distill.kd_weight=0 distill.ce_weight=1`` |
 | ``rft`` | is the teacher needed? | cross-entropy on the student's own correct rollouts: ``distill.targets=rollouts`` + the above |
+| ``onpolicy`` | on-policy self-distillation | the student samples, the hinted teacher scores its tokens: ``distill.targets=on_policy`` on SSB's questions and hinted prompts (:mod:`ssb.on_policy`) |
 
-``sft`` and ``rft`` reuse SSB's finished upstream stages through relative symbolic links (``R/sft/teach ->
+``sft``, ``rft`` and ``onpolicy`` reuse SSB's finished upstream stages through relative symbolic links (``R/sft/teach ->
 ../ssb/teach``), not copies: the work is done and paid for once, and ``ssb report`` marks reused stages. The budget
 unit is device-seconds (GPU-seconds on GPUs, wall seconds on CPU); both GPU-seconds and generated tokens are
 recorded for every run. Then ``R/report/`` gets the report with paired differences (every run against ``base``,
@@ -36,19 +37,22 @@ from ssb.configio import load_config, to_dict
 from ssb.errors import SsbError
 from ssb.rundir import MANIFEST, locked, read_json
 
-RUNS = ("base", "ssb", "grpo", "sft", "rft")
-SSB_UPSTREAM = {"sft": ("rollout", "curate", "teach"), "rft": ("rollout", "curate")}
-NEEDS = {"grpo": "distill", "sft": "teach", "rft": "curate"}  # the ssb stage a run waits for (grpo: its cost)
+RUNS = ("base", "ssb", "grpo", "sft", "rft", "onpolicy")
+SSB_UPSTREAM = {"sft": ("rollout", "curate", "teach"), "rft": ("rollout", "curate"),
+                "onpolicy": ("rollout", "curate", "teach")}
+NEEDS = {"grpo": "distill", "sft": "teach", "rft": "curate", "onpolicy": "teach"}  # the ssb stage a run waits for (grpo: its cost)
 OVERRIDES = {
     "base": ["evaluate.adapter=none"],
     "ssb": [],
     "grpo": [],
     "sft": ["distill.kd_weight=0", "distill.ce_weight=1"],
     "rft": ["distill.targets=rollouts", "distill.kd_weight=0", "distill.ce_weight=1"],
+    "onpolicy": ["distill.targets=on_policy"],
 }
 TRAINING = ("rollout", "curate", "teach", "distill")
 STEPS = {"base": ["evaluate"], "ssb": ["rollout", "curate", "teach", "distill", "evaluate"],
-         "grpo": ["grpo", "evaluate"], "sft": ["distill", "evaluate"], "rft": ["distill", "evaluate"]}
+         "grpo": ["grpo", "evaluate"], "sft": ["distill", "evaluate"], "rft": ["distill", "evaluate"],
+         "onpolicy": ["distill", "evaluate"]}
 
 
 def training_cost(run_dir: Path) -> dict:

@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ssb.choices import LOSSES, TEACHER_CONTEXTS, TEACHER_PROMPTS
+from ssb.choices import HINTS, LOSSES, TEACHER_CONTEXTS, TEACHER_PROMPTS
 from ssb.errors import SsbError
 
 
@@ -194,9 +194,23 @@ class DistillConfig:
                       "temperature in distill/teacher_topk/; no teacher forward while training).", ("online", "topk"))
     topk: int = _f(64, "k of the cached top-k teacher (teacher=topk only): 388 bytes per reply token at k=64.", gt(0))
     targets: str = _f("teacher", "Training targets: the teacher's verified replies (SSB, and SFT with kd_weight=0), "
-                      "or the student's own correct rollouts (rollouts: rejection-sampling fine-tuning, RFT; "
-                      "needs kd_weight=0, ce_weight=1; at most teach.max_examples problems).",
-                      ("teacher", "rollouts"))
+                      "the student's own correct rollouts (rollouts: rejection-sampling fine-tuning, RFT; "
+                      "needs kd_weight=0, ce_weight=1; at most teach.max_examples problems), or replies the student "
+                      "samples at every step, scored by the hinted teacher (on_policy: on-policy self-distillation "
+                      "on the questions of teach/examples.jsonl; teacher=online only).",
+                      ("teacher", "rollouts", "on_policy"))
+    hint: str = _f("pair", "targets=on_policy: what the teacher sees with the question: pair (the teach stage's "
+                   "hinted prompt: a correct and the most common incorrect attempt), correct (the correct attempt "
+                   "only), reference (the training set's reference solution, e.g. GSM8K's worked solution).",
+                   HINTS)
+    samples: int = _f(1, "targets=on_policy: replies the student samples per question at every step.", gt(0))
+    sample_temperature: float = _f(1.0, "targets=on_policy: the student's sampling temperature.", gt(0))
+    sample_max_new_tokens: int | None = _f(None, "targets=on_policy: longest student reply (None = "
+                                           "teach.max_new_tokens); a cut reply is trained on as far as it goes.",
+                                           gt(0))
+    mix: float = _f(0.0, "targets=on_policy: fraction of training replies that are the teacher's verified reply "
+                    "(off-policy, as SSB) instead of a fresh student sample, drawn per reply and step (GKD's 1-λ).",
+                    between(0, 1))
     save_every: int = _f(100, "Checkpoint adapter + optimizer + RNG + data position every N steps (0 = never); "
                          "an interrupted distill resumes from the last checkpoint.", ge(0))
     fsdp: bool = _f(False, "Shard the frozen base model and the LoRA weights across ranks with FSDP2 "
@@ -207,6 +221,9 @@ class DistillConfig:
         """Rules across fields (each field's own choices or range are checked with its type, when loading)."""
         if self.kd_weight == 0 and self.ce_weight == 0:
             raise ConfigError("distill: kd_weight and ce_weight are both 0; nothing to train")
+        if self.targets == "on_policy" and (self.kd_weight == 0 or self.teacher != "online"):
+            raise ConfigError("distill.targets=on_policy: the student's replies are new at every step and only the "
+                              "teacher scores them: it needs distill.kd_weight > 0 and distill.teacher=online")
         if self.targets == "rollouts" and self.kd_weight != 0:
             raise ConfigError("distill.targets=rollouts (RFT) trains on the student's own samples, which have no "
                               "teacher: set distill.kd_weight=0 distill.ce_weight=1")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ class Problem:
     question: str
     answer: str  # gold final answer as a string (GSM8K: the text after '####', commas kept)
     grader: str  # one of GRADERS: which grading rules apply
+    solution: str | None = None  # reference solution where the source has one (GSM8K: the worked answer, no '####')
 
 
 # hub: (id, subset, default split, question/answer/id columns); local: offline copy under the data dir.
@@ -210,17 +212,20 @@ def _from_rows(rows: list[tuple[str, dict]], cfg: DatasetConfig, tag: str, bench
             q_col = next((c for c in (q_def, "question", "problem") if c in row), q_def)
         question = _text(_get(row, q_col, where))
         answer = _text(_get(row, cfg.answer_field or a_def, where))
+        solution = _text(row.get("solution")) or None
         if gsm8k_solution or (grader == "gsm8k" and "####" in answer):
             if "####" not in answer:
                 raise DataError(f"{where}: GSM8K answer has no '#### <final answer>' line: {answer[-80:]!r}")
-            answer = answer.rsplit("####", 1)[1].strip()
+            worked, answer = (t.strip() for t in answer.rsplit("####", 1))
+            solution = _CALCULATOR.sub("", worked) or solution
         if not answer:
             raise DataError(f"{where}: empty answer in row {_short(row)}")
         if not question:
             raise DataError(f"{where}: empty question in row {_short(row)}")
         id_col = cfg.id_field or next((c for c in (id_def, "id") if c and c in row), None)
         pid = _text(_get(row, id_col, where)) if id_col else ""
-        out.append(Problem(id=pid or f"{tag}-{i}", question=question, answer=answer, grader=grader))
+        out.append(Problem(id=pid or f"{tag}-{i}", question=question, answer=answer, grader=grader,
+                           solution=solution))
     return _finish(out, cfg, tag, shuffled=cfg.shuffle)
 
 
@@ -235,6 +240,9 @@ def _finish(probs: list[Problem], cfg: DatasetConfig, tag: str, shuffled: bool) 
         raise DataError(f"dataset {tag!r} has no problems" + (f" (limit={cfg.limit})" if cfg.limit is not None
                                                               else " (empty source)"))
     return probs
+
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations: 48/2 = <<48/2=24>>24
 
 
 def _get(row: dict, col: str, where: str) -> Any:

@@ -22,6 +22,8 @@ neither in training nor in the cache build.
 
 Ablations are switches of this stage, not separate code: SFT is ``kd_weight=0 ce_weight=1`` (cross-entropy on the
 teacher's replies); RFT is ``targets=rollouts kd_weight=0 ce_weight=1`` (the student's own correct rollouts).
+On-policy distillation is ``targets=on_policy`` (:mod:`ssb.on_policy`): the same questions and teacher, but at every
+step the student samples the replies it is trained on (through :func:`train`'s ``before_step`` hook).
 
 Training (:mod:`ssb.train`) runs under torchrun with any number of processes and the same loss curve, and
 checkpoints every ``save_every`` steps into ``distill/checkpoint/``; an interrupted distill resumes from there.
@@ -31,7 +33,8 @@ puts each rank's shards on its device; the loss curve, checkpoints and adapter a
 top-k teacher cache is not supported with it (its build is a single-process pass over the whole model).
 
 Outputs: ``distill/adapter/`` (a standard peft adapter: ``PeftModel.from_pretrained(base, path)`` loads it),
-``distill/train_log.jsonl`` (per step: step, epoch, loss, grad_norm, lr, tokens, tokens_per_s, seconds).
+``distill/train_log.jsonl`` (per step: step, epoch, loss, grad_norm, lr, tokens, tokens_per_s, seconds; on-policy
+also sampled_tokens, student_replies, sample_seconds).
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ssb import dist
+from ssb import dist, on_policy
 from ssb.config import Config
+from ssb.data import load_problems
 from ssb.reads import Reads, fingerprint
 from ssb.errors import SsbError
 from ssb.losses import chunked_distill_loss, chunked_topk_distill_loss, topk_teacher
@@ -58,9 +62,14 @@ from ssb.train import CKPT, TrainSpec, full_tensor, train, trainable_state
 from ssb.teacher_cache import TopkCacheReader, TopkCacheWriter, bytes_per_token, check_existing
 
 CACHE_DIR, CACHE_DTYPE = "teacher_topk", "float16"
-# The config fields this stage reads (ssb.config.Reads). teach.max_examples: how many problems RFT
-# (targets=rollouts) trains on. fsdp decides how the training is spread, not its result.
-READS = Reads("distill", result=("model", "seed", "distill", "teach.max_examples"), how=("distill.fsdp",))
+# The config fields this stage reads (ssb.reads.Reads). teach.max_examples: how many problems RFT
+# (targets=rollouts) trains on. fsdp decides how the training is spread, not its result;
+# targets=on_policy also reads: teach.prompt (hint=correct renders the teacher's prompt as teach did),
+# teach.max_new_tokens (the default longest student reply), rollout.data (hint=reference: reference solutions), and
+# how: the engine's batch knobs, data_dir.
+READS = Reads("distill", result=("model", "seed", "distill", "teach.max_examples", "teach.prompt",
+                                 "teach.max_new_tokens", "rollout.data"),
+              how=("distill.fsdp", "data_dir", "engine"))
 
 
 @dataclass
@@ -141,8 +150,9 @@ def rollout_targets(run_dir, max_examples: int, seed: int) -> list[dict]:
 
 
 def upstream(cfg: Config) -> str:
-    """The stage distill reads: teach (the teacher's replies) or, for RFT, curate (and rollout through it)."""
-    return "teach" if cfg.distill.targets == "teacher" else "curate"
+    """The stage distill reads: teach (the teacher's replies, or on-policy the same questions) or, for RFT, curate
+    (and rollout through it)."""
+    return "curate" if cfg.distill.targets == "rollouts" else "teach"
 
 
 def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
@@ -161,6 +171,36 @@ def _lora(model, dc, seed: int):
     return get_peft_model(model, lora_config(dc))
 
 
+def training_rows(cfg: Config, run_dir) -> list[dict]:
+    """The rows trained on: ``teach/examples.jsonl`` (SSB, SFT, on-policy questions) or the student's own correct
+    rollouts (RFT)."""
+    if cfg.distill.targets == "rollouts":
+        rows = rollout_targets(run_dir, cfg.teach.max_examples, cfg.seed)
+        what = "no correct rollouts"
+    else:
+        rows, what = read_upstream(run_dir, "teach", "examples.jsonl"), "teach/examples.jsonl"
+    if not rows:
+        raise SsbError(f"no training examples ({what}): nothing to distill")
+    return rows
+
+
+def _check_setup(dc, fsdp: bool) -> None:
+    if fsdp and dc.teacher == "topk" and dc.kd_weight > 0:
+        raise SsbError("distill.fsdp does not support distill.teacher=topk (the cache is built by one process from "
+                       "the whole model); use teacher=online, or fsdp=false")
+    if fsdp and dc.targets == "on_policy":
+        raise SsbError("distill.fsdp does not support distill.targets=on_policy (every rank samples replies of its "
+                       "own lengths, which sharded forwards cannot follow); use fsdp=false")
+
+
+def _load(cfg: Config, fsdp: bool):
+    device = resolve_device(dist.device_for_rank(cfg.model.device))
+    if fsdp:  # whole model in CPU memory only; fsdp_shard moves this rank's shards to `device`
+        dtype = str(resolve_dtype(cfg.model, device)).removeprefix("torch.")
+        return device, load_model(replace(cfg.model, dtype=dtype), device=torch.device("cpu"))
+    return device, load_model(cfg.model, device=device)
+
+
 @locking
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
     cfg = READS.view(cfg)
@@ -168,17 +208,10 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     if stage.is_done():
         return stage.manifest
     dc = cfg.distill
-    if dc.targets == "teacher":
-        rows = read_upstream(run_dir, "teach", "examples.jsonl")
-    else:
-        rows = rollout_targets(run_dir, cfg.teach.max_examples, cfg.seed)
-    if not rows:
-        raise SsbError(f"no training examples ({'teach/examples.jsonl' if dc.targets == 'teacher' else 'no correct rollouts'}): nothing to distill")
-    use_cache = dc.teacher == "topk" and dc.kd_weight > 0
+    rows = training_rows(cfg, run_dir)
     fsdp = dc.fsdp and dist.world() > 1
-    if fsdp and use_cache:
-        raise SsbError("distill.fsdp does not support distill.teacher=topk (the cache is built by one process from "
-                       "the whole model); use teacher=online, or fsdp=false")
+    _check_setup(dc, fsdp)
+    use_cache = dc.teacher == "topk" and dc.kd_weight > 0
     keys = [str(r.get("id", i)) for i, r in enumerate(rows)]
     cache_fp = fingerprint("teacher_topk", stage.config["upstream"], cfg.model, dc.topk, dc.temperature,
                            dc.paper_student_format, CACHE_DTYPE)
@@ -187,28 +220,15 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
             raise SsbError("teach/examples.jsonl has duplicate ids; the top-k teacher cache is keyed by id")
         check_existing(stage.path(CACHE_DIR), dc.topk, dc.temperature, cache_fp)  # before loading the model
     tokenizer = load_tokenizer(cfg.model)
-
-    device = resolve_device(dist.device_for_rank(cfg.model.device))
-    if fsdp:  # whole model in CPU memory only; fsdp_shard moves this rank's shards to `device`
-        dtype = str(resolve_dtype(cfg.model, device)).removeprefix("torch.")
-        model = load_model(replace(cfg.model, dtype=dtype), device=torch.device("cpu"))
-    else:
-        model = load_model(cfg.model, device=device)
-    examples = build_examples(rows, tokenizer, stop_token_ids(tokenizer, model), dc.paper_student_format)
+    device, model = _load(cfg, fsdp)
+    stop_ids = stop_token_ids(tokenizer, model)
+    examples = build_examples(rows, tokenizer, stop_ids, dc.paper_student_format)
+    teacher_prompts = _hinted_prompts(cfg, run_dir, rows, tokenizer) if dc.targets == "on_policy" else None
     stage.begin()  # inputs read and checked, model loaded: from here on the stage counts as started
     cache, cache_info = None, {}
     if use_cache:  # before the adapter exists: the plain base model is the teacher
-        t_cache = time.time()
-        if not dist.is_main():
-            dist.barrier()  # rank 0 builds the cache; the others then only read it
-        cache = build_topk_cache(model, examples, keys, dc, stage.path(CACHE_DIR), cache_fp,
-                                 tokenizer.pad_token_id, device)
-        if dist.is_main():
-            dist.barrier()
-        cache_info = {"teacher_cache": {"path": CACHE_DIR, "k": cache.k, "temperature": cache.temperature,
-                                        "tokens": cache.total_tokens, "stored_bytes": cache.stored_bytes(),
-                                        "bytes_per_token": bytes_per_token(cache.k, CACHE_DTYPE),
-                                        "seconds": round(time.time() - t_cache, 3)}}
+        cache, cache_info = _teacher_cache(model, examples, keys, dc, stage, cache_fp, tokenizer.pad_token_id,
+                                           device)
     if dc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -217,22 +237,81 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     decoder, lm_head = causal.get_decoder(), causal.get_output_embeddings()
     if fsdp:
         decoder = dist.fsdp_shard(model, device)  # the FSDP root: runs the decoder, returns hidden states
+    sampler = None
+    if teacher_prompts is not None:
+        sampler = _sampler(cfg, model, tokenizer, stop_ids, rows, examples, teacher_prompts, stage)
     loss_kw = dict(kind=dc.loss, temperature=dc.temperature, scale_t2=dc.scale_t2, beta=dc.jsd_beta,
                    chunk_size=dc.chunk_size)
 
     def step_loss(idx: list[int]):
         stage.heartbeat()  # a killed process's time still counts (the cost ledger, at most every few seconds)
-        batch = collate([examples[i] for i in idx], tokenizer.pad_token_id, device)
+        batch = collate(sampler.batch(idx) if sampler else [examples[i] for i in idx], tokenizer.pad_token_id,
+                        device)
         cached = None if cache is None else cache.batch([keys[i] for i in idx], device)
         return _loss(model, decoder, lm_head, batch, dc, loss_kw, cached), int(batch["targets"].numel())
 
     def norm_of(idx: list[int]) -> float:
-        return float(sum(len(examples[i].targets) for i in idx)) if dc.average == "token" else float(len(idx))
+        if dc.average == "sequence":
+            return float(len(idx) * (dc.samples if sampler else 1))
+        return sampler.global_tokens if sampler else float(sum(len(examples[i].targets) for i in idx))
 
     spec = TrainSpec(len(examples), dc.batch_size, dc.epochs, dc.max_steps, dc.lr, dc.weight_decay,
                      dc.warmup_steps, dc.schedule, dc.max_grad_norm, dc.save_every, cfg.seed)
-    result = train(model, spec, stage.dir, step_loss, norm_of)
+    result = train(model, spec, stage.dir, step_loss, norm_of, sampler.before_step if sampler else None)
+    _save_adapter(stage, model, fsdp)
+    # trained_tokens: of every process since the start (through the checkpoints), as in an uninterrupted run;
+    # skipped_steps: steps with non-finite gradients skipped by this process (see ssb.train)
+    counts = {"examples": len(examples), "steps": result["steps"], "trained_tokens": result["trained_tokens"],
+              "skipped_steps": len(result["skipped_steps"])}
+    on_policy = {"hint": dc.hint, "samples": dc.samples, "mix": dc.mix} if sampler else {}
+    return stage.finish(counts, train_seconds=result["train_seconds"], skipped_steps=result["skipped_steps"],
+                        teacher=dc.teacher, targets=dc.targets, world_size=dist.world(), fsdp=fsdp,
+                        **on_policy, **cache_info)
 
+
+def _teacher_cache(model, examples, keys, dc, stage: Stage, cache_fp: str, pad_id: int, device):
+    """Build (or finish) the top-k teacher cache; returns the reader and its manifest entry."""
+    t_cache = time.time()
+    if not dist.is_main():
+        dist.barrier()  # rank 0 builds the cache; the others then only read it
+    cache = build_topk_cache(model, examples, keys, dc, stage.path(CACHE_DIR), cache_fp, pad_id, device)
+    if dist.is_main():
+        dist.barrier()
+    return cache, {"teacher_cache": {"path": CACHE_DIR, "k": cache.k, "temperature": cache.temperature,
+                                     "tokens": cache.total_tokens, "stored_bytes": cache.stored_bytes(),
+                                     "bytes_per_token": bytes_per_token(cache.k, CACHE_DTYPE),
+                                     "seconds": round(time.time() - t_cache, 3)}}
+
+
+def _hinted_prompts(cfg: Config, run_dir, rows: list[dict], tokenizer) -> list[list[int]]:
+    """On-policy: the teacher's prompt per training row, by ``distill.hint`` (:mod:`ssb.on_policy`)."""
+    hint = cfg.distill.hint
+    pairs = ({p["id"]: p for p in read_upstream(run_dir, "curate", "pairs.jsonl")} if hint == "correct" else {})
+    solutions = {}
+    if hint == "reference":
+        solutions = {p.id: p.solution for p in load_problems(cfg.rollout.data, cfg.data_dir)}
+    return [on_policy.teacher_prompt(r, hint, tokenizer, cfg.teach.prompt, pairs.get(r["id"]),
+                                     solutions.get(r["id"])) for r in rows]
+
+
+def _sampler(cfg: Config, model, tokenizer, stop_ids, rows, examples, teacher_prompts, stage: Stage):
+    """On-policy: the sampler that draws each step's replies from ``model`` (base + the adapter being trained)."""
+    dc = cfg.distill
+    paper = dc.paper_student_format
+
+    def make_example(student: list[int], teacher: list[int], reply: list[int]) -> Example:
+        if paper and len(reply) > 1 and reply[-1] in stop_ids:  # the authors train no end-of-turn token
+            reply = reply[:-1]
+        return align(student, teacher, reply)
+
+    qs = on_policy.questions(rows, [e.student_ids[:e.student_pos[0] + 1] for e in examples], teacher_prompts)
+    engine_kw = dict(max_batch_size=cfg.engine.max_batch_size, prefill_tokens=cfg.engine.prefill_tokens)
+    return on_policy.OnPolicySampler(model, tokenizer, stop_ids, qs, dc, cfg.seed,
+                                     dc.sample_max_new_tokens or cfg.teach.max_new_tokens, make_example, engine_kw,
+                                     on_sampled=lambda n: stage.add(generated_tokens=n))
+
+
+def _save_adapter(stage: Stage, model, fsdp: bool) -> None:
     lora = trainable_state(model) if fsdp else None  # shards gathered on every rank
     if dist.is_main():
         out, tmp = stage.path("adapter"), stage.path(".adapter.tmp")
@@ -241,13 +320,6 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
         shutil.rmtree(stage.path(CKPT), ignore_errors=True)
-    # trained_tokens: of every process since the start (through the checkpoints), as in an uninterrupted run;
-    # skipped_steps: steps with non-finite gradients skipped by this process (see ssb.train)
-    counts = {"examples": len(examples), "steps": result["steps"], "trained_tokens": result["trained_tokens"],
-              "skipped_steps": len(result["skipped_steps"])}
-    return stage.finish(counts, train_seconds=result["train_seconds"], skipped_steps=result["skipped_steps"],
-                        teacher=dc.teacher, targets=dc.targets,
-                        world_size=dist.world(), fsdp=fsdp, **cache_info)
 
 
 @torch.no_grad()

@@ -44,6 +44,7 @@ _TEACHER_ASK_GUIDED = (
     "solution that arrives at {answer}. Write it as a fresh, self-contained solution: never mention, quote or allude "
     "to any earlier attempt or to being given the answer. End with \\boxed{{{answer}}}."
 )
+_HINT_REFERENCE = "\nHere is a reference solution to this problem:\n<reference_solution>\n{reference}\n</reference_solution>\n"
 _TEACHER_ASK_PLAIN = (
     "\nWrite a complete, careful, step-by-step solution. Check each step. End with the final answer within \\boxed{}."
 )
@@ -106,4 +107,18 @@ def teacher_messages(
             raise ValueError("teacher prompt 'guided' needs the verified final answer")
         text += hint_incorrect + hint_correct + _TEACHER_ASK_GUIDED.format(
             answer=answer.strip(), caution=_PAPER_CAUTION if both else "")
+    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": text}]
+
+
+def reference_messages(question: str, reference: str, answer: str,
+                       system_prompt: str = SYSTEM_PROMPT) -> list[dict[str, str]]:
+    """The teacher's view with the data set's reference solution as the hint (OPSD-style on-policy distillation,
+    ``distill.hint=reference``): the reference, then the ``guided`` instructions with the gold ``answer``.
+
+    >>> u = reference_messages("What is 2+2?", "2 and 2 make 4.", "4")[1]["content"]
+    >>> "reference solution" in u and "2 and 2 make 4." in u and "\\boxed{4}" in u
+    True
+    """
+    text = (_TEACHER_INTRO.format(question=question.strip()) + _HINT_REFERENCE.format(reference=reference.strip())
+            + _TEACHER_ASK_GUIDED.format(answer=answer.strip(), caution=""))
     return [{"role": "system", "content": system_prompt}, {"role": "user", "content": text}]

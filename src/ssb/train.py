@@ -71,10 +71,12 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int]], tuple[torch.Tensor, int]],
-          norm_of: Callable[[list[int]], float]) -> dict:
+          norm_of: Callable[[list[int]], float], before_step: Callable[[int, list[int]], dict] | None = None) -> dict:
     """Train ``model``'s trainable parameters. ``step_loss(indices)`` returns (sum of per-token losses over those
-    examples, their token count); ``norm_of(indices)`` the normaliser of a global batch. Appends
-    ``train_log.jsonl`` rows (rank 0). Returns {steps, trained_tokens, train_seconds}."""
+    examples, their token count); ``norm_of(indices)`` the normaliser of a global batch. ``before_step(step,
+    indices)``, if given, runs first in every step, on every rank, with the global batch (0-based ``step``) and
+    returns extra fields for the step's log row: on-policy distillation samples the step's replies there.
+    Appends ``train_log.jsonl`` rows (rank 0). Returns {steps, trained_tokens, train_seconds, skipped_steps}."""
     from transformers import get_scheduler
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -98,16 +100,9 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
         epoch, b = divmod(step, per_epoch)
         t0 = time.time()
         idx = epoch_order(spec.n_examples, spec.seed, epoch)[b * spec.batch_size:(b + 1) * spec.batch_size]
-        mine = idx[dist.rank()::dist.world()]
+        extra = before_step(step, idx) if before_step is not None else {}
         norm = norm_of(idx)
-        if mine:
-            loss_sum, n_tok = step_loss(mine)
-            (loss_sum / norm).backward()
-            stats = torch.tensor([loss_sum.item(), float(n_tok)], dtype=torch.float64)
-        else:  # fewer examples than ranks in this batch: contribute zero gradient
-            if sharded:  # ... but take part in FSDP's all-gathers and reduce-scatters like every rank
-                (step_loss(idx[:1])[0] * 0.0).backward()
-            stats = torch.zeros(2, dtype=torch.float64)
+        stats = _backward(idx, step_loss, norm, sharded)
         if not sharded:
             _sync_grads(params)
         stats = dist.all_reduce_sum(stats)
@@ -122,16 +117,11 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        n_tok = int(stats[1])
-        trained += n_tok
-        dt = time.time() - t0
+        trained += int(stats[1])
         if dist.is_main():
-            log = {"step": step, "epoch": epoch, "loss": float(stats[0]) / norm, "grad_norm": float(norm_val),
-                   "lr": sched.get_last_lr()[0], "tokens": n_tok, "tokens_per_s": round(n_tok / max(dt, 1e-9), 1),
-                   "seconds": round(dt, 4), **({} if finite else {"skipped": True})}
-            append_rows(log_path, [log])
-            bar.update(1)
-            bar.set_postfix(loss=f"{log['loss']:.4f}", tok_s=f"{log['tokens_per_s']:.0f}")
+            _log(log_path, bar, {"step": step, "epoch": epoch, "loss": float(stats[0]) / norm,
+                                 "grad_norm": float(norm_val), "lr": sched.get_last_lr()[0]},
+                 int(stats[1]), time.time() - t0, finite, extra)
         if spec.save_every and step % spec.save_every == 0 and step < total:
             save_checkpoint(stage_dir, model, opt, step, trained_tokens=tokens_before + trained,
                             train_seconds=seconds_before + time.time() - t_start)  # every rank: collective
@@ -143,6 +133,27 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
         raise SsbError(f"training produced non-finite weights ({bad[0]} and {len(bad) - 1} more); not saving them")
     return {"steps": step, "trained_tokens": tokens_before + trained,
             "train_seconds": round(seconds_before + time.time() - t_start, 3), "skipped_steps": skipped}
+
+
+def _backward(idx: list[int], step_loss, norm: float, sharded: bool) -> torch.Tensor:
+    """This rank's share of the global batch ``idx``: forward, backward of (loss sum / global normaliser);
+    returns (loss sum, tokens) as float64 for the all-reduce."""
+    mine = idx[dist.rank()::dist.world()]
+    if mine:
+        loss_sum, n_tok = step_loss(mine)
+        (loss_sum / norm).backward()
+        return torch.tensor([loss_sum.item(), float(n_tok)], dtype=torch.float64)
+    if sharded:  # fewer examples than ranks: zero gradient, but take part in FSDP's collectives like every rank
+        (step_loss(idx[:1])[0] * 0.0).backward()
+    return torch.zeros(2, dtype=torch.float64)
+
+
+def _log(log_path: Path, bar, row: dict, n_tok: int, seconds: float, finite: bool, extra: dict) -> None:
+    row.update(tokens=n_tok, tokens_per_s=round(n_tok / max(seconds, 1e-9), 1), seconds=round(seconds, 4), **extra,
+               **({} if finite else {"skipped": True}))
+    append_rows(log_path, [row])
+    bar.update(1)
+    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
 
 
 MAX_SKIPPED = 0.1  # fraction of steps with non-finite gradients after which training counts as diverged

@@ -1,0 +1,143 @@
+"""On-policy targets for distill (``distill.targets=on_policy``): the student samples, the hinted teacher scores.
+
+SSB trains the student on the *teacher's* sampled reply (off-policy). Here, at every optimizer step, the current
+student - the base model plus the adapter being trained, in this process, sampled through ssb's engine
+(:class:`ssb.engine.TransformersEngine`, eval mode, no dropout, eager steps) - samples ``distill.samples`` replies
+per question of the step's batch from the bare student prompt. The teacher, the same model with the adapter disabled,
+reads the hinted prompt followed by the *student's* reply, and the loss is the distill stage's chunked divergence
+(``distill.loss``: forward KL, reverse KL or JSD(β), full vocabulary through the lm_head) over the student's tokens,
+aligned exactly as for SSB (:func:`ssb.distill.align`). There are no separate inference weights to keep in sync:
+the sampler *is* the model being trained.
+
+The questions are those of ``teach/examples.jsonl`` (the problems SSB trains on, in the same order and epochs), so
+the two modes differ only in whose reply is trained on. ``distill.hint`` picks the teacher's context:
+
+- ``pair`` (default): the hinted prompt the teach stage used for the problem (SSB's correct attempt and most common
+  incorrect attempt, under ``teach.prompt``), as recorded token for token in ``examples.jsonl``;
+- ``correct``: the correct attempt only (``curate/pairs.jsonl``), under ``teach.prompt``;
+- ``reference``: the training set's reference solution (GSM8K's worked solution), as in OPSD.
+
+``distill.mix`` (λ): each reply slot (question, sample j, step) is, with probability λ drawn from its own seed, the
+teacher's verified reply from ``examples.jsonl`` instead of a fresh student sample (GKD's mixing of fixed and
+on-policy data). Every student sample is seeded by (seed, step, question id, j): the replies of a step do not
+depend on how the batch is split across processes, and a resumed run samples what the uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ssb import dist
+from ssb.choices import HINTS
+from ssb.common import batch_seed
+from ssb.engine import SamplingParams, TransformersEngine
+from ssb.errors import SsbError
+from ssb.grading import extract_answer
+from ssb.models import render_chat
+from ssb.prompts import reference_messages, student_messages, teacher_messages
+
+
+@dataclass
+class Question:
+    id: str
+    student_prompt: list[int]
+    teacher_prompt: list[int]
+    teacher_reply: list[int]  # the teacher's verified reply (``mix``)
+
+
+def teacher_prompt(row: dict, hint: str, tokenizer, teach_prompt: str, pair: dict | None = None,
+                   solution: str | None = None) -> list[int]:
+    """The hinted prompt (token ids) the teacher reads before the student's reply, for one ``examples.jsonl`` row."""
+    if hint == "pair":
+        return list(row["teacher_prompt_ids"])
+    if hint == "correct":
+        if pair is None:
+            raise SsbError(f"distill.hint=correct: curate/pairs.jsonl has no pair for example {row['id']!r}")
+        answer = pair.get("correct_answer") or extract_answer(pair["correct"])
+        msgs = teacher_messages(row["question"], pair["correct"], None, "correct_only", prompt=teach_prompt,
+                                answer=answer)
+    elif hint == "reference":
+        if not solution:
+            raise SsbError(f"distill.hint=reference: the training set has no reference solution for {row['id']!r} "
+                           f"(GSM8K's worked answers and a 'solution' column are used)")
+        msgs = reference_messages(row["question"], solution, row["answer"])
+    else:
+        raise SsbError(f"distill.hint must be one of {', '.join(HINTS)}; got {hint!r}")
+    return render_chat(tokenizer, msgs)
+
+
+def questions(rows: list[dict], student_prompts: list[list[int]], teacher_prompts: list[list[int]]) -> list[Question]:
+    return [Question(str(r["id"]), s, t, list(r["reply_ids"])) for r, s, t in zip(rows, student_prompts,
+                                                                                   teacher_prompts)]
+
+
+def off_policy(seed: int, step: int, qid: str, j: int, mix: float) -> bool:
+    """Whether reply slot ``j`` of question ``qid`` at ``step`` is the teacher's reply (probability ``mix``).
+
+    >>> off_policy(0, 3, "q1", 0, 0.0), off_policy(0, 3, "q1", 0, 1.0)
+    (False, True)
+    """
+    return mix > 0 and random.Random(f"{seed}:on_policy_mix:{step}:{qid}:{j}").random() < mix
+
+
+class OnPolicySampler:
+    """Samples a step's replies from the model being trained and turns them into distill examples.
+
+    ``model``: the peft model (base + adapter) in training; it is put in eval mode while sampling. ``make_example``
+    builds a training example from (student prompt, teacher prompt, reply): :func:`ssb.distill.align`.
+    """
+
+    def __init__(self, model, tokenizer, stop_ids: list[int], qs: list[Question], dc, seed: int, max_new_tokens: int,
+                 make_example, engine_kw: dict | None = None, on_sampled=None):
+        self.model, self.qs, self.dc, self.seed, self.make_example = model, qs, dc, seed, make_example
+        self.engine = TransformersEngine(model, tokenizer, stop_ids, **{**(engine_kw or {}), "cuda_graphs": False})
+        self.params = SamplingParams(1, dc.sample_temperature, 0, 1.0, max_new_tokens)
+        self.on_sampled = on_sampled  # called with the number of tokens sampled (the stage's cost ledger)
+        self.examples: dict[int, list] = {}  # question index -> this step's examples (this rank's share)
+
+    def before_step(self, step: int, idx: list[int]) -> dict:
+        """Sample this rank's share of the step's questions (``idx[rank::world]``, as :mod:`ssb.train` splits the
+        batch); returns the step's log fields, summed over ranks (collective)."""
+        t0 = time.time()
+        mine = idx[dist.rank()::dist.world()]
+        slots = [(i, j) for i in mine for j in range(self.dc.samples)]
+        live = [(i, j) for i, j in slots if not off_policy(self.seed, step, self.qs[i].id, j, self.dc.mix)]
+        replies = dict(zip(live, self._sample(step, live)))
+        self.examples = {}
+        for i, j in slots:
+            q = self.qs[i]
+            reply = replies.get((i, j), q.teacher_reply)
+            self.examples.setdefault(i, []).append(self.make_example(q.student_prompt, q.teacher_prompt, reply))
+        sampled = sum(len(r) for r in replies.values())
+        tokens = sum(len(e.targets) for es in self.examples.values() for e in es)
+        if self.on_sampled is not None:
+            self.on_sampled(sampled)
+        glob = dist.all_reduce_sum(torch.tensor([float(sampled), float(tokens), float(len(live))],
+                                                dtype=torch.float64))
+        self.global_tokens = float(glob[1])
+        return {"sampled_tokens": int(glob[0]), "student_replies": int(glob[2]),
+                "sample_seconds": round(time.time() - t0, 4)}
+
+    def batch(self, idx: list[int]) -> list:
+        """This step's examples of the questions ``idx`` (sampled by :meth:`before_step`)."""
+        return [e for i in idx for e in self.examples[i]]
+
+    def _sample(self, step: int, slots: list[tuple[int, int]]) -> list[list[int]]:
+        if not slots:
+            return []
+        was_training = self.model.training
+        self.model.eval()  # no dropout while sampling; the engine runs under inference_mode
+        try:
+            seeds = [batch_seed(self.seed, "on_policy", step, self.qs[i].id, j) for i, j in slots]
+            outs = self.engine.generate([self.qs[i].student_prompt for i, _ in slots], self.params, seeds)
+        finally:
+            self.model.train(was_training)
+        return [s.token_ids for (s,) in outs]
+
+
+def student_prompts(rows: list[dict], tokenizer, chat_template: bool = True) -> list[list[int]]:
+    return [render_chat(tokenizer, student_messages(r["question"]), chat_template=chat_template) for r in rows]
