@@ -77,6 +77,7 @@ def make_stage(cfg: Config, run_dir, rollout_fp: str, force: bool = False) -> St
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
     cfg = READS.view(cfg)
     stage = stage_for(cfg, run_dir, force)
+    stage.discard_if_forced()
     if stage.is_done():
         return stage.manifest
     rows = read_upstream(run_dir, "rollout", "rollouts.jsonl")

@@ -87,6 +87,7 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     results, checked = {}, False
     for ds, stage in stages_for(cfg, run_dir, force, (adapter, adapter_fp)):
         name = label(ds)
+        stage.discard_if_forced()
         if stage.is_done():
             results[name] = read_json(stage.path("metrics.json"))
             continue

@@ -263,6 +263,7 @@ def run(cfg: Config, run_dir, force: bool = False, callbacks: list | None = None
     cfg = READS.view(cfg)
     t0 = time.time()  # this process's budget clock: from the start of the stage, model loading included
     stage = stage_for(cfg, run_dir, force)
+    stage.discard_if_forced()
     if stage.is_done():
         return stage.manifest
     gc = cfg.grpo

@@ -436,9 +436,9 @@ def flush_deferred(run_dir: Path) -> None:
 class Stage:
     """One stage's directory and its done / resume / changed-config / cost bookkeeping.
 
-    Call :meth:`is_done` first (skip if True), then read and check the inputs and load the model, then
-    :meth:`begin` (from then on the stage counts as started), :meth:`add` counters as work is done (each call also
-    records the time so far), and :meth:`finish` last."""
+    Call :meth:`discard_if_forced` first (``--force`` starts over), then :meth:`is_done` (skip if True), then read
+    and check the inputs and load the model, then :meth:`begin` (from then on the stage counts as started),
+    :meth:`add` counters as work is done (each call also records the time so far), and :meth:`finish` last."""
 
     def __init__(self, run_dir: str | Path, name: str, fingerprint: str, config: Any = None, force: bool = False):
         self.run_dir = Path(run_dir)
@@ -479,17 +479,19 @@ class Stage:
             return what
         return None
 
-    def is_done(self) -> bool:
-        """True if finished with this fingerprint. Raises if finished or begun with a different one; with ``force``
-        deletes what is there and returns False."""
-        state = self.check()
-        if state is not None and self.force:
+    def discard_if_forced(self) -> None:
+        """With ``force`` (``--force``), delete the stage directory, finished or started, so that the stage starts
+        over; otherwise do nothing. Collective under torchrun: every rank calls it, rank 0 deletes."""
+        if self.force and self.check() is not None:
             dist.barrier()  # every rank has looked before rank 0 deletes
             if dist.is_main():
                 shutil.rmtree(self.dir)
             dist.barrier()
-            return False
-        return state == "finished"
+
+    def is_done(self) -> bool:
+        """True if finished with this fingerprint; raises if finished or begun with a different one (unless
+        ``force``). A question: changes nothing (under ``force``, call :meth:`discard_if_forced` first)."""
+        return self.check() == "finished"
 
     # ---- time and counters
 

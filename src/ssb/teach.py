@@ -59,6 +59,7 @@ def make_stage(cfg: Config, run_dir, curate_fp: str, force: bool = False) -> Sta
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
     cfg = READS.view(cfg)
     stage = stage_for(cfg, run_dir, force)
+    stage.discard_if_forced()
     if stage.is_done():
         return stage.manifest
     pairs = read_upstream(run_dir, "curate", "pairs.jsonl")

@@ -51,10 +51,11 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     """Run (or resume, or skip if finished) rollout, curate and teach under the budget; returns the teach manifest."""
     cfg = rollout.WAVES_READS.view(cfg)  # the three stages' fields: rollout's fingerprint covers them all
     r_stage = rollout.stage_for(cfg, run_dir, force, waves=True)
-    r_done = r_stage.is_done()
     c_stage = curate.make_stage(cfg, run_dir, r_stage.fingerprint, force)
     t_stage = teach.make_stage(cfg, run_dir, c_stage.fingerprint, force)
-    c_done, t_done = c_stage.is_done(), t_stage.is_done()
+    for stage in (r_stage, c_stage, t_stage):
+        stage.discard_if_forced()
+    r_done, c_done, t_done = r_stage.is_done(), c_stage.is_done(), t_stage.is_done()
     if r_done and c_done and t_done:
         return t_stage.manifest
     problems = rollout.training_problems(cfg)
