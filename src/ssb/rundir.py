@@ -140,6 +140,31 @@ def write_rows(path: Path, rows: Iterable[dict]) -> None:
     os.replace(tmp, path)
 
 
+def own_part(path: Path) -> Path:
+    """The file this process appends ``path``'s rows to: ``path`` itself, or under data parallelism its rank's part
+    file ``<name>.part<rank>`` (ranks never write one file together; rank 0 merges the parts with
+    :func:`merge_parts`)."""
+    return path if dist.world() == 1 else path.with_name(f"{path.name}.part{dist.rank()}")
+
+
+def part_files(path: Path) -> list[Path]:
+    """``path``'s part files (``<name>.part*``, of any rank count), sorted."""
+    return sorted(path.parent.glob(f"{path.name}.part*"))
+
+
+def read_with_parts(path: Path, repair: bool = False) -> list[dict]:
+    """The rows of ``path`` followed by those of each of its part files (see :func:`read_rows` for ``repair``)."""
+    return [r for p in [path, *part_files(path)] for r in read_rows(p, repair=repair)]
+
+
+def merge_parts(path: Path, rows: Iterable[dict]) -> None:
+    """Write ``rows`` (the merged rows of ``path`` and its parts) as ``path``, atomically, then delete the parts."""
+    parts = part_files(path)
+    write_rows(path, rows)
+    for p in parts:
+        p.unlink()
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for mod in ("ssb", "torch", "transformers", "peft", "datasets", "math_verify", "vllm", "trl"):
