@@ -12,7 +12,8 @@ import torch
 from ssb.engine import Engine, SamplingParams
 from ssb import dist
 from ssb.progress import GenerationBar
-from ssb.rundir import Stage, append_rows, batches, merge_parts, own_part, part_files, read_with_parts
+from ssb.rows import append_rows, merge_parts, own_part, part_files, read_with_parts
+from ssb.rundir import Stage, batches
 
 
 def batch_seed(seed: int, *parts) -> int:

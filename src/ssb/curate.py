@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from ssb.config import Config
 from ssb.reads import Reads
 from ssb.grading import answer_key, extract_answer, grade, grade_answer
-from ssb.rundir import Stage, locking, read_upstream, require_done, write_json, write_rows
+from ssb.rows import write_json, write_rows
+from ssb.rundir import Stage, locking, read_upstream, require_done
 
 DROP_REASONS = ("no_answer", "no_correct", "no_incorrect")
 READS = Reads("curate", result=("seed", "curate"))  # the config fields this stage reads (ssb.reads.Reads)

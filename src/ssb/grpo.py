@@ -74,7 +74,8 @@ from ssb.errors import SsbError
 from ssb.grading import grade, has_box
 from ssb.models import load_model, load_tokenizer, lora_config, render_chat, resolve_device, stop_token_ids
 from ssb.prompts import student_messages
-from ssb.rundir import Stage, append_rows, gpus_in_use, locking, read_json, read_rows, write_json, write_rows
+from ssb.rows import append_rows, read_json, read_rows, write_json, write_rows
+from ssb.rundir import Stage, gpus_in_use, locking
 
 LOG = "train_log.jsonl"
 TRL_DIR = ".trl"  # TRL's output_dir: its checkpoints, removed when the stage finishes

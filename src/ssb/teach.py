@@ -34,8 +34,8 @@ from ssb.grading import extract_answer, grade
 from ssb.models import load_tokenizer, render_chat
 from ssb.progress import GenerationBar
 from ssb.prompts import teacher_messages
-from ssb.rundir import (Stage, append_rows, batches, locking, merge_parts, own_part, read_upstream, read_with_parts,
-                        require_done, write_rows)
+from ssb.rows import append_rows, merge_parts, own_part, read_with_parts, write_rows
+from ssb.rundir import Stage, batches, locking, read_upstream, require_done
 
 
 # the config fields this stage reads (ssb.config.Reads); curate.strict: the teacher's replies are graded as curated

@@ -27,7 +27,8 @@ from ssb import curate, dist, rollout, teach
 from ssb.config import Config
 from ssb.generation import make_engine
 from ssb.errors import SsbError
-from ssb.rundir import append_rows, locking, read_rows, read_upstream
+from ssb.rows import append_rows, read_rows
+from ssb.rundir import locking, read_upstream
 
 LOG = "waves.jsonl"
 MARGIN_PCT = 110  # plan 10% more problems than the yield so far says are needed
