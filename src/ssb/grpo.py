@@ -81,7 +81,7 @@ LOG = "train_log.jsonl"
 TRL_DIR = ".trl"  # TRL's output_dir: its checkpoints, removed when the stage finishes
 COUNTERS = "ssb_counters.json"  # the budget counters, written into each checkpoint directory
 _COUNTER_KEYS = ("wall_seconds", "device_seconds", "gpu_seconds", "completions", "correct", "generated_tokens")
-# The config fields this stage reads (ssb.config.Reads): the same problems and LoRA as SSB's; how it checkpoints
+# The config fields this stage reads (ssb.reads.Reads): the same problems and LoRA as SSB's; how it checkpoints
 # and the engine knobs of its generator do not change what it trains
 READS = Reads("grpo", result=("model", "seed", "rollout.data", "grpo", "distill.lora_r", "distill.lora_alpha",
                               "distill.lora_dropout", "distill.target_modules"),

@@ -10,7 +10,7 @@ Layout and row schemas are documented in README.md ("Run directory"). The rules:
   and so does every stage entry point called as a library (:func:`locking`); a second process is refused with one
   line naming the holder. See :mod:`ssb.lock`.
 - ``started.json`` is written when a stage begins work, with the fingerprint of everything that determines its
-  output: the config fields the stage declares it reads (``READS`` in its module, :class:`ssb.config.Reads`; the
+  output: the config fields the stage declares it reads (``READS`` in its module, :class:`ssb.reads.Reads`; the
   stage runs on a view of the config that refuses any other field) and its inputs' fingerprints. A stage begins
   only once its inputs are read and checked and its model has loaded (:meth:`Stage.begin`): a command that fails
   before that (a mistyped model path, a torn input) leaves no trace.

@@ -38,7 +38,7 @@ from ssb.rows import append_rows, merge_parts, own_part, read_with_parts, write_
 from ssb.rundir import Stage, batches, locking, read_upstream, require_done
 
 
-# the config fields this stage reads (ssb.config.Reads); curate.strict: the teacher's replies are graded as curated
+# the config fields this stage reads (ssb.reads.Reads); curate.strict: the teacher's replies are graded as curated
 READS = Reads("teach", result=("model", "seed", "teach", "curate.strict", "engine.backend"), how=("engine",))
 
 
