@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -11,7 +12,8 @@ import torch
 from ssb.engine import Engine, SamplingParams
 from ssb import dist
 from ssb.progress import GenerationBar
-from ssb.rundir import Stage, append_rows, batches, read_rows, write_rows
+from ssb.rows import append_rows, merge_parts, own_part, part_files, read_with_parts
+from ssb.rundir import Stage, batches
 
 
 def batch_seed(seed: int, *parts) -> int:
@@ -36,19 +38,19 @@ def generate_rows(
 
     Every item's samples are seeded by (seed, stage, item id) alone, so they do not depend on batching: an
     interrupted run redoes only the batches it had not written, with the same samples, and a longer ``items``
-    list (a later wave) extends the file with exactly the rows a single long run would have written. Rows of a batch are appended together. Under data parallelism batch
-    ``b`` belongs to rank ``b % world``, which appends to its own part file ``<filename>.part<rank>``; rank 0 then
-    merges every part into ``filename`` in item order. Resuming with any number of ranks reads all parts, so a
-    crashed rank's missing batches are redone and nothing is duplicated. Returns all rows in item order (on rank
-    0; other ranks return their own) and counters (tokens generated, seconds).
+    list (a later wave) extends the file with exactly the rows a single long run would have written. Rows of a
+    batch are appended together. Under data parallelism batch ``b`` belongs to rank ``b % world``, which appends
+    to its own part file ``<filename>.part<rank>``; rank 0 then merges every part into ``filename`` in item order
+    (:func:`ssb.rundir.merge_parts`). Resuming with any number of ranks reads all parts, so a crashed rank's
+    missing batches are redone and nothing is duplicated. Returns all rows in item order (on rank 0; other ranks
+    return their own) and counters (tokens generated, seconds).
 
     The progress bar (:class:`ssb.progress.GenerationBar`) moves inside a batch too: tokens, tok/s, finished
     samples of the batch and an ETA, through the engine's ``progress`` hook.
     """
     path = stage.path(filename)
-    parts = sorted(path.parent.glob(f"{filename}.part*"))
-    done = {r["id"]: r for p in [path, *parts] for r in read_rows(p, repair=True)}
-    own = path if dist.world() == 1 else path.with_name(f"{filename}.part{dist.rank()}")
+    had_parts = bool(part_files(path))
+    done = {r["id"]: r for r in read_with_parts(path, repair=True)}
     todo = [(b, batch) for b, batch in batches(items, batch_size)
             if b % dist.world() == dist.rank() and any(it.id not in done for it in batch)]
     stats = {"generated_tokens": 0, "generate_seconds": 0.0, "resumed_rows": len(done)}
@@ -56,12 +58,10 @@ def generate_rows(
         engine = engine_factory()
         stage.begin()  # the model has loaded: from here on the stage counts as started
         bar = GenerationBar(sum(len(b) for _, b in todo), desc, "problem")
-        for b, batch in todo:
-            t0 = time.time()
-            hook = bar.begin(samples=len(batch) * params.n, items=len(batch))
-            outs = engine.generate([prompt_of(engine.tokenizer, it) for it in batch], params,
-                                   [batch_seed(seed, stage.name, it.id) for it in batch], progress=hook)
-            dt = time.time() - t0
+        own = own_part(path)
+        for _, batch in todo:
+            seeds = [batch_seed(seed, stage.name, it.id) for it in batch]
+            outs, dt = _sample_batch(engine, batch, prompt_of, params, seeds, bar)
             stats["generate_seconds"] += dt
             rows = [row_of(it, samples) for it, samples in zip(batch, outs) if it.id not in done]
             append_rows(own, rows)
@@ -75,17 +75,30 @@ def generate_rows(
     stats["generate_seconds"] = round(stats["generate_seconds"], 3)
     if dist.world() > 1:
         stats["generated_tokens"] = int(dist.all_reduce_sum(torch.tensor(stats["generated_tokens"])))
+    return _collect(path, items, done, had_parts), stats
+
+
+def _sample_batch(engine: Engine, batch: list, prompt_of, params: SamplingParams, seeds: list[int],
+                  bar: GenerationBar) -> tuple[list, float]:
+    """One batch's samples (per item, in order) and the seconds they took; the bar moves inside the batch."""
+    t0 = time.time()
+    hook = bar.begin(samples=len(batch) * params.n, items=len(batch))
+    outs = engine.generate([prompt_of(engine.tokenizer, it) for it in batch], params, seeds, progress=hook)
+    return outs, time.time() - t0
+
+
+def _collect(path: Path, items: list, done: dict, had_parts: bool) -> list[dict]:
+    """Every item's row in item order, with the ranks' part files (and any left by an earlier run,
+    ``had_parts``) folded into ``path`` by rank 0; the other ranks return their own rows."""
+    if dist.world() > 1:
         dist.barrier()  # every rank's part is complete
         if not dist.is_main():
-            return [done[it.id] for it in items if it.id in done], stats
-        parts = sorted(path.parent.glob(f"{filename}.part*"))
-        done = {r["id"]: r for p in [path, *parts] for r in read_rows(p)}
+            return [done[it.id] for it in items if it.id in done]
+        done = {r["id"]: r for r in read_with_parts(path)}
     rows = [done[it.id] for it in items]
-    if parts or dist.world() > 1:  # fold the parts into the one file, in item order
-        write_rows(path, rows)
-        for p in parts:
-            p.unlink()
-    return rows, stats
+    if had_parts or dist.world() > 1:  # fold the parts into the one file, in item order
+        merge_parts(path, rows)
+    return rows
 
 
 def sample_dict(s) -> dict:

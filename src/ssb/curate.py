@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from ssb.config import Config
 from ssb.reads import Reads
 from ssb.grading import answer_key, extract_answer, grade, grade_answer
-from ssb.rundir import Stage, locking, read_upstream, require_done, write_json, write_rows
+from ssb.rows import write_json, write_rows
+from ssb.rundir import Stage, locking, read_upstream, require_done
 
 DROP_REASONS = ("no_answer", "no_correct", "no_incorrect")
 READS = Reads("curate", result=("seed", "curate"))  # the config fields this stage reads (ssb.reads.Reads)
@@ -77,6 +78,7 @@ def make_stage(cfg: Config, run_dir, rollout_fp: str, force: bool = False) -> St
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
     cfg = READS.view(cfg)
     stage = stage_for(cfg, run_dir, force)
+    stage.discard_if_forced()
     if stage.is_done():
         return stage.manifest
     rows = read_upstream(run_dir, "rollout", "rollouts.jsonl")

@@ -205,6 +205,7 @@ def _load(cfg: Config, fsdp: bool):
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
     cfg = READS.view(cfg)
     stage = stage_for(cfg, run_dir, force)
+    stage.discard_if_forced()
     if stage.is_done():
         return stage.manifest
     dc = cfg.distill

@@ -23,7 +23,8 @@ from ssb.grading import extract_answer, grade, grade_answer
 from ssb.metrics import summarize
 from ssb.models import render_chat
 from ssb.prompts import student_messages
-from ssb.rundir import MANIFEST, Stage, locking, read_json, verify_upstream, write_json
+from ssb.rows import read_json, write_json
+from ssb.rundir import MANIFEST, Stage, locking, verify_upstream
 
 # The config fields this stage reads (ssb.reads.Reads). Each benchmark's fingerprint has its one benchmark and the
 # resolved adapter (its fingerprint, or path) instead of the lists in evaluate.benchmarks and evaluate.adapter.
@@ -87,6 +88,7 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     results, checked = {}, False
     for ds, stage in stages_for(cfg, run_dir, force, (adapter, adapter_fp)):
         name = label(ds)
+        stage.discard_if_forced()
         if stage.is_done():
             results[name] = read_json(stage.path("metrics.json"))
             continue

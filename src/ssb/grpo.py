@@ -74,13 +74,14 @@ from ssb.errors import SsbError
 from ssb.grading import grade, has_box
 from ssb.models import load_model, load_tokenizer, lora_config, render_chat, resolve_device, stop_token_ids
 from ssb.prompts import student_messages
-from ssb.rundir import Stage, append_rows, gpus_in_use, locking, read_json, read_rows, write_json, write_rows
+from ssb.rows import append_rows, read_json, read_rows, write_json, write_rows
+from ssb.rundir import Stage, gpus_in_use, locking
 
 LOG = "train_log.jsonl"
 TRL_DIR = ".trl"  # TRL's output_dir: its checkpoints, removed when the stage finishes
 COUNTERS = "ssb_counters.json"  # the budget counters, written into each checkpoint directory
 _COUNTER_KEYS = ("wall_seconds", "device_seconds", "gpu_seconds", "completions", "correct", "generated_tokens")
-# The config fields this stage reads (ssb.config.Reads): the same problems and LoRA as SSB's; how it checkpoints
+# The config fields this stage reads (ssb.reads.Reads): the same problems and LoRA as SSB's; how it checkpoints
 # and the engine knobs of its generator do not change what it trains
 READS = Reads("grpo", result=("model", "seed", "rollout.data", "grpo", "distill.lora_r", "distill.lora_alpha",
                               "distill.lora_dropout", "distill.target_modules"),
@@ -263,63 +264,111 @@ def run(cfg: Config, run_dir, force: bool = False, callbacks: list | None = None
     cfg = READS.view(cfg)
     t0 = time.time()  # this process's budget clock: from the start of the stage, model loading included
     stage = stage_for(cfg, run_dir, force)
+    stage.discard_if_forced()
     if stage.is_done():
         return stage.manifest
     gc = cfg.grpo
+    _check_batch_shape(gc)
+    _require_trl()
+    problems = load_problems(cfg.rollout.data, cfg.data_dir)
+    if not problems:
+        raise SsbError("rollout.data has no problems: nothing to train on")
+    tokenizer = load_tokenizer(cfg.model)
+    stage.begin()
+    ckpt, carried = _resume_point(stage)
+    resumed_from = None if ckpt is None else carried["step"]
+    if ckpt is not None and (why := _budget_spent(gc, carried)):  # it had finished training: publish that state
+        _publish_adapter(stage, lambda tmp: _copy_adapter(ckpt, tmp))
+        return _finish(stage, len(problems), resumed_from, carried["step"], why, carried)
+
+    stats: dict = {}
+    budget = _budget_callback(gc, t0, carried, stats)
+    trainer = _trainer(cfg, stage, problems, tokenizer, reward_funcs(gc.format_reward, stats),
+                       [_log_callback(stage.path(LOG), stage.heartbeat), budget, *(callbacks or [])])
+    t_start = time.time()
+    result = trainer.train(resume_from_checkpoint=None if ckpt is None else str(ckpt))
+
+    _publish_adapter(stage, lambda tmp: trainer.model.save_pretrained(str(tmp)))
+    return _finish(stage, len(problems), resumed_from, trainer.state.global_step, budget.stopped_by or "steps",
+                   budget.totals(), train_seconds=round(time.time() - t_start, 3), train_loss=result.training_loss)
+
+
+def _check_batch_shape(gc) -> None:
+    """Refuse a generation batch GRPO cannot use: fewer than 2 completions per prompt, or one that micro-batches
+    do not divide."""
     completions_per_step = gc.batch_size * gc.num_generations
     if gc.num_generations < 2:
         raise SsbError("grpo.num_generations: GRPO needs at least 2 completions per prompt")
     if completions_per_step % gc.micro_batch_size:
         raise SsbError(f"grpo.micro_batch_size ({gc.micro_batch_size}) must divide batch_size × num_generations "
                        f"({gc.batch_size} × {gc.num_generations} = {completions_per_step})")
+
+
+def _require_trl() -> None:
+    """One line, before any work, if TRL (or the GRPO part of it) is missing."""
     try:
         from datasets import Dataset
         from trl import GRPOConfig, GRPOTrainer
     except ImportError as e:
         raise SsbError(f"ssb grpo needs TRL: pip install 'ssb[grpo]' ({e})") from None
-    problems = load_problems(cfg.rollout.data, cfg.data_dir)
-    if not problems:
-        raise SsbError("rollout.data has no problems: nothing to train on")
-    tokenizer = load_tokenizer(cfg.model)
-    stage.begin()
+    del Dataset, GRPOConfig, GRPOTrainer  # imported again where used (_trainer, _grpo_args)
+
+
+def _resume_point(stage: Stage) -> tuple[Path | None, dict]:
+    """The last complete checkpoint and its counters, with what is newer than it removed and the training log cut
+    back to its step; or, with none, (None, zero counters) and nothing left of an earlier start."""
     trl_dir, log = stage.path(TRL_DIR), stage.path(LOG)
     ckpt = last_checkpoint(trl_dir)
     if ckpt is None:  # nothing to resume: start afresh
         shutil.rmtree(trl_dir, ignore_errors=True)
         log.unlink(missing_ok=True)
-        carried = dict.fromkeys(_COUNTER_KEYS, 0)
-    else:
-        carried = read_json(ckpt / COUNTERS)
-        write_rows(log, [r for r in read_rows(log, repair=True) if r["step"] <= carried["step"]])
-        for p in trl_dir.glob("checkpoint-*"):  # incomplete ones newer than it
-            if p != ckpt:
-                shutil.rmtree(p, ignore_errors=True)
+        return None, dict.fromkeys(_COUNTER_KEYS, 0)
+    carried = read_json(ckpt / COUNTERS)
+    write_rows(log, [r for r in read_rows(log, repair=True) if r["step"] <= carried["step"]])
+    for p in trl_dir.glob("checkpoint-*"):  # incomplete ones newer than it
+        if p != ckpt:
+            shutil.rmtree(p, ignore_errors=True)
+    return ckpt, carried
 
-    def finish(steps: int, stopped_by: str, counters: dict, **extra) -> dict:
-        shutil.rmtree(trl_dir, ignore_errors=True)
-        counts = {"steps": steps, "problems": len(problems), "completions": counters["completions"],
-                  "correct": counters["correct"], "generated_tokens": counters["generated_tokens"]}
-        return stage.finish(counts, generated_tokens=counters["generated_tokens"], stopped_by=stopped_by,
-                            wall_seconds=round(counters["wall_seconds"], 3),
-                            device_seconds=round(counters["device_seconds"], 3),
-                            gpu_seconds=round(counters["gpu_seconds"], 3),
-                            resumed_from_step=None if ckpt is None else carried["step"], **extra)
 
-    if ckpt is not None and (why := _budget_spent(gc, carried)):  # it had finished training: publish that state
-        def copy(tmp):
-            tmp.mkdir()
-            for name in ("adapter_config.json", "adapter_model.safetensors"):
-                shutil.copy2(ckpt / name, tmp / name)
-        _publish_adapter(stage, copy)
-        return finish(carried["step"], why, carried)
+def _copy_adapter(ckpt: Path, tmp: Path) -> None:
+    """Copy a checkpoint's adapter into ``tmp`` (see :func:`_publish_adapter`)."""
+    tmp.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy2(ckpt / name, tmp / name)
 
+
+def _trainer(cfg: Config, stage: Stage, problems: list, tokenizer, rewards: list, callbacks: list):
+    """TRL's GRPOTrainer over ``problems``, training a LoRA on the base model (loaded here), checkpointing into
+    ``grpo/.trl``."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    gc = cfg.grpo
     device = resolve_device(cfg.model.device)
     model = load_model(cfg.model, device=device)
     stop_ids = stop_token_ids(tokenizer, model)
     model.generation_config.eos_token_id = stop_ids  # stop (and mask) at end of turn
     dataset = Dataset.from_list([{"prompt": student_messages(p.question), "answer": p.answer, "grader": p.grader}
                                  for p in problems])
-    args = GRPOConfig(
+    args = _grpo_args(cfg, stage.path(TRL_DIR), bf16=model.dtype == torch.bfloat16, cpu=device.type == "cpu")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*rollout_func.*experimental", category=UserWarning)
+        return GRPOTrainer(
+            model=model, reward_funcs=rewards, args=args, train_dataset=dataset,
+            processing_class=tokenizer, peft_config=lora_config(cfg.distill),
+            rollout_func=ssb_rollout_func(cfg, tokenizer, stop_ids) if gc.generator == "ssb" else None,
+            callbacks=callbacks)
+
+
+def _grpo_args(cfg: Config, trl_dir: Path, bf16: bool, cpu: bool):
+    """TRL's GRPOConfig from ``cfg.grpo``: one generation batch (``batch_size`` prompts × ``num_generations``) per
+    optimizer step, in micro-batches of ``micro_batch_size`` completions."""
+    from trl import GRPOConfig
+
+    gc = cfg.grpo
+    completions_per_step = gc.batch_size * gc.num_generations
+    return GRPOConfig(
         output_dir=str(trl_dir), seed=cfg.seed, data_seed=cfg.seed, max_steps=gc.steps,
         per_device_train_batch_size=gc.micro_batch_size,
         gradient_accumulation_steps=completions_per_step // gc.micro_batch_size,
@@ -329,23 +378,20 @@ def run(cfg: Config, run_dir, force: bool = False, callbacks: list | None = None
         weight_decay=gc.weight_decay, max_grad_norm=gc.max_grad_norm, beta=gc.beta or 0.0,
         loss_type=gc.loss_type, scale_rewards=gc.scale_rewards, num_iterations=1,
         use_transformers_continuous_batching=gc.generator == "paged",
-        gradient_checkpointing=gc.gradient_checkpointing, bf16=model.dtype == torch.bfloat16, fp16=False,
-        use_cpu=device.type == "cpu", logging_steps=gc.logging_steps,
+        gradient_checkpointing=gc.gradient_checkpointing, bf16=bf16, fp16=False,
+        use_cpu=cpu, logging_steps=gc.logging_steps,
         save_strategy="steps" if gc.save_every else "no", save_steps=gc.save_every or 500, save_total_limit=1,
         report_to="none", disable_tqdm=False, remove_unused_columns=False, dataloader_num_workers=0,
     )
-    stats: dict = {}
-    budget = _budget_callback(gc, t0, carried, stats)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*rollout_func.*experimental", category=UserWarning)
-        trainer = GRPOTrainer(
-            model=model, reward_funcs=reward_funcs(gc.format_reward, stats), args=args, train_dataset=dataset,
-            processing_class=tokenizer, peft_config=lora_config(cfg.distill),
-            rollout_func=ssb_rollout_func(cfg, tokenizer, stop_ids) if gc.generator == "ssb" else None,
-            callbacks=[_log_callback(log, stage.heartbeat), budget, *(callbacks or [])])
-    t_start = time.time()
-    result = trainer.train(resume_from_checkpoint=None if ckpt is None else str(ckpt))
 
-    _publish_adapter(stage, lambda tmp: trainer.model.save_pretrained(str(tmp)))
-    return finish(trainer.state.global_step, budget.stopped_by or "steps", budget.totals(),
-                  train_seconds=round(time.time() - t_start, 3), train_loss=result.training_loss)
+
+def _finish(stage: Stage, problems: int, resumed_from: int | None, steps: int, stopped_by: str, counters: dict,
+            **extra) -> dict:
+    """Remove TRL's checkpoints and write the manifest (``counters``: the totals over every process)."""
+    shutil.rmtree(stage.path(TRL_DIR), ignore_errors=True)
+    counts = {"steps": steps, "problems": problems, "completions": counters["completions"],
+              "correct": counters["correct"], "generated_tokens": counters["generated_tokens"]}
+    return stage.finish(counts, generated_tokens=counters["generated_tokens"], stopped_by=stopped_by,
+                        wall_seconds=round(counters["wall_seconds"], 3),
+                        device_seconds=round(counters["device_seconds"], 3),
+                        gpu_seconds=round(counters["gpu_seconds"], 3), resumed_from_step=resumed_from, **extra)

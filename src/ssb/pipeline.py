@@ -10,7 +10,8 @@ from pathlib import Path
 from ssb import dist
 from ssb.config import Config
 from ssb.configio import dump_yaml
-from ssb.rundir import MANIFEST, flush_deferred, read_json, write_on_begin
+from ssb.rows import read_json
+from ssb.rundir import MANIFEST, flush_deferred, write_on_begin
 
 
 def _stage_module(name: str):

@@ -30,7 +30,8 @@ from pathlib import Path
 from ssb.errors import SsbError
 from ssb.metrics import paired_bootstrap, per_problem_scores, summarize
 from ssb.plots import plot_accuracy, plot_cost, plot_lengths, plot_loss, plot_reward
-from ssb.rundir import MANIFEST, PIPELINE, read_json, read_rows
+from ssb.rows import read_json, read_rows
+from ssb.rundir import MANIFEST, PIPELINE
 
 STAGES = (*PIPELINE, "grpo")  # grpo: the RL baseline (ssb grpo)
 TRAINING = ("rollout", "curate", "teach", "distill", "grpo")  # what producing the model cost (not evaluate)

@@ -36,6 +36,7 @@ def stage_for(cfg: Config, run_dir, force: bool = False, waves: bool = False) ->
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
     cfg = READS.view(cfg)
     stage = stage_for(cfg, run_dir, force)
+    stage.discard_if_forced()
     if stage.is_done():
         return stage.manifest
     problems = training_problems(cfg)

@@ -6,28 +6,22 @@ Layout and row schemas are documented in README.md ("Run directory"). The rules:
 - **Errors of the user's making** (a run directory that is a file, a read-only or full file system, another
   process holding the lock) are :class:`ssb.errors.SsbError` or ``OSError``, which the command line prints as one
   line with exit status 2.
-- **One process at a time.** Every command that works on a run directory holds ``RUN_DIR/.lock`` (an exclusive
-  ``fcntl.flock``) while it runs, and so does every stage entry point called as a library; a second process is
-  refused with one line naming the holder (pid, host, start time, command), which is written into the lock file.
-  The operating system drops the lock when its process dies, so a lock file left by a dead process is stale and
-  simply taken over. A stage reached through a symbolic link (``R/sft/teach -> ../ssb/teach``, see
-  :mod:`ssb.compare`) also locks the run directory that holds it. Within one process the lock is reentrant. Under
-  torchrun only rank 0 takes it, for the whole job (the other ranks are its workers, not rivals; keying the lock
-  by job id would add nothing): the command line shares rank 0's outcome with every rank, so a refused job exits 2
-  on all of them. Where the file system has no ``flock`` (some network mounts) a warning says the directory is
-  unlocked and the command goes on.
+- **One process at a time.** Every command that works on a run directory holds ``RUN_DIR/.lock`` while it runs,
+  and so does every stage entry point called as a library (:func:`locking`); a second process is refused with one
+  line naming the holder. See :mod:`ssb.lock`.
 - ``started.json`` is written when a stage begins work, with the fingerprint of everything that determines its
-  output: the config fields the stage declares it reads (``READS`` in its module, :class:`ssb.config.Reads`; the
+  output: the config fields the stage declares it reads (``READS`` in its module, :class:`ssb.reads.Reads`; the
   stage runs on a view of the config that refuses any other field) and its inputs' fingerprints. A stage begins
   only once its inputs are read and checked and its model has loaded (:meth:`Stage.begin`): a command that fails
   before that (a mistyped model path, a torn input) leaves no trace.
 - Rerunning a done stage with the same fingerprint does nothing. A different fingerprint is an error that tells the
-  user to pass ``--force`` (which deletes the stage directory and starts over); results are never silently mixed.
-  The command line checks every stage it was asked to run before any of them starts, and saves ``config.yaml``
-  only once a stage begins, so a refused command changes nothing.
+  user to pass ``--force`` (which deletes the stage directory and starts over: :meth:`Stage.discard_if_forced`);
+  results are never silently mixed. The command line checks every stage it was asked to run before any of them
+  starts, and saves ``config.yaml`` only once a stage begins, so a refused command changes nothing.
 - An interrupted stage (``started.json`` but no manifest) resumes: rows already written are kept (a torn last line
   is cut off), and only the missing work is done.
-- Rows are appended with one ``write`` + ``fsync`` per batch, so a crash loses at most the batch in flight.
+- Rows are appended with one ``write`` + ``fsync`` per batch, so a crash loses at most the batch in flight (see
+  :mod:`ssb.rows`).
 - **Inputs are verified.** At finish the manifest records every file of the stage (``files``: name -> rows for
   JSONL, bytes, sha256). A stage reading an upstream stage's file goes through :func:`read_upstream` /
   :func:`verify_upstream`, which refuse, naming the file, anything that differs from what the manifest recorded
@@ -41,11 +35,8 @@ Layout and row schemas are documented in README.md ("Run directory"). The rules:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import errno
 import functools
 import hashlib
-import json
 import os
 import platform
 import shutil
@@ -54,90 +45,26 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 from ssb import dist
 from ssb.errors import SsbError
+from ssb.lock import LOCK, lock_scope, locked
+from ssb.rows import (append_rows, merge_parts, own_part, parse_rows, part_files, read_json, read_rows,
+                      read_with_parts, write_json, write_rows)
+
+__all__ = [  # the run directory's API; the rows and the lock are ssb.rows' and ssb.lock's, offered here too
+    "PIPELINE", "MANIFEST", "STARTED", "LOCK", "COST", "BOOKKEEPING", "Stage", "locking", "require_done",
+    "read_upstream", "verify_upstream", "file_record", "write_on_begin", "flush_deferred", "batches", "versions",
+    "gpus_in_use", "git_commit", "locked", "lock_scope", "read_json", "write_json", "append_rows", "read_rows",
+    "write_rows", "own_part", "part_files", "read_with_parts", "merge_parts",
+]
 
 PIPELINE = ("rollout", "curate", "teach", "distill", "evaluate")  # the stages of `ssb run`, in order
 MANIFEST = "manifest.json"
 STARTED = "started.json"
-LOCK = ".lock"
 COST = "cost.json"
 BOOKKEEPING = (MANIFEST, STARTED)  # a stage's files that are not its outputs (also cost*.json and dotfiles)
-
-
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    return str(obj)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic: write a temp file and rename it over ``path``. Dataclasses (configs) are written as mappings."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: torchrun ranks may write the same file
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise SsbError(f"missing file: {path}") from None
-    except json.JSONDecodeError as e:
-        raise SsbError(f"{path}: not valid JSON ({e})") from None
-
-
-def append_rows(path: Path, rows: Iterable[dict]) -> None:
-    """Append rows as JSON lines in one write, then flush to disk."""
-    blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    if not blob:
-        return
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_rows(path: Path, repair: bool = False) -> list[dict]:
-    """Read JSON lines. A torn last line (a crash mid-write) is dropped, and cut from the file if ``repair``.
-    Any other malformed line is an error naming the file and line number."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows, good_bytes, torn = _parse_rows(path.read_bytes(), path)
-    if torn and repair:
-        with open(path, "r+b") as f:
-            f.truncate(good_bytes)
-    return rows
-
-
-def _parse_rows(data: bytes, path: Path) -> tuple[list[dict], int, bool]:
-    """(rows, bytes of whole lines, whether the last line is torn)."""
-    lines = data.split(b"\n")
-    rows, good_bytes = [], 0
-    for i, line in enumerate(lines):
-        if not line.strip():
-            good_bytes += len(line) + 1
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # no trailing newline: torn write
-                return rows, good_bytes, True
-            raise SsbError(f"{path}:{i + 1}: malformed JSON line") from None
-        good_bytes += len(line) + 1
-    return rows, good_bytes, False
-
-
-def write_rows(path: Path, rows: Iterable[dict]) -> None:
-    """Write a whole JSONL file atomically (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    append_rows(tmp, rows)
-    tmp.touch()
-    os.replace(tmp, path)
 
 
 def versions() -> dict[str, str]:
@@ -167,166 +94,6 @@ def git_commit() -> str | None:
         return None
 
 
-# ---------------------------------------------------------------------------------------------------- the lock
-
-_HELD: dict[str, list] = {}  # resolved run directory -> [lock file descriptor, reentrancy count]
-
-
-def _holder_line(path: Path) -> str:
-    try:
-        h = json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):
-        h = {}
-    if not h.get("pid"):
-        return "another process (its details are not written yet)"
-    cmd = f" ({h['command']})" if h.get("command") else ""
-    return f"pid {h['pid']} on host {h.get('host', '?')} since {h.get('started_at', '?')}{cmd}"
-
-
-def _acquire(run_dir: Path) -> None:
-    """Take ``run_dir``'s lock for this process, or raise SsbError naming the holder. Reentrant."""
-    run_dir = Path(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise SsbError(f"run directory {run_dir} is not a directory (a file is in the way)") from None
-    except OSError as e:
-        raise SsbError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
-    key = str(run_dir.resolve())
-    if key in _HELD:
-        _HELD[key][1] += 1
-        return
-    path = run_dir / LOCK
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise SsbError(f"run directory {run_dir} is not writable: {e.strerror or e}") from None
-        try:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # no flock on this platform: run unlocked
-            break
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise SsbError(f"run directory {run_dir} is in use by {_holder_line(path)}; wait for it to finish "
-                               f"or stop it, or use another --run-dir") from None
-            print(f"ssb: warning: cannot lock {path} ({e.strerror}); nothing stops a second process on this run "
-                  f"directory", file=sys.stderr)
-            fd = None
-            break
-        try:  # the file we locked must still be the one at `path` (a remover may have raced us)
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    if fd is not None:
-        holder = {"pid": os.getpid(), "host": platform.node(), "started_at": _now(),
-                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-    _HELD[key] = [fd, 1]
-
-
-def _release(run_dir: Path, remove: bool = False) -> None:
-    """Drop one hold of ``run_dir``'s lock; the last one closes it (and, with ``remove``, deletes the lock file
-    first: a contender that opened the old file notices and retries, see :func:`_acquire`)."""
-    key = str(Path(run_dir).resolve())
-    held = _HELD.get(key)
-    if held is None:
-        return
-    held[1] -= 1
-    if held[1] == 0:
-        del _HELD[key]
-        if remove:
-            with contextlib.suppress(OSError):
-                (Path(run_dir) / LOCK).unlink()
-        if held[0] is not None:
-            os.close(held[0])  # drops the flock
-
-
-def lock_scope(run_dir: Path) -> list[Path]:
-    """The run directories a command on ``run_dir`` must lock: ``run_dir`` and those holding the stage
-    directories it links to."""
-    run_dir = Path(run_dir)
-    out = [run_dir]
-    if run_dir.is_dir():
-        for entry in sorted(run_dir.iterdir()):
-            if entry.is_symlink() and entry.is_dir():
-                owner = entry.resolve().parent
-                if owner not in [p.resolve() for p in out]:
-                    out.append(owner)
-    return out
-
-
-@contextlib.contextmanager
-def locked(*run_dirs, collective: bool = False):
-    """Hold the locks of ``run_dirs`` (and of the run directories their stage links point into) while the block
-    runs. Under torchrun only rank 0 locks; with ``collective`` (every rank calls this together, as the command
-    line does) the outcome is shared, so every rank raises if rank 0 could not lock.
-
-    If the block fails, what this added is taken away again: a lock file it created, and a run directory it
-    created if nothing else is in it. A refused or failed command leaves the run directory as it found it."""
-    taken: list[tuple[Path, bool]] = []  # (run dir, whether this created its lock file)
-    created: list[Path] = []
-    error: SsbError | None = None
-    if dist.is_main():
-        try:
-            for d in run_dirs:
-                for p in lock_scope(Path(d)):
-                    if not p.exists():
-                        created.append(p)
-                    new_file = not (p / LOCK).exists()
-                    _acquire(p)
-                    taken.append((p, new_file))
-        except SsbError as e:
-            error = e
-    if collective and dist.world() > 1:
-        import torch
-
-        if int(dist.all_reduce_sum(torch.tensor(0 if error is None else 1))) and error is None:
-            error = SsbError("rank 0 could not lock the run directory (see its error)")
-            error.quiet = True
-    ok = False
-    try:
-        if error is not None:
-            raise error
-        yield
-        ok = True
-    finally:
-        for p, new_file in reversed(taken):
-            _release(p, remove=new_file and not ok)
-        if not ok:
-            for p in created:
-                _remove_if_empty(p)
-
-
-def _remove_if_empty(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        if str(path.resolve()) not in _HELD and path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-
-
-def locking(run):
-    """Decorator of a stage entry point ``run(cfg, run_dir, ...)``: it holds the run directory's lock while it
-    runs (a no-op when the command line already holds it)."""
-
-    @functools.wraps(run)
-    def wrapper(cfg, run_dir, *args, **kwargs):
-        with locked(run_dir):
-            try:
-                return run(cfg, run_dir, *args, **kwargs)
-            except BaseException:
-                for stage in list(_ACTIVE):  # an error or Ctrl-C: the time spent so far still counts
-                    stage.record()
-                raise
-
-    return wrapper
-
-
 # ---------------------------------------------------------------------------------------------------- files
 
 def file_record(path: Path) -> dict:
@@ -334,7 +101,7 @@ def file_record(path: Path) -> dict:
     data = Path(path).read_bytes()
     out = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     if path.suffix == ".jsonl":
-        out["rows"] = len(_parse_rows(data, path)[0])
+        out["rows"] = len(parse_rows(data, path)[0])
     return out
 
 
@@ -379,7 +146,7 @@ def _check(run_dir: Path, stage: str, name: str, manifest: dict, data: bytes | N
         raise SsbError(f"{path}: missing, but stage '{stage}' finished with it; restore it or {redo}")
     if hashlib.sha256(data).hexdigest() != want["sha256"]:
         if "rows" in want:
-            now = f"{len(_parse_rows(data, path)[0])} rows, the manifest {want['rows']}"
+            now = f"{len(parse_rows(data, path)[0])} rows, the manifest {want['rows']}"
         else:
             now = f"{len(data)} bytes, the manifest {want['bytes']}"
         raise SsbError(f"{path} has changed since stage '{stage}' finished ({now}; the content differs): restore "
@@ -393,7 +160,7 @@ def read_upstream(run_dir: str | Path, stage: str, name: str) -> list[dict]:
     path = Path(run_dir) / stage / name
     data = path.read_bytes() if path.exists() else None
     _check(Path(run_dir), stage, name, manifest, data)
-    return _parse_rows(data, path)[0] if data is not None else []
+    return parse_rows(data, path)[0] if data is not None else []
 
 
 def verify_upstream(run_dir: str | Path, stage: str, prefix: str = "") -> dict:
@@ -411,6 +178,23 @@ def verify_upstream(run_dir: str | Path, stage: str, prefix: str = "") -> dict:
 
 _ACTIVE: set = set()  # stages this process has begun and not finished (their cost is recorded on errors)
 _DEFERRED: dict[str, tuple[Path, str]] = {}  # resolved run dir -> (file, text) to write when a stage begins
+
+
+def locking(run):
+    """Decorator of a stage entry point ``run(cfg, run_dir, ...)``: it holds the run directory's lock while it
+    runs (a no-op when the command line already holds it)."""
+
+    @functools.wraps(run)
+    def wrapper(cfg, run_dir, *args, **kwargs):
+        with locked(run_dir):
+            try:
+                return run(cfg, run_dir, *args, **kwargs)
+            except BaseException:
+                for stage in list(_ACTIVE):  # an error or Ctrl-C: the time spent so far still counts
+                    stage.record()
+                raise
+
+    return wrapper
 
 
 def write_on_begin(run_dir: Path, name: str, text: str | None) -> None:
@@ -436,9 +220,9 @@ def flush_deferred(run_dir: Path) -> None:
 class Stage:
     """One stage's directory and its done / resume / changed-config / cost bookkeeping.
 
-    Call :meth:`is_done` first (skip if True), then read and check the inputs and load the model, then
-    :meth:`begin` (from then on the stage counts as started), :meth:`add` counters as work is done (each call also
-    records the time so far), and :meth:`finish` last."""
+    Call :meth:`discard_if_forced` first (``--force`` starts over), then :meth:`is_done` (skip if True), then read
+    and check the inputs and load the model, then :meth:`begin` (from then on the stage counts as started),
+    :meth:`add` counters as work is done (each call also records the time so far), and :meth:`finish` last."""
 
     def __init__(self, run_dir: str | Path, name: str, fingerprint: str, config: Any = None, force: bool = False):
         self.run_dir = Path(run_dir)
@@ -479,17 +263,19 @@ class Stage:
             return what
         return None
 
-    def is_done(self) -> bool:
-        """True if finished with this fingerprint. Raises if finished or begun with a different one; with ``force``
-        deletes what is there and returns False."""
-        state = self.check()
-        if state is not None and self.force:
+    def discard_if_forced(self) -> None:
+        """With ``force`` (``--force``), delete the stage directory, finished or started, so that the stage starts
+        over; otherwise do nothing. Collective under torchrun: every rank calls it, rank 0 deletes."""
+        if self.force and self.check() is not None:
             dist.barrier()  # every rank has looked before rank 0 deletes
             if dist.is_main():
                 shutil.rmtree(self.dir)
             dist.barrier()
-            return False
-        return state == "finished"
+
+    def is_done(self) -> bool:
+        """True if finished with this fingerprint; raises if finished or begun with a different one (unless
+        ``force``). A question: changes nothing (under ``force``, call :meth:`discard_if_forced` first)."""
+        return self.check() == "finished"
 
     # ---- time and counters
 

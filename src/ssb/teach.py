@@ -34,10 +34,11 @@ from ssb.grading import extract_answer, grade
 from ssb.models import load_tokenizer, render_chat
 from ssb.progress import GenerationBar
 from ssb.prompts import teacher_messages
-from ssb.rundir import Stage, append_rows, batches, locking, read_rows, read_upstream, require_done, write_rows
+from ssb.rows import append_rows, merge_parts, own_part, read_with_parts, write_rows
+from ssb.rundir import Stage, batches, locking, read_upstream, require_done
 
 
-# the config fields this stage reads (ssb.config.Reads); curate.strict: the teacher's replies are graded as curated
+# the config fields this stage reads (ssb.reads.Reads); curate.strict: the teacher's replies are graded as curated
 READS = Reads("teach", result=("model", "seed", "teach", "curate.strict", "engine.backend"), how=("engine",))
 
 
@@ -59,6 +60,7 @@ def make_stage(cfg: Config, run_dir, curate_fp: str, force: bool = False) -> Sta
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
     cfg = READS.view(cfg)
     stage = stage_for(cfg, run_dir, force)
+    stage.discard_if_forced()
     if stage.is_done():
         return stage.manifest
     pairs = read_upstream(run_dir, "curate", "pairs.jsonl")
@@ -83,7 +85,7 @@ class Teacher:
         self.engine_factory = engine_factory or (lambda: make_engine(cfg.model, engine_cfg=cfg.engine))
         self.params = SamplingParams(1, self.tc.temperature, self.tc.top_k, self.tc.top_p, self.tc.max_new_tokens)
         self.log_path = stage.path("attempts.jsonl")
-        self.own_log = self.log_path if dist.world() == 1 else stage.path(f"attempts.jsonl.part{dist.rank()}")
+        self.own_log = own_part(self.log_path)
         self.tries = _read_tries(self.log_path)
         self.engine, self.tokenizer = None, None
         self.prompts: dict[str, list[int]] = {}
@@ -180,9 +182,7 @@ class Teacher:
         if dist.world() > 1:
             if not dist.is_main():
                 return self.stage.finish({})  # waits for rank 0's manifest
-            write_rows(self.log_path, [r for rs in self.tries.values() for r in rs])
-            for part in self.stage.dir.glob("attempts.jsonl.part*"):
-                part.unlink()
+            merge_parts(self.log_path, [r for rs in self.tries.values() for r in rs])
         examples = []
         for p in pairs:
             good = [r for r in self.tries.get(p["id"], []) if r["accepted"]]
@@ -205,7 +205,6 @@ class Teacher:
 def _read_tries(log_path) -> dict[str, list[dict]]:
     """Every teacher sample so far, by pair id, from the log and any ranks' part files."""
     tries: dict[str, list[dict]] = {}
-    for path in [log_path, *sorted(log_path.parent.glob(log_path.name + ".part*"))]:
-        for r in read_rows(path, repair=True):
-            tries.setdefault(r["id"], []).append(r)
+    for r in read_with_parts(log_path, repair=True):
+        tries.setdefault(r["id"], []).append(r)
     return tries

@@ -35,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ssb.errors import SsbError
-from ssb.rundir import write_json
+from ssb.rows import write_json
 
 FORMAT, VERSION, INDEX = "ssb-teacher-topk", 1, "index.json"
 VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}

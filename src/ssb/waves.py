@@ -27,7 +27,8 @@ from ssb import curate, dist, rollout, teach
 from ssb.config import Config
 from ssb.generation import make_engine
 from ssb.errors import SsbError
-from ssb.rundir import append_rows, locking, read_rows, read_upstream
+from ssb.rows import append_rows, read_rows
+from ssb.rundir import locking, read_upstream
 
 LOG = "waves.jsonl"
 MARGIN_PCT = 110  # plan 10% more problems than the yield so far says are needed
@@ -51,24 +52,18 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     """Run (or resume, or skip if finished) rollout, curate and teach under the budget; returns the teach manifest."""
     cfg = rollout.WAVES_READS.view(cfg)  # the three stages' fields: rollout's fingerprint covers them all
     r_stage = rollout.stage_for(cfg, run_dir, force, waves=True)
-    r_done = r_stage.is_done()
     c_stage = curate.make_stage(cfg, run_dir, r_stage.fingerprint, force)
     t_stage = teach.make_stage(cfg, run_dir, c_stage.fingerprint, force)
-    c_done, t_done = c_stage.is_done(), t_stage.is_done()
+    for stage in (r_stage, c_stage, t_stage):
+        stage.discard_if_forced()
+    r_done, c_done, t_done = r_stage.is_done(), c_stage.is_done(), t_stage.is_done()
     if r_done and c_done and t_done:
         return t_stage.manifest
     problems = rollout.training_problems(cfg)
     if not problems:
         raise SsbError("rollout.data has no problems")
     target = cfg.teach.max_examples
-    base = t_stage if r_done else r_stage  # whose time the waves are unless lent (see the module's docstring)
-    for stage in (r_stage, c_stage, t_stage):
-        if stage is not base:
-            stage.pause()
-
-    def on(stage):
-        return contextlib.nullcontext() if stage is base else base.lend(stage)
-
+    on = _clock(t_stage if r_done else r_stage, (r_stage, c_stage, t_stage))
     rows = read_upstream(run_dir, "rollout", rollout.FILE) if r_done else None  # checked against its manifest
     engine = make_engine(cfg.model, engine_cfg=cfg.engine)
     if not r_done:
@@ -79,44 +74,69 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
         return engine
 
     teacher = teach.Teacher(cfg, t_stage, engine_factory)
-    log = read_rows(r_stage.path(LOG), repair=dist.is_main())
-    planned = [r for r in log if "accepted" not in r]
-    finished = [r for r in log if "accepted" in r]
+    planned, finished = _read_log(r_stage)
     total = planned[-1]["problems_total"] if planned else min(len(problems), cfg.rollout.first_wave or target)
     cache: dict = {}
     while True:
-        wave = len(planned) - 1
         if not r_done:  # (if finished earlier, the rows are all there)
-            if not planned or planned[-1]["problems_total"] != total:
-                wave += 1
-                planned.append({"wave": wave, "problems_total": total})
-                if dist.is_main():
-                    append_rows(r_stage.path(LOG), [planned[-1]])
+            _plan(r_stage, planned, total)
             rollout.generate(cfg, r_stage, problems[:total], engine_factory)  # its cost goes to r_stage's ledger
             dist.barrier()  # rank 0 has merged every rank's rows
             rows = read_rows(r_stage.path(rollout.FILE))
+        wave = len(planned) - 1
         with on(c_stage):
             graded, pairs, stats = curate.select(rows, cfg, cache=cache)
         with on(t_stage):
             accepted = teacher.work(pairs)
         if not any(r["wave"] == wave for r in finished) and not r_done:
-            funnel = teacher.funnel(pairs)
-            before = finished[-1] if finished else {"problems_total": 0, "pairs_total": 0, "teacher_samples_total": 0,
-                                                    "examples_total": 0}
-            rec = {"wave": wave, "problems": len(rows) - before["problems_total"], "problems_total": len(rows),
-                   "pairs": len(pairs) - before["pairs_total"], "pairs_total": len(pairs),
-                   "teacher_samples": funnel["samples"] - before["teacher_samples_total"],
-                   "teacher_samples_total": funnel["samples"],
-                   "accepted": min(accepted, target) - before["examples_total"],
-                   "examples_total": min(accepted, target)}
-            finished.append(rec)
+            finished.append(_wave_record(wave, rows, pairs, teacher.funnel(pairs), min(accepted, target), finished))
             if dist.is_main():
-                append_rows(r_stage.path(LOG), [rec])
+                append_rows(r_stage.path(LOG), [finished[-1]])
         if r_done or accepted >= target or len(rows) >= len(problems):
             break
         total = next_total(len(rows), accepted, target, len(problems), 1)
     return _finish(cfg, (r_stage, c_stage, t_stage), (r_done, c_done), rows, (graded, pairs, stats), teacher,
                    finished, on)
+
+
+def _clock(base, stages):
+    """Pause every stage of ``stages`` but ``base``, whose time the waves are unless lent (see the module's
+    docstring); returns ``on(stage)``, a context whose time is ``stage``'s."""
+    for stage in stages:
+        if stage is not base:
+            stage.pause()
+
+    def on(stage):
+        return contextlib.nullcontext() if stage is base else base.lend(stage)
+
+    return on
+
+
+def _read_log(r_stage) -> tuple[list[dict], list[dict]]:
+    """The waves logged so far: (planned, finished)."""
+    log = read_rows(r_stage.path(LOG), repair=dist.is_main())
+    return [r for r in log if "accepted" not in r], [r for r in log if "accepted" in r]
+
+
+def _plan(r_stage, planned: list[dict], total: int) -> None:
+    """Plan (and log) a wave that rolls out up to ``total`` problems, unless it is the wave last planned (an
+    interrupted run resumes it)."""
+    if not planned or planned[-1]["problems_total"] != total:
+        planned.append({"wave": len(planned), "problems_total": total})
+        if dist.is_main():
+            append_rows(r_stage.path(LOG), [planned[-1]])
+
+
+def _wave_record(wave: int, rows: list, pairs: list, funnel: dict, examples: int, finished: list[dict]) -> dict:
+    """The log row of a finished wave: what it added (problems rolled out, usable pairs, teacher samples and
+    acceptances) and the totals so far."""
+    before = finished[-1] if finished else {"problems_total": 0, "pairs_total": 0, "teacher_samples_total": 0,
+                                            "examples_total": 0}
+    return {"wave": wave, "problems": len(rows) - before["problems_total"], "problems_total": len(rows),
+            "pairs": len(pairs) - before["pairs_total"], "pairs_total": len(pairs),
+            "teacher_samples": funnel["samples"] - before["teacher_samples_total"],
+            "teacher_samples_total": funnel["samples"],
+            "accepted": examples - before["examples_total"], "examples_total": examples}
 
 
 def _finish(cfg, stages, done, rows, curated, teacher, finished, on) -> dict:
