@@ -230,35 +230,16 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     if use_cache:  # before the adapter exists: the plain base model is the teacher
         cache, cache_info = _teacher_cache(model, examples, keys, dc, stage, cache_fp, tokenizer.pad_token_id,
                                            device)
-    if dc.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = _lora(model, dc, cfg.seed)
-    causal = model.get_base_model()
-    decoder, lm_head = causal.get_decoder(), causal.get_output_embeddings()
-    if fsdp:
-        decoder = dist.fsdp_shard(model, device)  # the FSDP root: runs the decoder, returns hidden states
+    model, decoder, lm_head = _student(model, dc, cfg.seed, fsdp, device)
     sampler = None
     if teacher_prompts is not None:
         sampler = _sampler(cfg, model, tokenizer, stop_ids, rows, examples, teacher_prompts, stage)
-    loss_kw = dict(kind=dc.loss, temperature=dc.temperature, scale_t2=dc.scale_t2, beta=dc.jsd_beta,
-                   chunk_size=dc.chunk_size)
-
-    def step_loss(idx: list[int]):
-        stage.heartbeat()  # a killed process's time still counts (the cost ledger, at most every few seconds)
-        batch = collate(sampler.batch(idx) if sampler else [examples[i] for i in idx], tokenizer.pad_token_id,
-                        device)
-        cached = None if cache is None else cache.batch([keys[i] for i in idx], device)
-        return _loss(model, decoder, lm_head, batch, dc, loss_kw, cached), int(batch["targets"].numel())
-
-    def norm_of(idx: list[int]) -> float:
-        if dc.average == "sequence":
-            return float(len(idx) * (dc.samples if sampler else 1))
-        return sampler.global_tokens if sampler else float(sum(len(examples[i].targets) for i in idx))
-
+    objective = _Objective(model, decoder, lm_head, dc, examples, tokenizer.pad_token_id, device, stage,
+                           cache and (cache, keys), sampler)
     spec = TrainSpec(len(examples), dc.batch_size, dc.epochs, dc.max_steps, dc.lr, dc.weight_decay,
                      dc.warmup_steps, dc.schedule, dc.max_grad_norm, dc.save_every, cfg.seed)
-    result = train(model, spec, stage.dir, step_loss, norm_of, sampler.before_step if sampler else None)
+    result = train(model, spec, stage.dir, objective.step_loss, objective.norm_of,
+                   sampler.before_step if sampler else None)
     _save_adapter(stage, model, fsdp)
     # trained_tokens: of every process since the start (through the checkpoints), as in an uninterrupted run;
     # skipped_steps: steps with non-finite gradients skipped by this process (see ssb.train)
@@ -268,6 +249,51 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     return stage.finish(counts, train_seconds=result["train_seconds"], skipped_steps=result["skipped_steps"],
                         teacher=dc.teacher, targets=dc.targets, world_size=dist.world(), fsdp=fsdp,
                         **on_policy, **cache_info)
+
+
+def _student(model, dc, seed: int, fsdp: bool, device):
+    """The base model with the LoRA adapter attached (and sharded with FSDP): (model, decoder, lm_head)."""
+    if dc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = _lora(model, dc, seed)
+    causal = model.get_base_model()
+    decoder, lm_head = causal.get_decoder(), causal.get_output_embeddings()
+    if fsdp:
+        decoder = dist.fsdp_shard(model, device)  # the FSDP root: runs the decoder, returns hidden states
+    return model, decoder, lm_head
+
+
+class _Objective:
+    """What :func:`ssb.train.train` asks each step: the loss of a share of the batch and the batch's normaliser.
+    The replies are the examples' (the teacher's, or RFT's rollouts) or, on-policy, the step's samples; the teacher
+    is online (adapter disabled), cached (``cached``: the top-k reader and the examples' keys) or absent (SFT, RFT)."""
+
+    def __init__(self, model, decoder, lm_head, dc, examples: list[Example], pad_id: int, device, stage: Stage,
+                 cached=None, sampler=None):
+        self.model, self.decoder, self.lm_head, self.dc = model, decoder, lm_head, dc
+        self.examples, self.pad_id, self.device, self.stage = examples, pad_id, device, stage
+        self.cached, self.sampler = cached, sampler
+        self.loss_kw = dict(kind=dc.loss, temperature=dc.temperature, scale_t2=dc.scale_t2, beta=dc.jsd_beta,
+                            chunk_size=dc.chunk_size)
+
+    def step_loss(self, idx: list[int]) -> tuple[torch.Tensor, int]:
+        self.stage.heartbeat()  # a killed process's time still counts (the cost ledger, at most every few seconds)
+        examples = self.sampler.batch(idx) if self.sampler else [self.examples[i] for i in idx]
+        batch = collate(examples, self.pad_id, self.device)
+        cached = None
+        if self.cached is not None:
+            reader, keys = self.cached
+            cached = reader.batch([keys[i] for i in idx], self.device)
+        loss = _loss(self.model, self.decoder, self.lm_head, batch, self.dc, self.loss_kw, cached)
+        return loss, int(batch["targets"].numel())
+
+    def norm_of(self, idx: list[int]) -> float:
+        if self.dc.average == "sequence":
+            return float(len(idx) * (self.dc.samples if self.sampler else 1))
+        if self.sampler:
+            return self.sampler.global_tokens  # the step's sampled replies, every rank's (before_step)
+        return float(sum(len(self.examples[i].targets) for i in idx))
 
 
 def _teacher_cache(model, examples, keys, dc, stage: Stage, cache_fp: str, pad_id: int, device):

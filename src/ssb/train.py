@@ -77,14 +77,11 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
     indices)``, if given, runs first in every step, on every rank, with the global batch (0-based ``step``) and
     returns extra fields for the step's log row: on-policy distillation samples the step's replies there.
     Appends ``train_log.jsonl`` rows (rank 0). Returns {steps, trained_tokens, train_seconds, skipped_steps}."""
-    from transformers import get_scheduler
-
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     per_epoch = math.ceil(spec.n_examples / spec.batch_size)
     total = spec.max_steps or spec.epochs * per_epoch
-    sched = get_scheduler(spec.schedule, opt, num_warmup_steps=spec.warmup_steps, num_training_steps=total)
+    opt, sched = _optimizer(params, spec, total)
     log_path = stage_dir / "train_log.jsonl"
     resumed = _resume(stage_dir, model, opt, sched, log_path)
     step = resumed.get("step", 0)
@@ -133,6 +130,14 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
         raise SsbError(f"training produced non-finite weights ({bad[0]} and {len(bad) - 1} more); not saving them")
     return {"steps": step, "trained_tokens": tokens_before + trained,
             "train_seconds": round(seconds_before + time.time() - t_start, 3), "skipped_steps": skipped}
+
+
+def _optimizer(params: list[torch.Tensor], spec: TrainSpec, total: int):
+    """AdamW over ``params`` and its learning-rate schedule over ``total`` steps."""
+    from transformers import get_scheduler
+
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return opt, get_scheduler(spec.schedule, opt, num_warmup_steps=spec.warmup_steps, num_training_steps=total)
 
 
 def _backward(idx: list[int], step_loss, norm: float, sharded: bool) -> torch.Tensor:
