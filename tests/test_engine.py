@@ -108,11 +108,11 @@ def test_progress_hook_is_called_while_generating(hf_engine):
 def test_refilled_small_batch_equals_one_big_batch(hf_engine, tiny_model_dir, monkeypatch):
     """max_batch_size=5 rows for 6 prompts x 3 samples: rows are refilled many times and the KV buffer is
     relaid; samples must equal those of one wide batch."""
-    from ssb import engine as mod
+    from ssb.kv_buffer import KVBuffer
 
     calls = []
-    real = mod._Decoder._relayout
-    monkeypatch.setattr(mod._Decoder, "_relayout", lambda self, lo, off, cap, rows=None: calls.append(
+    real = KVBuffer.relayout
+    monkeypatch.setattr(KVBuffer, "relayout", lambda self, lo, off, cap, rows=None: calls.append(
         "left-pad" if off else "compact" if rows is None else "drop-rows") or real(self, lo, off, cap, rows))
     wide = make_engine(_model_cfg(tiny_model_dir), engine_cfg=EngineConfig(max_batch_size=64, prefill_tokens=32))
     prompts = _prompts(hf_engine)
@@ -125,11 +125,11 @@ def test_fixed_shape_step_equals_the_eager_one(tiny_model_dir, monkeypatch):
     """The CUDA-graph decode step (static KV buffer written at a device index, mask as a tensor, grouped-query
     attention over the whole buffer), run here without a graph: same samples as the eager step, through
     refills, in-place re-layouts and reallocations."""
-    from ssb import engine as mod
+    from ssb import kv_buffer as mod
 
     calls = []
-    real = mod._Decoder._static_logits
-    monkeypatch.setattr(mod._Decoder, "_static_logits", lambda self, inp: calls.append(1) or real(self, inp))
+    real = mod.KVBuffer.fixed_logits
+    monkeypatch.setattr(mod.KVBuffer, "fixed_logits", lambda self, inp: calls.append(1) or real(self, inp))
     eager = make_engine(_model_cfg(tiny_model_dir), engine_cfg=EngineConfig(max_batch_size=5))
     fixed = make_engine(_model_cfg(tiny_model_dir), engine_cfg=EngineConfig(max_batch_size=5))
     monkeypatch.setattr(fixed, "_static_step", lambda device: True)
