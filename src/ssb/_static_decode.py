@@ -5,12 +5,12 @@ multiple of 64). The new key/value column is written with ``index_copy_`` at a *
 each row's first live column and the current column arrive as one small ``[rows, 4]`` tensor; the attention mask
 is built from it on the device and handed to the model as a 4D tensor, which transformers takes as prepared and
 builds no mask of its own (unlike a ``{"full_attention": mask}`` mapping, this also works for models whose forward
-takes no mapping, e.g. Llama). Attention is ``ssb_decode`` (registered below, switched in only while the step runs
-or is captured): SDPA with the query heads of each KV head on SDPA's query-length axis, so grouped-query attention
-needs no ``repeat_kv``. Nothing in the step reads a host value, so it can be captured once in a
-``torch.cuda.CUDAGraph`` and replayed while the buffers stay the same tensors: compaction and room-making move
-columns inside them (in place); only a reallocation (more columns, or fewer rows) needs a new capture. The buffers,
-their layers (``StaticLayer``) and their moves are :mod:`ssb.kv_buffer`'s.
+takes no mapping, e.g. Llama). Attention is ``ssb_decode`` (registered with transformers at the first step, not at
+import; switched in only while the step runs or is captured): SDPA with the query heads of each KV head on SDPA's
+query-length axis, so grouped-query attention needs no ``repeat_kv``. Nothing in the step reads a host value, so
+it can be captured once in a ``torch.cuda.CUDAGraph`` and replayed while the buffers stay the same tensors:
+compaction and room-making move columns inside them (in place); only a reallocation (more columns, or fewer rows)
+needs a new capture. The buffers, their layers (``StaticLayer``) and their moves are :mod:`ssb.kv_buffer`'s.
 """
 
 from __future__ import annotations
@@ -40,9 +40,6 @@ def _decode_attention(module, query, key, value, attention_mask, scaling=None, d
     return out.reshape(b, 1, h, d), None
 
 
-AttentionInterface.register(ATTENTION, _decode_attention)
-
-
 def supports_fixed_step(model) -> bool:
     """Full attention everywhere: no sliding-window layers, no attention-logit soft-capping."""
     cfg = model.config.get_text_config()
@@ -53,6 +50,7 @@ def supports_fixed_step(model) -> bool:
 
 @contextlib.contextmanager
 def _decode_attention_on(model):
+    AttentionInterface.register(ATTENTION, _decode_attention)  # idempotent
     configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None),
                                                                            "_attn_implementation_internal")}
     saved = {k: c._attn_implementation_internal for k, c in configs.items()}
