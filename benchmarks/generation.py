@@ -25,7 +25,8 @@ import time
 
 import torch
 
-from ssb.engine import SamplingParams, TransformersEngine, _Decoder
+from ssb.engine import SamplingParams, Scheduler, TransformersEngine
+from ssb.kv_buffer import KVBuffer
 
 PRESETS = {
     "cpu-small": dict(model=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
@@ -100,11 +101,11 @@ def _timed_step(real):
     def step(self):
         t0 = time.perf_counter()
         real(self)
-        STEPS.append((len(self.sid), time.perf_counter() - t0))
+        STEPS.append((len(self.rows), time.perf_counter() - t0))
     return step
 
 
-_Decoder._step = _timed_step(_Decoder._step)
+Scheduler.step = _timed_step(Scheduler.step)
 
 
 def run_engine(model, prompts, k, new, stops, batch, cuda_graphs=True):
@@ -126,7 +127,7 @@ def step_stats(batch: int) -> str:
 def profile_engine(model, prompts, k, batch, device):
     """Where a steady decode step's time goes: the (captured) forward alone, synchronised on both sides, vs the
     whole step; then the top kernels of a few steps under torch.profiler."""
-    real, fwd = _Decoder._static_logits, []
+    real, fwd = KVBuffer.fixed_logits, []
 
     def timed_logits(self, inp):
         torch.cuda.synchronize(device)
@@ -136,10 +137,10 @@ def profile_engine(model, prompts, k, batch, device):
         fwd.append(time.perf_counter() - t0)
         return out
 
-    _Decoder._static_logits = timed_logits
+    KVBuffer.fixed_logits = timed_logits
     STEPS.clear()
     run_engine(model, prompts, k, 64, set(), batch)
-    _Decoder._static_logits = real
+    KVBuffer.fixed_logits = real
     fwd = sorted(fwd[1:])
     print(f"\n## profile: forward (graph replay) median {fwd[len(fwd) // 2] * 1e3:.2f} ms; {step_stats(batch)}")
     from torch.profiler import ProfilerActivity, profile

@@ -5,6 +5,8 @@ sharing change nothing). vLLM tests run only where vLLM is installed."""
 from __future__ import annotations
 
 import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,11 +108,11 @@ def test_progress_hook_is_called_while_generating(hf_engine):
 def test_refilled_small_batch_equals_one_big_batch(hf_engine, tiny_model_dir, monkeypatch):
     """max_batch_size=5 rows for 6 prompts x 3 samples: rows are refilled many times and the KV buffer is
     relaid; samples must equal those of one wide batch."""
-    from ssb import engine as mod
+    from ssb.kv_buffer import KVBuffer
 
     calls = []
-    real = mod._Decoder._relayout
-    monkeypatch.setattr(mod._Decoder, "_relayout", lambda self, lo, off, cap, rows=None: calls.append(
+    real = KVBuffer.relayout
+    monkeypatch.setattr(KVBuffer, "relayout", lambda self, lo, off, cap, rows=None: calls.append(
         "left-pad" if off else "compact" if rows is None else "drop-rows") or real(self, lo, off, cap, rows))
     wide = make_engine(_model_cfg(tiny_model_dir), engine_cfg=EngineConfig(max_batch_size=64, prefill_tokens=32))
     prompts = _prompts(hf_engine)
@@ -123,11 +125,11 @@ def test_fixed_shape_step_equals_the_eager_one(tiny_model_dir, monkeypatch):
     """The CUDA-graph decode step (static KV buffer written at a device index, mask as a tensor, grouped-query
     attention over the whole buffer), run here without a graph: same samples as the eager step, through
     refills, in-place re-layouts and reallocations."""
-    from ssb import engine as mod
+    from ssb import kv_buffer as mod
 
     calls = []
-    real = mod._Decoder._static_logits
-    monkeypatch.setattr(mod._Decoder, "_static_logits", lambda self, inp: calls.append(1) or real(self, inp))
+    real = mod.KVBuffer.fixed_logits
+    monkeypatch.setattr(mod.KVBuffer, "fixed_logits", lambda self, inp: calls.append(1) or real(self, inp))
     eager = make_engine(_model_cfg(tiny_model_dir), engine_cfg=EngineConfig(max_batch_size=5))
     fixed = make_engine(_model_cfg(tiny_model_dir), engine_cfg=EngineConfig(max_batch_size=5))
     monkeypatch.setattr(fixed, "_static_step", lambda device: True)
@@ -147,6 +149,57 @@ def test_fixed_shape_step_equals_the_eager_one(tiny_model_dir, monkeypatch):
         assert calls
         calls.clear()
     assert {"realloc", "in place"} <= set(moves)
+
+
+GOLDEN = Path(__file__).parent / "data" / "engine_golden.json"
+GOLDEN_CASES = {  # name: (params, seed)
+    "T=1": (SamplingParams(3, 1.0, 0, 1.0, 40), 9),
+    "T=0.8 top-k 20": (SamplingParams(3, 0.8, 20, 1.0, 40), 9),
+    "T=0.7 top-p 0.9": (SamplingParams(3, 0.7, 0, 0.9, 40), 9),
+    "greedy": (SamplingParams(2, 0.0, 0, 1.0, 40), 9),
+    "T=1 seed per prompt": (SamplingParams(3, 1.0, 0, 1.0, 40), [5, 4, 3, 2, 1, 0, 5]),
+}
+
+
+class _StubTokenizer:  # the engine needs only a pad id and decode
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+def _golden_case():
+    """A random two-layer Qwen2 whose weights come from a seeded generator (not transformers' init, which may
+    change), 7 prompts of 4-25 tokens and 8 stop ids of 96: 4 rows serve 21 or 14 samples, so rows are refilled,
+    left-padded, compacted and dropped."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=96, max_position_embeddings=512, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * 0.3)
+    prompts = [torch.randint(1, 96, (int(torch.randint(3, 31, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(7)]
+    stops = sorted(torch.randperm(95, generator=g)[:8].add(1).tolist())
+    return model, prompts, stops
+
+
+def _golden_samples(eng, prompts) -> dict:
+    return {name: _ids(eng.generate(prompts, params, seed=seed)) for name, (params, seed) in GOLDEN_CASES.items()}
+
+
+def test_samples_are_the_recorded_ones(monkeypatch):
+    """The exact token ids sampled for fixed seeds, recorded once (tests/data/engine_golden.json): a change to
+    the engine's scheduling or KV handling must not change a single sample, eager or fixed-shape step."""
+    model, prompts, stops = _golden_case()
+    want = json.loads(GOLDEN.read_text())
+    eng = TransformersEngine(model, _StubTokenizer(), stops, max_batch_size=4)
+    assert _golden_samples(eng, prompts) == want
+    monkeypatch.setattr(eng, "_static_step", lambda device: True)
+    assert _golden_samples(eng, prompts) == want
 
 
 def test_greedy_equals_transformers_generate_alone(hf_engine):

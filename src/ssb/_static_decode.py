@@ -5,11 +5,12 @@ multiple of 64). The new key/value column is written with ``index_copy_`` at a *
 each row's first live column and the current column arrive as one small ``[rows, 4]`` tensor; the attention mask
 is built from it on the device and handed to the model as a 4D tensor, which transformers takes as prepared and
 builds no mask of its own (unlike a ``{"full_attention": mask}`` mapping, this also works for models whose forward
-takes no mapping, e.g. Llama). Attention is ``ssb_decode`` (registered below, switched in only while the step runs
-or is captured): SDPA with the query heads of each KV head on SDPA's query-length axis, so grouped-query attention
-needs no ``repeat_kv``. Nothing in the step reads a host value, so it can be captured once in a
-``torch.cuda.CUDAGraph`` and replayed while the buffers stay the same tensors: compaction and room-making move
-columns inside them (in place); only a reallocation (more columns, or fewer rows) needs a new capture.
+takes no mapping, e.g. Llama). Attention is ``ssb_decode`` (registered with transformers at the first step, not at
+import; switched in only while the step runs or is captured): SDPA with the query heads of each KV head on SDPA's
+query-length axis, so grouped-query attention needs no ``repeat_kv``. Nothing in the step reads a host value, so
+it can be captured once in a ``torch.cuda.CUDAGraph`` and replayed while the buffers stay the same tensors:
+compaction and room-making move columns inside them (in place); only a reallocation (more columns, or fewer rows)
+needs a new capture. The buffers, their layers (``StaticLayer``) and their moves are :mod:`ssb.kv_buffer`'s.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.cache_utils import DynamicLayer
 
 ATTENTION = "ssb_decode"
 COLUMNS = 64  # the KV capacity is rounded up to a multiple of this
@@ -40,9 +40,6 @@ def _decode_attention(module, query, key, value, attention_mask, scaling=None, d
     return out.reshape(b, 1, h, d), None
 
 
-AttentionInterface.register(ATTENTION, _decode_attention)
-
-
 def supports_fixed_step(model) -> bool:
     """Full attention everywhere: no sliding-window layers, no attention-logit soft-capping."""
     cfg = model.config.get_text_config()
@@ -53,6 +50,7 @@ def supports_fixed_step(model) -> bool:
 
 @contextlib.contextmanager
 def _decode_attention_on(model):
+    AttentionInterface.register(ATTENTION, _decode_attention)  # idempotent
     configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None),
                                                                            "_attn_implementation_internal")}
     saved = {k: c._attn_implementation_internal for k, c in configs.items()}
@@ -63,48 +61,6 @@ def _decode_attention_on(model):
     finally:
         for k, c in configs.items():
             c._attn_implementation_internal = saved[k]
-
-
-def relayout_buffers(layer, lo: int, off: int, cap: int, rows: torch.Tensor | None = None,
-                     in_place: bool = False) -> None:
-    """Keep columns ``[lo, n)`` of ``layer.kbuf``/``layer.vbuf`` (and only ``rows``), moved to start at ``off`` in a
-    buffer of ``cap`` columns. ``in_place``: reuse the same tensors when neither rows nor capacity change."""
-    for name in ("kbuf", "vbuf"):
-        old = getattr(layer, name)
-        if in_place and rows is None and cap == old.shape[2]:
-            old[:, :, off: off + layer.n - lo] = old[:, :, lo: layer.n].clone()
-            continue
-        old = old if rows is None else old[rows]
-        new = old.new_zeros(old.shape[0], old.shape[1], cap, old.shape[3])
-        new[:, :, off: off + layer.n - lo] = old[:, :, lo: layer.n]
-        setattr(layer, name, new)
-    layer.n = off + layer.n - lo
-    layer._view()
-
-
-class StaticLayer(DynamicLayer):
-    """A KV layer over a ``[rows, heads, cap, dim]`` buffer written at the device column ``col`` (set before each
-    step); attention always reads the whole buffer (the mask hides dead columns). ``n`` columns are in use."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, n: int):
-        super().__init__()
-        self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
-        self.kbuf, self.vbuf, self.n = k, v, n
-        self.col: torch.Tensor | None = None
-        self._view()
-
-    def _view(self):
-        self.keys, self.values = self.kbuf, self.vbuf
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        self.kbuf.index_copy_(2, self.col, key_states)
-        self.vbuf.index_copy_(2, self.col, value_states)
-        return self.kbuf, self.vbuf
-
-    def relayout(self, lo: int, off: int, cap: int, rows: torch.Tensor | None = None):
-        """As :func:`relayout_buffers`, in place (same tensors, so a captured graph stays valid) unless ``rows`` is
-        given or ``cap`` changes."""
-        relayout_buffers(self, lo, off, cap, rows, in_place=True)
 
 
 def with_cache(model, cache) -> dict:

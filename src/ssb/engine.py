@@ -12,7 +12,7 @@ over the plain transformers model:
 - up to ``max_batch_size`` rows decode together; a row that finishes is refilled with a waiting sample at the next
   step, so no row idles until the longest finishes, and idle rows are dropped once nothing waits;
 - the KV cache is a preallocated buffer written in place (no per-step concatenation), compacted when its
-  leading columns are dead; bf16 on GPU comes from the model's dtype;
+  leading columns are dead (:mod:`ssb.kv_buffer`); bf16 on GPU comes from the model's dtype;
 - every sample draws its randomness from its own stream, seeded by (call seed, prompt tokens, occurrence of that
   prompt in the call, sample index) and consumed one uniform per token (inverse-CDF sampling). A prompt's
   samples therefore do not depend on which other prompts share the call or in what order, and a call is
@@ -24,6 +24,10 @@ over the plain transformers model:
   first tokens of newly admitted samples, or a decode step) with the call's cumulative counts: tokens generated
   (stop tokens included; at the end, the sum of the samples' ``len(token_ids)``) and samples finished, out of
   ``len(prompts) * params.n``. The hook must be cheap (``ssb.progress.GenerationBar.hook`` redraws on a timer).
+
+A call is a :class:`Scheduler`: it queues the samples, prefills and admits them into rows (one record per busy
+row: its sample, first KV column, length, uniforms and tokens), steps and samples; the rows' keys and values, the
+column clock they share and every move of them are a :class:`ssb.kv_buffer.KVBuffer`.
 
 On CUDA (``cuda_graphs=True``, models with full attention only) a decode step is a fixed-shape computation over the
 whole buffer (``ssb._static_decode``), captured once in a CUDA graph and replayed; compaction moves columns inside
@@ -41,14 +45,14 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
-from ssb._static_decode import (CudaGraphStep, StaticLayer, fixed_forward, relayout_buffers, round_capacity,
-                               supports_fixed_step, with_cache)
+from ssb._static_decode import supports_fixed_step, with_cache
+from ssb.kv_buffer import KVBuffer
 
 
 @dataclass(frozen=True)
@@ -121,32 +125,6 @@ def pick_tokens(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams) -
     return (idx.gather(1, j) if idx is not None else j).squeeze(1)
 
 
-class _BufferLayer(DynamicLayer):
-    """A KV layer over a preallocated ``[rows, heads, capacity, dim]`` buffer; appends are in-place writes.
-    Columns are a clock shared by all rows (each row is left-padded to it); ``n`` columns are in use."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, n: int):
-        super().__init__()
-        self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
-        self.kbuf, self.vbuf, self.n = k, v, n
-        self._view()
-
-    def _view(self):
-        self.keys, self.values = self.kbuf[:, :, : self.n], self.vbuf[:, :, : self.n]
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        q = key_states.shape[-2]
-        self.kbuf[:, :, self.n: self.n + q] = key_states
-        self.vbuf[:, :, self.n: self.n + q] = value_states
-        self.n += q
-        self._view()
-        return self.keys, self.values
-
-    def relayout(self, lo: int, off: int, cap: int, rows: torch.Tensor | None = None):
-        """Keep columns ``[lo, n)`` (and only ``rows``), moved to start at ``off`` in a new buffer of ``cap``."""
-        relayout_buffers(self, lo, off, cap, rows)
-
-
 class TransformersEngine:
     def __init__(self, model, tokenizer, stop_ids: list[int], max_batch_size: int = 256,
                  prefill_tokens: int = 16384, cuda_graphs: bool = True):
@@ -168,7 +146,7 @@ class TransformersEngine:
             return []
         if any(not p for p in prompts):
             raise ValueError("empty prompt")
-        toks = _Decoder(self, prompts, params, seed, progress).run()
+        toks = Scheduler(self, prompts, params, seed, progress).run()
         return [[self._sample(toks[i * params.n + j]) for j in range(params.n)] for i in range(len(prompts))]
 
     def _sample(self, toks: list[int]) -> Sample:
@@ -177,11 +155,25 @@ class TransformersEngine:
         return Sample(toks, self.tokenizer.decode(toks, skip_special_tokens=True), "length")
 
 
-class _Decoder:
-    """One ``generate`` call: a queue of samples (sorted by prompt length) fed into a fixed set of rows."""
+@dataclass(slots=True)
+class _Row:
+    """A sample holding a row: its flat index, the row's first live KV column, its length so far (prompt and tokens
+    sampled), its uniforms (one per token) and the tokens sampled."""
 
-    def __init__(self, eng: TransformersEngine, prompts, params: SamplingParams, seed: int,
-                 progress: ProgressHook | None = None):
+    sample: int
+    start: int
+    length: int
+    u: array
+    out: list[int] = field(default_factory=list)
+
+
+class Scheduler:
+    """One ``generate`` call: a queue of samples (sorted by prompt length) fed into a fixed set of rows of a
+    :class:`ssb.kv_buffer.KVBuffer`. ``rows[r]`` is the sample in row ``r`` (``None``: idle); ``step()`` is one
+    decode step of every row (samples the next tokens; the benchmarks time it)."""
+
+    def __init__(self, eng: TransformersEngine, prompts: list[list[int]], params: SamplingParams,
+                 seed: int | list[int], progress: ProgressHook | None = None):
         self.eng, self.model, self.prompts, self.params = eng, eng.model, prompts, params
         self.progress = progress
         self.tokens = self.finished = 0  # generated so far in this call (reported to ``progress``)
@@ -194,20 +186,22 @@ class _Decoder:
         self.prefilled: dict[int, tuple[list, torch.Tensor]] = {}  # prompt -> (per-layer (k, v), last logits)
         self.left = {i: params.n for i in range(len(prompts))}  # samples of a prompt not yet given a row
         self.results: list[list[int] | None] = [None] * (len(prompts) * params.n)
-        rows = min(eng.max_batch_size, len(self.queue))
-        self.sid = [-1] * rows  # flat sample index per row, -1 = free
-        self.start, self.pos, self.out = [0] * rows, [0] * rows, [[] for _ in range(rows)]
-        udtype = torch.float32 if self.device.type == "mps" else torch.float64
-        self.u = torch.ones(rows, params.max_new_tokens, dtype=udtype)
-        self.layers: list[_BufferLayer | StaticLayer] = []
-        self.t = 0  # the shared column clock: next column written
-        self.static = eng._static_step(self.device)  # fixed-shape steps over StaticLayer buffers
-        self.graph = None
-        if self.static and self.device.type == "cuda":
-            self.graph = CudaGraphStep(lambda inp: fixed_forward(self.model, self.cache, inp), self._captured)
+        self.rows: list[_Row | None] = [None] * min(eng.max_batch_size, len(self.queue))
+        self.udtype = torch.float32 if self.device.type == "mps" else torch.float64
+        self.buffer = KVBuffer(self.model, len(self.rows), self.device, eng._static_step(self.device),
+                               on_capture=self._captured)
 
     def _captured(self):
         self.eng.captures += 1
+
+    def run(self) -> list[list[int]]:
+        while True:
+            self._admit()
+            if all(row is None for row in self.rows):
+                break
+            self._housekeep()
+            self.step()
+        return self.results
 
     # ---------------------------------------------------------------- prefill and admission
 
@@ -240,9 +234,9 @@ class _Decoder:
             self.prefilled[i] = (kv, logits[g])
 
     def _admit(self):
-        """Give free rows to waiting samples; their first token comes from the prompt's prefill logits."""
+        """Give idle rows to waiting samples; their first token comes from the prompt's prefill logits."""
         while self.qpos < len(self.queue):
-            free = [r for r, s in enumerate(self.sid) if s < 0]
+            free = [r for r, row in enumerate(self.rows) if row is None]
             if not free:
                 return
             batch = self.queue[self.qpos: self.qpos + len(free)]
@@ -250,132 +244,76 @@ class _Decoder:
                 if batch[k][0] not in self.prefilled:
                     self._prefill(self.qpos + k)
             self.qpos += len(batch)
-            longest = max(len(self.prompts[i]) for i, _ in batch)
-            if not self.layers:
-                self._alloc(longest)
-            elif longest > self.t:  # make room on the left
-                lo = self._lo()
-                self._relayout(lo, longest - (self.t - lo), max(self._cap(), longest + 1 + self.t - lo))
-            rows, logits = free[: len(batch)], []
-            for r, (i, j) in zip(rows, batch):
-                kv, last = self.prefilled[i]
-                n = len(self.prompts[i])
-                for layer, (k, v) in zip(self.layers, kv):
-                    layer.kbuf[r, :, self.t - n: self.t] = k
-                    layer.vbuf[r, :, self.t - n: self.t] = v
-                g = torch.Generator().manual_seed(self.seeds[i][j])
-                self.u[r] = 1 - torch.rand(self.params.max_new_tokens, generator=g, dtype=self.u.dtype)
-                self.sid[r], self.start[r], self.pos[r], self.out[r] = i * self.params.n + j, self.t - n, n, []
-                logits.append(last)
-                self.left[i] -= 1
-                if not self.left[i]:
-                    del self.prefilled[i]
-            first = pick_tokens(torch.stack(logits), self.u[rows, 0].to(self.device), self.params).tolist()
-            for r, tok in zip(rows, first):
+            self._make_room(max(len(self.prompts[i]) for i, _ in batch))
+            rows = free[: len(batch)]
+            logits = torch.stack([self._seat(r, i, j) for r, (i, j) in zip(rows, batch)])
+            u = torch.tensor([self.rows[r].u[0] for r in rows], dtype=self.udtype)
+            for r, tok in zip(rows, pick_tokens(logits, u.to(self.device), self.params).tolist()):
                 self._push(r, tok)
             if self.progress is not None:
                 self.progress(self.tokens, self.finished)
 
+    def _make_room(self, longest: int):
+        """Columns before the clock for the longest prompt admitted next (allocating the buffer the first time)."""
+        if not self.buffer.layers:
+            kv, _ = next(iter(self.prefilled.values()))
+            self.buffer.allocate(kv, longest, min(self.params.max_new_tokens, 256))
+        else:
+            self._shift(self.buffer.make_room(longest, self._lo()))
+
+    def _seat(self, r: int, i: int, j: int) -> torch.Tensor:
+        """Sample ``j`` of prompt ``i`` into row ``r``: its prompt's KV and its uniforms; the prompt's last logits."""
+        kv, last = self.prefilled[i]
+        g = torch.Generator().manual_seed(self.seeds[i][j])
+        u = 1 - torch.rand(self.params.max_new_tokens, generator=g, dtype=self.udtype)
+        self.rows[r] = _Row(i * self.params.n + j, self.buffer.write(r, kv), len(self.prompts[i]),
+                            array("d" if self.udtype == torch.float64 else "f", u.tolist()))
+        self.left[i] -= 1
+        if not self.left[i]:
+            del self.prefilled[i]
+        return last
+
     def _push(self, r: int, tok: int):
-        self.out[r].append(tok)
-        self.pos[r] += 1
+        row = self.rows[r]
+        row.out.append(tok)
+        row.length += 1
         self.tokens += 1
-        if tok in self.stops or len(self.out[r]) >= self.params.max_new_tokens:
-            self.results[self.sid[r]] = self.out[r]
-            self.sid[r] = -1
+        if tok in self.stops or len(row.out) >= self.params.max_new_tokens:
+            self.results[row.sample] = row.out
+            self.rows[r] = None
             self.finished += 1
 
-    # ---------------------------------------------------------------- the KV buffer
-
-    def _alloc(self, longest: int):
-        kv, _ = next(iter(self.prefilled.values()))
-        cap = longest + min(self.params.max_new_tokens, 256) + 1
-        layer_cls, cap = (StaticLayer, round_capacity(cap)) if self.static else (_BufferLayer, cap)
-        for k, _ in kv:
-            shape = (len(self.sid), k.shape[0], cap, k.shape[2])
-            self.layers.append(layer_cls(k.new_zeros(shape), k.new_zeros(shape), longest))
-        self.cache = Cache(layers=self.layers)
-        self.t = longest
-
-    def _cap(self) -> int:
-        return self.layers[0].kbuf.shape[2]
+    # ---------------------------------------------------------------- the buffer's layout
 
     def _lo(self) -> int:
-        live = [self.start[r] for r, s in enumerate(self.sid) if s >= 0]
-        return min(live) if live else self.t
+        """The first live column: the smallest start of a busy row (the clock when none is busy)."""
+        return min((row.start for row in self.rows if row is not None), default=self.buffer.t)
 
-    def _relayout(self, lo: int, off: int, cap: int, rows=None):
-        if self.static:  # a fixed-shape buffer moves in place unless it must change shape
-            cap = round_capacity(cap)
-            if self.graph is not None and (rows is not None or cap != self._cap()):
-                self.graph.reset()  # the captured graph writes the old buffers: capture again
-        for layer in self.layers:
-            layer.relayout(lo, off, cap, rows)
-        shift = off - lo
-        self.start = [s + shift for s in self.start]
-        self.t = self.layers[0].n
+    def _shift(self, by: int):
+        for row in self.rows:
+            if row is not None:
+                row.start += by
 
     def _housekeep(self):
-        live = [r for r, s in enumerate(self.sid) if s >= 0]
-        if self.qpos >= len(self.queue) and len(live) <= len(self.sid) // 2:  # nothing waits: drop idle rows
-            keep = torch.tensor(live)
-            lo = self._lo()
-            self._relayout(lo, 0, max(self._cap() - lo, self.t - lo + 1), keep.to(self.device))
-            for name in ("sid", "start", "pos", "out"):
-                setattr(self, name, [getattr(self, name)[r] for r in live])
-            self.u = self.u[keep]
-            return
-        lo = self._lo()
-        if self.t + 1 > self._cap() or lo > max(32, self.t // 2):  # full, or mostly dead columns: compact
-            window = self.t - lo + 1
-            self._relayout(lo, 0, self._cap() if window <= self._cap() * 3 // 4 else 2 * self._cap())
+        """Before a step: drop idle rows once nothing waits and at most half are busy, else compact if due."""
+        busy = [r for r, row in enumerate(self.rows) if row is not None]
+        if self.qpos >= len(self.queue) and len(busy) <= len(self.rows) // 2:
+            self._shift(self.buffer.keep_rows(busy, self._lo()))
+            self.rows = [self.rows[r] for r in busy]
+        else:
+            self._shift(self.buffer.compact(self._lo()))
 
-    # ---------------------------------------------------------------- the loop
+    # ---------------------------------------------------------------- the step
 
-    def run(self) -> list[list[int]]:
-        while True:
-            self._admit()
-            if all(s < 0 for s in self.sid):
-                break
-            self._housekeep()
-            self._step()
-        return self.results
-
-    def _step(self):
-        rows = len(self.sid)
-        logits = self._fixed_step() if self.static else self._eager_step()
-        steps = torch.tensor([len(o) if s >= 0 else 0 for s, o in zip(self.sid, self.out)])  # the token's index
-        u = self.u[torch.arange(rows), steps]
+    def step(self):
+        """One decode step: every busy row's next token, sampled with its next uniform."""
+        t = self.buffer.t
+        logits = self.buffer.step([(row.out[-1], row.length - 1, row.start) if row is not None
+                                   else (self.eng.pad_id, 0, t) for row in self.rows])
+        u = torch.tensor([row.u[len(row.out)] if row is not None else 1.0 for row in self.rows], dtype=self.udtype)
         toks = pick_tokens(logits, u.to(self.device), self.params).tolist()
-        for r in range(rows):
-            if self.sid[r] >= 0:
-                self._push(r, toks[r])
+        for r, tok in enumerate(toks):
+            if self.rows[r] is not None:
+                self._push(r, tok)
         if self.progress is not None:
             self.progress(self.tokens, self.finished)
-
-    def _fixed_step(self) -> torch.Tensor:
-        """Fill column ``t`` of the whole fixed-shape buffer; free rows attend to their own new column only."""
-        t = self.t
-        inp = torch.tensor([[o[-1], p - 1, st, t] if s >= 0 else [self.eng.pad_id, 0, t, t]
-                            for s, o, p, st in zip(self.sid, self.out, self.pos, self.start)])
-        logits = self._static_logits(inp.to(self.device))
-        for layer in self.layers:
-            layer.n += 1
-        self.t += 1
-        return logits
-
-    def _static_logits(self, inp: torch.Tensor) -> torch.Tensor:
-        """The fixed-shape forward: replayed from a CUDA graph on CUDA, run directly elsewhere."""
-        return self.graph(inp) if self.graph is not None else fixed_forward(self.model, self.cache, inp)
-
-    def _eager_step(self) -> torch.Tensor:
-        ids = torch.tensor([[o[-1] if s >= 0 else self.eng.pad_id] for s, o in zip(self.sid, self.out)])
-        pos = torch.tensor([[p - 1 if s >= 0 else 0] for s, p in zip(self.sid, self.pos)])
-        start = torch.tensor([st if s >= 0 else self.t for s, st in zip(self.sid, self.start)])
-        mask = (torch.arange(self.t + 1)[None] >= start[:, None]).long()
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=pos.to(self.device), use_cache=True, logits_to_keep=1,
-                         **with_cache(self.model, self.cache))
-        self.t = self.layers[0].n
-        return out.logits[:, -1]
-
