@@ -58,7 +58,8 @@ def test_local_copies_both_paths(name, split, rel, n, grader, no_hub, full_data_
 def test_first_rows(no_hub, data, request):
     data_dir = "builtin" if data == "builtin" else request.getfixturevalue("full_data_dir")
     g = load_problems(DatasetConfig("gsm8k", limit=1), data_dir=data_dir)[0]
-    assert g == Problem("gsm8k-0", g.question, "72", "gsm8k")
+    assert g == Problem("gsm8k-0", g.question, "72", "gsm8k", "Natalia sold 48/2 = 24 clips in May.\nNatalia sold "
+                                                             "48+24 = 72 clips altogether in April and May.")
     assert g.question.startswith("Natalia sold clips to 48 of her friends")
     t = load_problems(DatasetConfig("gsm8k", split="test", limit=1), data_dir=data_dir)[0]
     assert t.answer == "18" and t.question.startswith("Janet")
@@ -320,7 +321,7 @@ def test_hub_known_benchmarks(fake_hub):
     g = load_problems(DatasetConfig("gsm8k"))
     assert [(p.id, p.question, p.answer, p.grader) for p in g] == [
         ("gsm8k-0", "Q1", "1,000", "gsm8k"), ("gsm8k-1", "Q2", "7", "gsm8k")]
-    assert load_problems(DatasetConfig("math500")) == [Problem("test/algebra/1.json", "P", "\\frac12", "math500")]
+    assert load_problems(DatasetConfig("math500")) == [Problem("test/algebra/1.json", "P", "\\frac12", "math500", "s")]
     assert load_problems(DatasetConfig("aime24")) == [Problem("2024-I-1", "Aya", "204", "aime")]
     assert load_problems(DatasetConfig("aime25")) == [Problem("0", "P25", "70", "aime")]
     assert load_problems(DatasetConfig("amc23")) == [Problem("0", "A?", "27", "math")]

@@ -47,7 +47,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ssb import dist, on_policy
+from ssb import dist
 from ssb.config import Config
 from ssb.data import load_problems
 from ssb.reads import Reads, fingerprint
@@ -312,6 +312,7 @@ def _teacher_cache(model, examples, keys, dc, stage: Stage, cache_fp: str, pad_i
 
 def _hinted_prompts(cfg: Config, run_dir, rows: list[dict], tokenizer) -> list[list[int]]:
     """On-policy: the teacher's prompt per training row, by ``distill.hint`` (:mod:`ssb.on_policy`)."""
+    from ssb import on_policy  # with the generation engine: imported only for targets=on_policy
     hint = cfg.distill.hint
     pairs = ({p["id"]: p for p in read_upstream(run_dir, "curate", "pairs.jsonl")} if hint == "correct" else {})
     solutions = {}
@@ -323,6 +324,7 @@ def _hinted_prompts(cfg: Config, run_dir, rows: list[dict], tokenizer) -> list[l
 
 def _sampler(cfg: Config, model, tokenizer, stop_ids, rows, examples, teacher_prompts, stage: Stage):
     """On-policy: the sampler that draws each step's replies from ``model`` (base + the adapter being trained)."""
+    from ssb import on_policy
     dc = cfg.distill
     paper = dc.paper_student_format
 

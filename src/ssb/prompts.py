@@ -116,7 +116,7 @@ def reference_messages(question: str, reference: str, answer: str,
     ``distill.hint=reference``): the reference, then the ``guided`` instructions with the gold ``answer``.
 
     >>> u = reference_messages("What is 2+2?", "2 and 2 make 4.", "4")[1]["content"]
-    >>> "reference solution" in u and "2 and 2 make 4." in u and "\\boxed{4}" in u
+    >>> "reference solution" in u and "2 and 2 make 4." in u and "\\\\boxed{4}" in u
     True
     """
     text = (_TEACHER_INTRO.format(question=question.strip()) + _HINT_REFERENCE.format(reference=reference.strip())
