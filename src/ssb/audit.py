@@ -30,14 +30,16 @@ Two halves:
 
 - **The command** (:func:`audit_prompts`): loads the tokenizer (and the model's config, never its weights), renders
   for the first problems what each stage renders (the student prompt through :func:`ssb.distill.build_examples`,
-  the teacher prompt as :mod:`ssb.teach` does, the evaluation prompt of each benchmark), prints text and ids, runs
-  the checks and returns the exit status: 1 if any finding is an error, else 0.
+  the teacher prompt as :mod:`ssb.teach` does, or under ``distill.targets=on_policy`` as ``distill.hint`` picks it,
+  the evaluation prompt of each benchmark), prints text and ids, runs the checks and returns the exit status: 1 if
+  any finding is an error, else 0.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -370,9 +372,10 @@ def audit_prompts(cfg: "Config", run_dir: str | Path | None = None, n: int = 2, 
     items, _, source = _training_items(cfg, Path(run_dir) if run_dir else None, n)
     if not items:
         raise SsbError("no problems to render (rollout.data is empty)")
+    problems = [audit.render(it) for it in items]  # first: what distill would refuse fails before any output
     audit.header(source)
-    for k, it in enumerate(items):
-        audit.training_problem(k, len(items), it)
+    for k, (it, p) in enumerate(zip(items, problems)):
+        audit.training_problem(k, len(items), it, p)
     audit.evaluation(items[0]["question"])
     return audit.summary()
 
@@ -390,12 +393,15 @@ class _Problem:
     teacher_seq: list[int]  # teacher prompt + reply targets
     stored: list[int] | None  # the teacher prompt recorded in teach/examples.jsonl
     rendered: list[int] | None  # the teacher prompt as teach renders it from the attempts
+    teacher_from: str  # how the teacher prompt is rendered and from what (its title)
+    targets_from: str  # what distill trains on and where the reply shown comes from (its title)
+    teacher_is_stored: bool  # whether distill's teacher prompt is the stored one (or would be: teach renders it)
 
 
 class _Audit:
     """One ``ssb prompts``: the tokenizer and what is known of the model (config files only, no weights), where to
-    print, and the findings so far. :func:`audit_prompts` calls the header, each training problem, the evaluation
-    prompts and the summary in that order."""
+    print, and the findings so far. :func:`audit_prompts` renders every training problem, then calls the header,
+    each training problem, the evaluation prompts and the summary in that order."""
 
     def __init__(self, cfg: "Config", full: bool, out):
         from ssb.models import load_tokenizer, metadata_source, stop_token_ids
@@ -416,6 +422,15 @@ class _Audit:
         stops = self.stops
         self.stop = info.end_of_turn_id if info.end_of_turn_id in stops else (stops[0] if stops else None)
         self.findings = check_template(info)
+
+    @property
+    def _on_policy_hint(self) -> str | None:
+        """``distill.hint`` where it picks the teacher's prompt (``distill.targets=on_policy``), else None."""
+        return self.cfg.distill.hint if self.cfg.distill.targets == "on_policy" else None
+
+    @property
+    def _hint_setting(self) -> str:
+        return f", distill.hint={self._on_policy_hint}" if self._on_policy_hint else ""
 
     def line(self, text: str) -> None:
         print(text, file=self.out)
@@ -443,26 +458,22 @@ class _Audit:
         vllm = f", engine.max_model_len {self.gen_context}" if self.gen_context != self.context else ""
         self.line(f"  context: {self.context or 'unknown'} positions{vllm}; teach.prompt={tc.prompt}, "
                   f"teach.context={tc.context}, distill.paper_student_format={str(self.paper).lower()}, "
-                  f"distill.targets={dc.targets}")
+                  f"distill.targets={dc.targets}{self._hint_setting}")
         self.line(f"  attempts and replies: {source}")
 
-    def training_problem(self, k: int, total: int, it: dict) -> None:
-        """Render, show and check the ``k``-th training problem ``it`` (a row of :func:`_training_items`)."""
+    def training_problem(self, k: int, total: int, it: dict, p: _Problem) -> None:
+        """Show and check the ``k``-th training problem ``it`` (a row of :func:`_training_items`), rendered ``p``."""
         self.line(f"\n=== training problem {k + 1} of {total}: {it['id']} ===")
-        reply, reply_from = self._reply(it)
-        p = self._render(it, reply)
         if self.paper:
             self.show("student prompt (distill; distill.paper_student_format: plain text, no chat template)",
                       p.student)
             self.show("rollout prompt (the base model is sampled on this; evaluate renders the same way)", p.sampled)
         else:
             self.show("student prompt (distill; rollout and evaluate render the same ids)", p.student)
-        tc = self.cfg.teach
-        origin = ("as stored in teach/examples.jsonl" if p.stored is not None else
-                  "attempts: " + ("PLACEHOLDERS" if it.get("placeholder") else "curate/pairs.jsonl"))
-        self.show(f"teacher prompt (teach.prompt={tc.prompt}, context={tc.context}; {origin})", p.teacher)
-        self.show(f"reply targets (distill trains on these; {reply_from})", p.targets)
+        self.show(f"teacher prompt ({p.teacher_from})", p.teacher)
+        self.show(f"reply targets ({p.targets_from})", p.targets)
         self._check_problem(p)
+        tc = self.cfg.teach
         if k == 0 and p.rendered is not None and tc.context != "none":
             hints = ("correct", "incorrect")[: 2 if tc.context == "both" else 1]
             self.findings += check_teacher_worst_case(
@@ -470,18 +481,24 @@ class _Audit:
                 self.cfg.rollout.max_new_tokens, tc.max_new_tokens, self.gen_context, self.gen_what)
 
     def _reply(self, it: dict) -> tuple[list[int], str]:
-        """(the reply distill trains on, where it comes from): the teacher's, else a labelled placeholder."""
+        """(the reply shown as distill's targets, its label): the teacher's, else a labelled placeholder."""
         if "reply_ids" in it:
             reply, reply_from = list(it["reply_ids"]), "teach/examples.jsonl"
         else:
             reply = self.tok(PLACEHOLDER_REPLY.format(answer=it["answer"]), add_special_tokens=False)["input_ids"]
             reply += [self.stop] if self.stop is not None else []
             reply_from = "PLACEHOLDER, ending with the stop token as the engine records a finished reply"
-        if self.cfg.distill.targets == "rollouts":
+        dc = self.cfg.distill
+        if dc.targets == "rollouts":
             reply_from += "; distill.targets=rollouts trains on the student's own rollouts, which end the same way"
-        return reply, reply_from
+        if dc.targets == "on_policy":
+            shown = "the teacher's reply from teach/examples.jsonl" if "reply_ids" in it else "a " + reply_from
+            mix = f"; a fraction distill.mix={dc.mix} of them are the teacher's replies" if dc.mix else ""
+            return reply, (f"distill.targets=on_policy trains on the student's own sampled replies, which end with "
+                           f"the stop token when finished{mix}; shown: {shown}")
+        return reply, "distill trains on these; " + reply_from
 
-    def _render(self, it: dict, reply: list[int]) -> _Problem:
+    def render(self, it: dict) -> _Problem:
         """What the stages render for ``it``: the student's prompt and the reply targets as distill builds them
         (:func:`ssb.distill.build_examples`), the teacher's prompt as teach renders it (:mod:`ssb.teach`), as
         stored or now."""
@@ -491,19 +508,52 @@ class _Audit:
         from ssb.prompts import student_messages, teacher_messages
 
         tc = self.cfg.teach
+        reply, targets_from = self._reply(it)
         rendered = None  # the teacher prompt as teach renders it from the attempts (ssb.teach.Teacher.prompt)
         if "correct" in it:
             answer = it.get("correct_answer") or extract_answer(it["correct"])
             rendered = render_chat(self.tok, teacher_messages(it["question"], it["correct"], it["incorrect"],
                                                               tc.context, prompt=tc.prompt, answer=answer))
         stored = it.get("teacher_prompt_ids")
-        (ex,) = build_examples([{"question": it["question"], "reply_ids": reply,
-                                 "teacher_prompt_ids": stored if stored is not None else rendered}],
+        teacher = stored if stored is not None else rendered
+        origin = ("as stored in teach/examples.jsonl" if stored is not None else
+                  "attempts: " + ("PLACEHOLDERS" if it.get("placeholder") else "curate/pairs.jsonl"))
+        teacher_from = f"teach.prompt={tc.prompt}, context={tc.context}; {origin}"
+        hint = self._on_policy_hint
+        if hint in ("correct", "reference"):
+            teacher, teacher_from = self._hinted_prompt(it, hint)
+        (ex,) = build_examples([{"question": it["question"], "reply_ids": reply, "teacher_prompt_ids": teacher}],
                                self.tok, self.stops, self.paper)
         n_t = len(ex.targets)
         return _Problem(f"problem {it['id']}", ex.student_ids[:-n_t], ex.teacher_ids[:-n_t],
                         render_chat(self.tok, student_messages(it["question"])), ex.targets, ex.student_ids,
-                        ex.teacher_ids, stored, rendered)
+                        ex.teacher_ids, stored, rendered, teacher_from, targets_from,
+                        hint not in ("correct", "reference"))
+
+    def _hinted_prompt(self, it: dict, hint: str) -> tuple[list[int], str]:
+        """On-policy, ``distill.hint`` correct or reference: (the teacher's prompt as distill renders it with
+        :func:`ssb.on_policy.teacher_prompt`, its title). Raises :class:`ssb.errors.SsbError` where distill would:
+        no correct attempt, no reference solution."""
+        from ssb.on_policy import teacher_prompt
+
+        row = {"id": it["id"], "question": it["question"], "answer": it["answer"]}
+        if hint == "correct":
+            pair = it if "correct" in it else None  # the run's pair (or placeholder attempts) merged into the item
+            attempts = "PLACEHOLDERS" if it.get("placeholder") else "curate/pairs.jsonl"
+            return (teacher_prompt(row, hint, self.tok, self.cfg.teach.prompt, pair=pair),
+                    f"distill.hint=correct: the correct attempt only, teach.prompt={self.cfg.teach.prompt}; "
+                    f"attempts: {attempts}")
+        solution = self.solutions.get(it["id"])
+        return (teacher_prompt(row, hint, self.tok, self.cfg.teach.prompt, solution=solution),
+                f"distill.hint=reference: the training set's reference solution, rollout.data "
+                f"{self.cfg.rollout.data.name}")
+
+    @cached_property
+    def solutions(self) -> dict[str, str | None]:
+        """The training set's reference solutions by problem id, as distill reads them."""
+        from ssb.data import load_problems
+
+        return {p.id: p.solution for p in load_problems(self.cfg.rollout.data, self.cfg.data_dir)}
 
     def _check_problem(self, p: _Problem) -> None:
         """The checks of one training problem's prompts and reply targets."""
@@ -522,12 +572,12 @@ class _Audit:
             f += check_context(len(ids) - n_t, n_t, self.context, f"{where}: distill {name} sequence", "the reply",
                                self.positions)
         f += check_reply_targets(p.targets, info, f"{where}: reply targets", paper)
-        if dc.targets == "teacher":
+        if dc.targets in ("teacher", "on_policy"):  # the student and the teacher meet over the same reply tokens
             f += check_same_template(p.student, p.teacher, info, f"{where}: student vs teacher prompt",
                                      ("student", "teacher"), self.authors)
         f += check_same_prompt(p.student, p.sampled, f"{where}: student training vs rollout/evaluate prompt",
                                ("student's training", "rollout/evaluate"), self.authors)
-        if p.stored is not None and p.rendered is not None:
+        if p.teacher_is_stored and p.stored is not None and p.rendered is not None:
             f += check_same_prompt(
                 p.teacher, p.rendered, f"{where}: teacher prompt", ("stored (teach/examples.jsonl)", "re-rendered"),
                 why=": the teacher replied to another prompt than this config and tokenizer render (a changed "
