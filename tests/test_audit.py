@@ -294,3 +294,64 @@ def test_prompts_and_replies_past_the_context(cli):
 def test_bad_n_is_a_user_error(cli):
     code, _, err = cli("--config", "configs/smoke.yaml", "--n", "0")
     assert code == 2 and err == "ssb: error: --n: must be >= 1; got 0\n"
+
+
+# ------------------------------------------------------------------------------------ distill.targets=on_policy
+
+
+def test_on_policy_checks_student_and_teacher_templates_and_shows_the_hint(cli, tiny_model_dir, tmp_path):
+    """On-policy the student's samples are read by the teacher under the hinted prompt: the two prompts must share a
+    template as for SSB. hint=pair: the teach stage's prompt, as stored."""
+    d = _run_dir(tmp_path, tiny_model_dir)
+    code, out, err = cli("--config", "configs/smoke.yaml", "--run-dir", d, "--n", "1", "distill.targets=on_policy")
+    assert code == 0, out + err
+    assert "distill.targets=on_policy, distill.hint=pair\n" in out
+    assert "teacher prompt (teach.prompt=guided, context=both; as stored in teach/examples.jsonl)" in out
+    assert ("reply targets (distill.targets=on_policy trains on the student's own sampled replies, which end with the "
+            "stop token when finished; shown: the teacher's reply from teach/examples.jsonl)") in out
+    assert _findings(out) == ["none"]
+
+    d = _run_dir(tmp_path / "dated", tiny_model_dir, system="You are a helpful assistant. Today is 1 Jan 2026.")
+    code, out, _ = cli("--config", "configs/smoke.yaml", "--run-dir", d, "--n", "1", "distill.targets=on_policy")
+    assert code == 1
+    errors = {line.split()[1] for line in _findings(out) if line.startswith("ERROR")}
+    assert errors == {"template-mismatch", "prompt-mismatch"}
+    assert "[problem arith-0: student vs teacher prompt]" in out
+    # the authors' plain-text student: the same check, as a warning; and the mix shows on the targets
+    code, out, _ = cli("--config", "configs/smoke.yaml", "--n", "1", "distill.targets=on_policy",
+                       "distill.paper_student_format=true", "distill.mix=0.5")
+    assert code == 0
+    assert "template-mismatch" in {line.split()[1] for line in _findings(out) if line.startswith("WARNING")}
+    assert "a fraction distill.mix=0.5 of them are the teacher's replies; shown: a PLACEHOLDER" in out
+
+
+def test_on_policy_correct_hint_renders_the_teacher_prompt_as_distill_does(cli, tiny_model_dir, tmp_path):
+    """hint=correct: distill renders the teacher's prompt now, from the correct attempt only; the stored prompt of
+    teach (here under a dated system prompt) is not what the teacher reads, so it is not held against the run."""
+    d = _run_dir(tmp_path, tiny_model_dir, system="You are a helpful assistant. Today is 1 Jan 2026.")
+    code, out, err = cli("--config", "configs/smoke.yaml", "--run-dir", d, "--n", "1", "distill.targets=on_policy",
+                         "distill.hint=correct")
+    assert code == 0, out + err
+    assert "distill.targets=on_policy, distill.hint=correct\n" in out
+    assert ("teacher prompt (distill.hint=correct: the correct attempt only, teach.prompt=guided; attempts: "
+            "curate/pairs.jsonl)") in out
+    teacher = out.split("--- teacher prompt", 1)[1].split("--- reply targets", 1)[0]
+    assert "6 + 6 = 12." in teacher and "6 + 6 = 13." not in teacher and "Today is" not in teacher
+    assert _findings(out) == ["none"]
+
+
+def test_on_policy_reference_hint_reads_the_training_sets_solutions(cli):
+    code, out, err = cli("--config", "configs/smoke.yaml", "--n", "1", "distill.targets=on_policy",
+                         "distill.hint=reference", "rollout.data={name: gsm8k, split: train, limit: 4}")
+    assert code == 0, out + err
+    assert "distill.targets=on_policy, distill.hint=reference\n" in out
+    assert "teacher prompt (distill.hint=reference: the training set's reference solution, rollout.data gsm8k)" in out
+    teacher = out.split("--- teacher prompt", 1)[1].split("--- reply targets", 1)[0]
+    assert "<reference_solution>⏎\n  │ Natalia sold 48/2 = 24 clips in May." in teacher
+    assert _findings(out) == ["none"]
+    # a training set without reference solutions: refused as distill refuses it, before anything is printed
+    code, out, err = cli("--config", "configs/smoke.yaml", "--n", "1", "distill.targets=on_policy",
+                         "distill.hint=reference")
+    assert code == 2 and out == ""
+    assert err.startswith("ssb: error: distill.hint=reference: the training set has no reference solution for "
+                          "'arith-0'")

@@ -30,14 +30,16 @@ Two halves:
 
 - **The command** (:func:`audit_prompts`): loads the tokenizer (and the model's config, never its weights), renders
   for the first problems what each stage renders (the student prompt through :func:`ssb.distill.build_examples`,
-  the teacher prompt as :mod:`ssb.teach` does, the evaluation prompt of each benchmark), prints text and ids, runs
-  the checks and returns the exit status: 1 if any finding is an error, else 0.
+  the teacher prompt as :mod:`ssb.teach` does, or under ``distill.targets=on_policy`` as ``distill.hint`` picks it,
+  the evaluation prompt of each benchmark), prints text and ids, runs the checks and returns the exit status: 1 if
+  any finding is an error, else 0.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -362,148 +364,263 @@ def audit_prompts(cfg: "Config", run_dir: str | Path | None = None, n: int = 2, 
     ``run_dir`` when it has them), print them and the findings to ``out`` (stdout); returns the exit status."""
     import sys
 
-    from ssb.data import load_problems
-    from ssb.distill import build_examples
     from ssb.errors import SsbError
-    from ssb.evaluate import label
-    from ssb.grading import extract_answer
-    from ssb.models import render_chat, stop_token_ids
-    from ssb.prompts import student_messages, teacher_messages
 
-    out = out or sys.stdout
     if n < 1:
         raise SsbError(f"--n: must be >= 1; got {n}")
-    from ssb.models import load_tokenizer, metadata_source
-
-    path, kw = metadata_source(cfg.model)  # a GGUF model's metadata, or its converted directory: no weights
-    tok = load_tokenizer(cfg.model, (path, kw))
-    context, holder = _model_limits(path, kw)
-    stops = stop_token_ids(tok, holder)
-    info = token_info(tok, stops)
-    positions = "the context (max_position_embeddings)"
-    gen_context, gen_what = context, positions  # what generation may fill: vLLM's own limit, if set
-    if cfg.engine.backend == "vllm" and cfg.engine.max_model_len:
-        gen_context, gen_what = cfg.engine.max_model_len, "engine.max_model_len"
-    rc, tc, dc = cfg.rollout, cfg.teach, cfg.distill
-    paper = dc.paper_student_format
-    authors = "distill.paper_student_format=true: the authors' choice" if paper else None
-    items, pairs, source = _training_items(cfg, Path(run_dir) if run_dir else None, n)
+    audit = _Audit(cfg, full, out or sys.stdout)
+    items, _, source = _training_items(cfg, Path(run_dir) if run_dir else None, n)
     if not items:
         raise SsbError("no problems to render (rollout.data is empty)")
+    problems = [audit.render(it) for it in items]  # first: what distill would refuse fails before any output
+    audit.header(source)
+    for k, (it, p) in enumerate(zip(items, problems)):
+        audit.training_problem(k, len(items), it, p)
+    audit.evaluation(items[0]["question"])
+    return audit.summary()
 
-    def show(title: str, ids: list[int]) -> None:
-        print(f"--- {title} · {len(ids)} tokens", file=out)
-        print(_visible(tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False), full), file=out)
-        print(f"ids: {_ids(ids, full)}", file=out)
 
-    def ntok(text: str) -> int:
-        return len(tok(text, add_special_tokens=False)["input_ids"])
+@dataclass
+class _Problem:
+    """One training problem as the stages render it (token ids)."""
 
-    gguf = f" / {cfg.model.gguf_file}" if cfg.model.gguf_file else ""
-    print(f"ssb prompts: {cfg.model.name_or_path}{gguf} (tokenizer and config only, no weights)", file=out)
-    print(f"  special tokens: {_skeleton(sorted(info.special_ids), info, 6)}; BOS: {info.name(info.bos_id)}"
-          f"{' (the tokenizer adds it to text)' if info.adds_bos else ''}", file=out)
-    print(f"  stop ids: {', '.join(info.name(i) for i in sorted(info.stop_ids)) or 'none'}; end of an assistant "
-          f"turn: {info.name(info.end_of_turn_id)}; assistant header (generation prompt): "
-          f"{tok.decode(list(info.generation_prompt), skip_special_tokens=False)!r} = {list(info.generation_prompt)}",
-          file=out)
-    vllm = f", engine.max_model_len {gen_context}" if gen_context != context else ""
-    print(f"  context: {context or 'unknown'} positions{vllm}; teach.prompt={tc.prompt}, teach.context={tc.context}, "
-          f"distill.paper_student_format={str(paper).lower()}, distill.targets={dc.targets}", file=out)
-    print(f"  attempts and replies: {source}", file=out)
+    where: str  # "problem <id>", the start of its findings' where
+    student: list[int]  # the student's prompt, as distill renders it
+    teacher: list[int]  # the teacher's prompt distill reads
+    sampled: list[int]  # what rollout (and evaluate) prompt with
+    targets: list[int]  # the reply tokens distill trains on
+    student_seq: list[int]  # student prompt + reply targets, as distill feeds them
+    teacher_seq: list[int]  # teacher prompt + reply targets
+    stored: list[int] | None  # the teacher prompt recorded in teach/examples.jsonl
+    rendered: list[int] | None  # the teacher prompt as teach renders it from the attempts
+    teacher_from: str  # how the teacher prompt is rendered and from what (its title)
+    targets_from: str  # what distill trains on and where the reply shown comes from (its title)
+    teacher_is_stored: bool  # whether distill's teacher prompt is the stored one (or would be: teach renders it)
 
-    findings = check_template(info)
-    # a finished reply, as the engine records it, ends with the stop token that ended it
-    stop = info.end_of_turn_id if info.end_of_turn_id in stops else (stops[0] if stops else None)
-    for k, it in enumerate(items):
-        where = f"problem {it['id']}"
-        print(f"\n=== training problem {k + 1} of {len(items)}: {it['id']} ===", file=out)
-        rendered = None  # the teacher prompt as teach renders it from the attempts (ssb.teach.Teacher.prompt)
-        if "correct" in it:
-            answer = it.get("correct_answer") or extract_answer(it["correct"])
-            rendered = render_chat(tok, teacher_messages(it["question"], it["correct"], it["incorrect"], tc.context,
-                                                         prompt=tc.prompt, answer=answer))
-        stored = it.get("teacher_prompt_ids")
+
+class _Audit:
+    """One ``ssb prompts``: the tokenizer and what is known of the model (config files only, no weights), where to
+    print, and the findings so far. :func:`audit_prompts` renders every training problem, then calls the header,
+    each training problem, the evaluation prompts and the summary in that order."""
+
+    def __init__(self, cfg: "Config", full: bool, out):
+        from ssb.models import load_tokenizer, metadata_source, stop_token_ids
+
+        self.cfg, self.full, self.out = cfg, full, out
+        path, kw = metadata_source(cfg.model)  # a GGUF model's metadata, or its converted directory: no weights
+        self.tok = load_tokenizer(cfg.model, (path, kw))
+        self.context, holder = _model_limits(path, kw)
+        self.stops = stop_token_ids(self.tok, holder)
+        self.info = info = token_info(self.tok, self.stops)
+        self.positions = "the context (max_position_embeddings)"
+        self.gen_context, self.gen_what = self.context, self.positions  # what generation may fill: vLLM's own limit
+        if cfg.engine.backend == "vllm" and cfg.engine.max_model_len:
+            self.gen_context, self.gen_what = cfg.engine.max_model_len, "engine.max_model_len"
+        self.paper = cfg.distill.paper_student_format
+        self.authors = "distill.paper_student_format=true: the authors' choice" if self.paper else None
+        # a finished reply, as the engine records it, ends with the stop token that ended it
+        stops = self.stops
+        self.stop = info.end_of_turn_id if info.end_of_turn_id in stops else (stops[0] if stops else None)
+        self.findings = check_template(info)
+
+    @property
+    def _on_policy_hint(self) -> str | None:
+        """``distill.hint`` where it picks the teacher's prompt (``distill.targets=on_policy``), else None."""
+        return self.cfg.distill.hint if self.cfg.distill.targets == "on_policy" else None
+
+    @property
+    def _hint_setting(self) -> str:
+        return f", distill.hint={self._on_policy_hint}" if self._on_policy_hint else ""
+
+    def line(self, text: str) -> None:
+        print(text, file=self.out)
+
+    def show(self, title: str, ids: list[int]) -> None:
+        self.line(f"--- {title} · {len(ids)} tokens")
+        text = self.tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        self.line(_visible(text, self.full))
+        self.line(f"ids: {_ids(ids, self.full)}")
+
+    def ntok(self, text: str) -> int:
+        return len(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def header(self, source: str) -> None:
+        """The model, its special tokens, stop ids and template, its context and the settings that shape prompts."""
+        cfg, info, tc, dc = self.cfg, self.info, self.cfg.teach, self.cfg.distill
+        gguf = f" / {cfg.model.gguf_file}" if cfg.model.gguf_file else ""
+        self.line(f"ssb prompts: {cfg.model.name_or_path}{gguf} (tokenizer and config only, no weights)")
+        self.line(f"  special tokens: {_skeleton(sorted(info.special_ids), info, 6)}; BOS: {info.name(info.bos_id)}"
+                  f"{' (the tokenizer adds it to text)' if info.adds_bos else ''}")
+        header = self.tok.decode(list(info.generation_prompt), skip_special_tokens=False)
+        self.line(f"  stop ids: {', '.join(info.name(i) for i in sorted(info.stop_ids)) or 'none'}; end of an "
+                  f"assistant turn: {info.name(info.end_of_turn_id)}; assistant header (generation prompt): "
+                  f"{header!r} = {list(info.generation_prompt)}")
+        vllm = f", engine.max_model_len {self.gen_context}" if self.gen_context != self.context else ""
+        self.line(f"  context: {self.context or 'unknown'} positions{vllm}; teach.prompt={tc.prompt}, "
+                  f"teach.context={tc.context}, distill.paper_student_format={str(self.paper).lower()}, "
+                  f"distill.targets={dc.targets}{self._hint_setting}")
+        self.line(f"  attempts and replies: {source}")
+
+    def training_problem(self, k: int, total: int, it: dict, p: _Problem) -> None:
+        """Show and check the ``k``-th training problem ``it`` (a row of :func:`_training_items`), rendered ``p``."""
+        self.line(f"\n=== training problem {k + 1} of {total}: {it['id']} ===")
+        if self.paper:
+            self.show("student prompt (distill; distill.paper_student_format: plain text, no chat template)",
+                      p.student)
+            self.show("rollout prompt (the base model is sampled on this; evaluate renders the same way)", p.sampled)
+        else:
+            self.show("student prompt (distill; rollout and evaluate render the same ids)", p.student)
+        self.show(f"teacher prompt ({p.teacher_from})", p.teacher)
+        self.show(f"reply targets ({p.targets_from})", p.targets)
+        self._check_problem(p)
+        tc = self.cfg.teach
+        if k == 0 and p.rendered is not None and tc.context != "none":
+            hints = ("correct", "incorrect")[: 2 if tc.context == "both" else 1]
+            self.findings += check_teacher_worst_case(
+                len(p.rendered), sum(self.ntok(it[h].strip()) for h in hints), len(hints),
+                self.cfg.rollout.max_new_tokens, tc.max_new_tokens, self.gen_context, self.gen_what)
+
+    def _reply(self, it: dict) -> tuple[list[int], str]:
+        """(the reply shown as distill's targets, its label): the teacher's, else a labelled placeholder."""
         if "reply_ids" in it:
             reply, reply_from = list(it["reply_ids"]), "teach/examples.jsonl"
         else:
-            reply = tok(PLACEHOLDER_REPLY.format(answer=it["answer"]), add_special_tokens=False)["input_ids"]
-            reply += [stop] if stop is not None else []
+            reply = self.tok(PLACEHOLDER_REPLY.format(answer=it["answer"]), add_special_tokens=False)["input_ids"]
+            reply += [self.stop] if self.stop is not None else []
             reply_from = "PLACEHOLDER, ending with the stop token as the engine records a finished reply"
+        dc = self.cfg.distill
         if dc.targets == "rollouts":
             reply_from += "; distill.targets=rollouts trains on the student's own rollouts, which end the same way"
-        # what distill trains on: the student's prompt, the teacher's, the reply targets (ssb.distill.build_examples)
-        (ex,) = build_examples([{"question": it["question"], "reply_ids": reply,
-                                 "teacher_prompt_ids": stored if stored is not None else rendered}], tok, stops, paper)
-        n_t = len(ex.targets)
-        student, teacher = ex.student_ids[:-n_t], ex.teacher_ids[:-n_t]
-        sampled = render_chat(tok, student_messages(it["question"]))  # what rollout (and evaluate) prompt with
+        if dc.targets == "on_policy":
+            shown = "the teacher's reply from teach/examples.jsonl" if "reply_ids" in it else "a " + reply_from
+            mix = f"; a fraction distill.mix={dc.mix} of them are the teacher's replies" if dc.mix else ""
+            return reply, (f"distill.targets=on_policy trains on the student's own sampled replies, which end with "
+                           f"the stop token when finished{mix}; shown: {shown}")
+        return reply, "distill trains on these; " + reply_from
 
-        if paper:
-            show("student prompt (distill; distill.paper_student_format: plain text, no chat template)", student)
-            show("rollout prompt (the base model is sampled on this; evaluate renders the same way)", sampled)
-        else:
-            show("student prompt (distill; rollout and evaluate render the same ids)", student)
+    def render(self, it: dict) -> _Problem:
+        """What the stages render for ``it``: the student's prompt and the reply targets as distill builds them
+        (:func:`ssb.distill.build_examples`), the teacher's prompt as teach renders it (:mod:`ssb.teach`), as
+        stored or now."""
+        from ssb.distill import build_examples
+        from ssb.grading import extract_answer
+        from ssb.models import render_chat
+        from ssb.prompts import student_messages, teacher_messages
+
+        tc = self.cfg.teach
+        reply, targets_from = self._reply(it)
+        rendered = None  # the teacher prompt as teach renders it from the attempts (ssb.teach.Teacher.prompt)
+        if "correct" in it:
+            answer = it.get("correct_answer") or extract_answer(it["correct"])
+            rendered = render_chat(self.tok, teacher_messages(it["question"], it["correct"], it["incorrect"],
+                                                              tc.context, prompt=tc.prompt, answer=answer))
+        stored = it.get("teacher_prompt_ids")
+        teacher = stored if stored is not None else rendered
         origin = ("as stored in teach/examples.jsonl" if stored is not None else
                   "attempts: " + ("PLACEHOLDERS" if it.get("placeholder") else "curate/pairs.jsonl"))
-        show(f"teacher prompt (teach.prompt={tc.prompt}, context={tc.context}; {origin})", teacher)
-        show(f"reply targets (distill trains on these; {reply_from})", ex.targets)
+        teacher_from = f"teach.prompt={tc.prompt}, context={tc.context}; {origin}"
+        hint = self._on_policy_hint
+        if hint in ("correct", "reference"):
+            teacher, teacher_from = self._hinted_prompt(it, hint)
+        (ex,) = build_examples([{"question": it["question"], "reply_ids": reply, "teacher_prompt_ids": teacher}],
+                               self.tok, self.stops, self.paper)
+        n_t = len(ex.targets)
+        return _Problem(f"problem {it['id']}", ex.student_ids[:-n_t], ex.teacher_ids[:-n_t],
+                        render_chat(self.tok, student_messages(it["question"])), ex.targets, ex.student_ids,
+                        ex.teacher_ids, stored, rendered, teacher_from, targets_from,
+                        hint not in ("correct", "reference"))
 
-        findings += check_bos(student, info, f"{where}: student prompt", WARNING if paper else ERROR)
-        findings += check_bos(sampled, info, f"{where}: rollout prompt") if paper else []
-        findings += check_bos(teacher, info, f"{where}: teacher prompt")
-        for name, ids, budget, what in (("rollout prompt", sampled, rc.max_new_tokens, "rollout.max_new_tokens"),
-                                        ("teacher prompt", teacher, tc.max_new_tokens, "teach.max_new_tokens")):
-            findings += check_context(len(ids), budget, gen_context, f"{where}: {name}", what, gen_what)
-            findings += check_generation_prompt(ids, info, f"{where}: {name}")
-        findings += [] if paper else check_generation_prompt(student, info, f"{where}: student prompt")
-        for name, ids in (("student", ex.student_ids), ("teacher", ex.teacher_ids)):
-            findings += check_context(len(ids) - n_t, n_t, context, f"{where}: distill {name} sequence", "the reply",
-                                      positions)
-        findings += check_reply_targets(ex.targets, info, f"{where}: reply targets", paper)
-        if dc.targets == "teacher":
-            findings += check_same_template(student, teacher, info, f"{where}: student vs teacher prompt",
-                                            ("student", "teacher"), authors)
-        findings += check_same_prompt(student, sampled, f"{where}: student training vs rollout/evaluate prompt",
-                                      ("student's training", "rollout/evaluate"), authors)
-        if stored is not None and rendered is not None:
-            findings += check_same_prompt(
-                teacher, rendered, f"{where}: teacher prompt", ("stored (teach/examples.jsonl)", "re-rendered"),
+    def _hinted_prompt(self, it: dict, hint: str) -> tuple[list[int], str]:
+        """On-policy, ``distill.hint`` correct or reference: (the teacher's prompt as distill renders it with
+        :func:`ssb.on_policy.teacher_prompt`, its title). Raises :class:`ssb.errors.SsbError` where distill would:
+        no correct attempt, no reference solution."""
+        from ssb.on_policy import teacher_prompt
+
+        row = {"id": it["id"], "question": it["question"], "answer": it["answer"]}
+        if hint == "correct":
+            pair = it if "correct" in it else None  # the run's pair (or placeholder attempts) merged into the item
+            attempts = "PLACEHOLDERS" if it.get("placeholder") else "curate/pairs.jsonl"
+            return (teacher_prompt(row, hint, self.tok, self.cfg.teach.prompt, pair=pair),
+                    f"distill.hint=correct: the correct attempt only, teach.prompt={self.cfg.teach.prompt}; "
+                    f"attempts: {attempts}")
+        solution = self.solutions.get(it["id"])
+        return (teacher_prompt(row, hint, self.tok, self.cfg.teach.prompt, solution=solution),
+                f"distill.hint=reference: the training set's reference solution, rollout.data "
+                f"{self.cfg.rollout.data.name}")
+
+    @cached_property
+    def solutions(self) -> dict[str, str | None]:
+        """The training set's reference solutions by problem id, as distill reads them."""
+        from ssb.data import load_problems
+
+        return {p.id: p.solution for p in load_problems(self.cfg.rollout.data, self.cfg.data_dir)}
+
+    def _check_problem(self, p: _Problem) -> None:
+        """The checks of one training problem's prompts and reply targets."""
+        rc, tc, dc, info, where = self.cfg.rollout, self.cfg.teach, self.cfg.distill, self.info, p.where
+        paper, f = self.paper, self.findings
+        f += check_bos(p.student, info, f"{where}: student prompt", WARNING if paper else ERROR)
+        f += check_bos(p.sampled, info, f"{where}: rollout prompt") if paper else []
+        f += check_bos(p.teacher, info, f"{where}: teacher prompt")
+        for name, ids, budget, what in (("rollout prompt", p.sampled, rc.max_new_tokens, "rollout.max_new_tokens"),
+                                        ("teacher prompt", p.teacher, tc.max_new_tokens, "teach.max_new_tokens")):
+            f += check_context(len(ids), budget, self.gen_context, f"{where}: {name}", what, self.gen_what)
+            f += check_generation_prompt(ids, info, f"{where}: {name}")
+        f += [] if paper else check_generation_prompt(p.student, info, f"{where}: student prompt")
+        n_t = len(p.targets)
+        for name, ids in (("student", p.student_seq), ("teacher", p.teacher_seq)):
+            f += check_context(len(ids) - n_t, n_t, self.context, f"{where}: distill {name} sequence", "the reply",
+                               self.positions)
+        f += check_reply_targets(p.targets, info, f"{where}: reply targets", paper)
+        if dc.targets in ("teacher", "on_policy"):  # the student and the teacher meet over the same reply tokens
+            f += check_same_template(p.student, p.teacher, info, f"{where}: student vs teacher prompt",
+                                     ("student", "teacher"), self.authors)
+        f += check_same_prompt(p.student, p.sampled, f"{where}: student training vs rollout/evaluate prompt",
+                               ("student's training", "rollout/evaluate"), self.authors)
+        if p.teacher_is_stored and p.stored is not None and p.rendered is not None:
+            f += check_same_prompt(
+                p.teacher, p.rendered, f"{where}: teacher prompt", ("stored (teach/examples.jsonl)", "re-rendered"),
                 why=": the teacher replied to another prompt than this config and tokenizer render (a changed "
                     "template or teach setting, or a template that renders today's date)")
-        if k == 0 and rendered is not None and tc.context != "none":
-            hints = ("correct", "incorrect")[: 2 if tc.context == "both" else 1]
-            findings += check_teacher_worst_case(len(rendered), sum(ntok(it[h].strip()) for h in hints), len(hints),
-                                                 rc.max_new_tokens, tc.max_new_tokens, gen_context, gen_what)
 
-    print("\n=== evaluation prompts (the first problem of each benchmark) ===", file=out)
-    first = render_chat(tok, student_messages(items[0]["question"]))
-    for ds in cfg.evaluate.benchmarks:
-        where = f"evaluate {label(ds)}"
-        try:
-            problems = load_problems(ds, cfg.data_dir)
-        except Exception as e:  # the evaluate stage would fail the same way, after the training
-            findings.append(Finding("benchmark-unavailable", ERROR, f"cannot load it: {str(e).splitlines()[0]}",
-                                    where))
-            continue
-        if not problems:
-            findings.append(Finding("benchmark-unavailable", ERROR, "it has no problems", where))
-            continue
-        ids = render_chat(tok, student_messages(problems[0].question))
-        where += f" ({problems[0].id})"
-        show(where, ids)
-        findings += check_bos(ids, info, where)
-        findings += check_generation_prompt(ids, info, where)
-        findings += check_context(len(ids), cfg.evaluate.max_new_tokens, gen_context, where,
-                                  "evaluate.max_new_tokens", gen_what)
-        findings += check_same_template(first, ids, info, where, ("rollout", "evaluation"))
+    def evaluation(self, question: str) -> None:
+        """Show and check the first problem of each benchmark as evaluate renders it; ``question``: the first
+        training problem's, whose rollout prompt the evaluation prompts should share a template with."""
+        from ssb.data import load_problems
+        from ssb.evaluate import label
+        from ssb.models import render_chat
+        from ssb.prompts import student_messages
 
-    print("\n=== findings ===", file=out)
-    for line in _summarise(findings):
-        print(line, file=out)
-    errors, warnings = (sum(f.severity == s for f in findings) for s in (ERROR, WARNING))
-    print(f"ssb prompts: {errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}", file=out)
-    return exit_status(findings)
+        self.line("\n=== evaluation prompts (the first problem of each benchmark) ===")
+        first = render_chat(self.tok, student_messages(question))
+        for ds in self.cfg.evaluate.benchmarks:
+            where = f"evaluate {label(ds)}"
+            try:
+                problems = load_problems(ds, self.cfg.data_dir)
+            except Exception as e:  # the evaluate stage would fail the same way, after the training
+                self.findings.append(Finding("benchmark-unavailable", ERROR,
+                                             f"cannot load it: {str(e).splitlines()[0]}", where))
+                continue
+            if not problems:
+                self.findings.append(Finding("benchmark-unavailable", ERROR, "it has no problems", where))
+                continue
+            ids = render_chat(self.tok, student_messages(problems[0].question))
+            where += f" ({problems[0].id})"
+            self.show(where, ids)
+            self.findings += check_bos(ids, self.info, where)
+            self.findings += check_generation_prompt(ids, self.info, where)
+            self.findings += check_context(len(ids), self.cfg.evaluate.max_new_tokens, self.gen_context, where,
+                                           "evaluate.max_new_tokens", self.gen_what)
+            self.findings += check_same_template(first, ids, self.info, where, ("rollout", "evaluation"))
+
+    def summary(self) -> int:
+        """Print the findings, grouped, and their count; returns the exit status."""
+        self.line("\n=== findings ===")
+        for line in _summarise(self.findings):
+            self.line(line)
+        errors, warnings = (sum(f.severity == s for f in self.findings) for s in (ERROR, WARNING))
+        self.line(f"ssb prompts: {errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}")
+        return exit_status(self.findings)
 
 
 def _summarise(findings: list[Finding]) -> list[str]:
