@@ -12,7 +12,11 @@
 #   after ssb's teach: sft, rft, onpolicy      after ssb's distill: grpo, given ssb's training device-seconds
 # The held-out teacher-prompt variants (measured on 2026-11-30, benchmarks/RESULTS.md) run only with HELDOUT=1.
 # Concurrency lengthens every run's wall (so GPU-) seconds; GRPO's budget is SSB's, measured under the same
-# sharing. Everything stops by DEADLINE_S after the start (SIGINT: a cut step leaves a resumable run directory,
+# sharing. `ssb compare` runs its runs one after another and holds the lock of every run directory it reads, so
+# the concurrent steps here are its pieces: `ssb compare --runs ssb`, then for each ablation SSB's finished upstream
+# stages copied (not linked: a link would lock R/ssb, which the SSB step holds) and `ssb run --stages
+# distill,evaluate` with the ablation's overrides (ssb.compare.OVERRIDES), and `ssb grpo` with
+# ssb.compare.grpo_overrides, then `ssb evaluate`; `ssb report` at the end. Everything stops by DEADLINE_S after the start (SIGINT: a cut step leaves a resumable run directory,
 # rerunning this script continues it), then the report is written from what finished.
 set -uo pipefail
 model=${1:?usage: testbed.sh MODEL_DIR DATA_DIR OUT}; data=${2:?}; out=${3:?}
@@ -45,6 +49,23 @@ step() {  # step NAME ssb-args...: one logged ssb command, interrupted at the de
 after() {  # after FILE: wait until an upstream stage has finished (or the deadline is near)
   while [ ! -f "$1" ]; do [ "$(left)" -gt 30 ] || return 1; sleep 2; done
 }
+compare_args() {  # compare_args FUNCTION [RUN]: override lines from ssb.compare (OVERRIDES[RUN], grpo_overrides)
+  $PY - "$1" "${2:-}" "$C" "$R/ssb" "${common[@]}" "${train[@]}" <<'PY'
+import sys
+from ssb import compare
+from ssb.configio import load_config
+fn, run, config, ssb_dir, *over = sys.argv[1:]
+print("\n".join(compare.OVERRIDES[run] if fn == "OVERRIDES" else compare.grpo_overrides(load_config(config, over), ssb_dir)))
+PY
+}
+ablation() {  # ablation RUN: SSB's finished upstream stages copied into R/RUN, then distill + evaluate
+  local r=$1 s over
+  mkdir -p "$R/$r"
+  for s in ${UPSTREAM[$r]}; do [ -d "$R/$r/$s" ] || cp -r "$R/ssb/$s" "$R/$r/$s"; done
+  mapfile -t over < <(compare_args OVERRIDES "$r")
+  step "$r" run --config $C --run-dir "$R/$r" --stages distill,evaluate "${train[@]}" "${over[@]}"
+}
+declare -A UPSTREAM=([sft]="rollout curate teach" [rft]="rollout curate" [onpolicy]="rollout curate teach")
 
 log "machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo cpu)"
 $PY -c "import torch, transformers, peft, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__)"
@@ -59,14 +80,16 @@ PY
 
 step ssb compare --config $C --run-dir "$R" --runs ssb "${train[@]}" &
 step base evaluate --config $C --run-dir "$R/base" evaluate.adapter=none &
-(after "$R/ssb/teach/manifest.json" && step sft compare --config $C --run-dir "$R" --runs sft "${train[@]}") &
-(after "$R/ssb/teach/manifest.json" && step rft compare --config $C --run-dir "$R" --runs rft "${train[@]}") &
-(after "$R/ssb/teach/manifest.json" && step onpolicy compare --config $C --run-dir "$R" --runs onpolicy "${train[@]}") &
-(after "$R/ssb/distill/manifest.json" && step grpo compare --config $C --run-dir "$R" --runs grpo "${train[@]}") &
+for r in sft rft onpolicy; do
+  (after "$R/ssb/teach/manifest.json" && ablation $r) &
+done
+(after "$R/ssb/distill/manifest.json" && mapfile -t over < <(compare_args grpo_overrides) \
+  && step grpo grpo --config $C --run-dir "$R/grpo" "${train[@]}" "${over[@]}" \
+  && step grpo-eval evaluate --config $C --run-dir "$R/grpo" "${train[@]}" "${over[@]}") &
 [ "${HELDOUT:-0}" = 1 ] && (
   step heldout run --config $C --run-dir "$R/heldout" --stages rollout,curate rollout.budget=all "$heldout"
   for v in guided paper resolve; do
-    mkdir -p "$R/heldout-$v"; for s in rollout curate; do ln -sfn ../heldout/$s "$R/heldout-$v/$s"; done
+    mkdir -p "$R/heldout-$v"; for s in rollout curate; do [ -d "$R/heldout-$v/$s" ] || cp -r "$R/heldout/$s" "$R/heldout-$v/$s"; done
     step "heldout-$v" teach --config $C --run-dir "$R/heldout-$v" teach.prompt=$v teach.max_examples=100000 \
       rollout.budget=all "$heldout" &
   done; wait

@@ -65,6 +65,15 @@ def training_cost(run_dir: Path) -> dict:
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in cost.items()}
 
 
+def grpo_overrides(cfg: Config, ssb_dir) -> list[str]:
+    """GRPO at SSB's cost, as overrides: the budget (SSB's training device-seconds, :func:`training_cost`) and the
+    problems SSB rolled out (the first ``counts.problems`` of ``rollout.data``)."""
+    budget = training_cost(ssb_dir)
+    problems = read_json(Path(ssb_dir) / "rollout" / MANIFEST)["counts"]["problems"]
+    data = {**to_dict(cfg.rollout.data), "limit": problems}
+    return [f"grpo.max_seconds={max(budget['device_seconds'], 1e-3)}", f"rollout.data={json.dumps(data)}"]
+
+
 def _config(base: Config, extra: list[str]) -> Config:
     return load_config(None, extra, base=to_dict(base))
 
@@ -109,11 +118,7 @@ def _run(cfg: Config, root: Path, runs, force: bool) -> Path:
             raise SsbError(f"compare: the '{name}' run needs the ssb run's finished {need} stage in {ssb_dir}; "
                            f"run with --runs ssb,{name} (or all runs) first")
         if name == "grpo":
-            budget = training_cost(ssb_dir)
-            problems = read_json(ssb_dir / "rollout" / MANIFEST)["counts"]["problems"]
-            data = {**to_dict(sub.rollout.data), "limit": problems}
-            sub = _config(sub, [f"grpo.max_seconds={max(budget['device_seconds'], 1e-3)}",
-                                f"rollout.data={json.dumps(data)}"])
+            sub = _config(sub, grpo_overrides(sub, ssb_dir))
         if dist.is_main():
             run_dir.mkdir(parents=True, exist_ok=True)
             _link_upstream(run_dir, ssb_dir, SSB_UPSTREAM.get(name, ()))
