@@ -71,6 +71,29 @@ def small_overrides(model_dir: Path, data_dir: Path) -> list[str]:
     ]
 
 
+@pytest.fixture(scope="session")
+def taught(tiny_model_dir, data_dir, tmp_path_factory):
+    """(config, run dir) with real rollout -> curate -> teach outputs on the tiny model (a few seconds); tests copy
+    the stages out (:func:`copy_taught`) before writing anything."""
+    from ssb import curate, rollout, teach
+    from ssb.configio import load_config
+
+    d = tmp_path_factory.mktemp("taught")
+    cfg = load_config(None, small_overrides(tiny_model_dir, data_dir) + ["rollout.data={name: arith, limit: 8}"])
+    for stage in (rollout, curate, teach):
+        stage.run(cfg, d)
+    return cfg, d
+
+
+def copy_taught(src: Path, dst: Path) -> Path:
+    """A new run directory ``dst`` holding copies of ``src``'s rollout, curate and teach stages."""
+    import shutil
+
+    for s in ("rollout", "curate", "teach"):
+        shutil.copytree(src / s, dst / s)
+    return dst
+
+
 def train_killed_at(call: int):
     """A stand-in for ``ssb.distill.train`` whose ``call``-th step raises KeyboardInterrupt (a simulated kill)."""
     import ssb.train

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ssb.config import DistillConfig
+from conftest import copy_taught
 from ssb.distill import _lora, _loss, align, build_examples, collate
 
 
@@ -89,34 +90,12 @@ def test_batch_loss_matches_float64_full_vocab_reference(peft_model, average):
 
 
 # ------------------------------------------------------------------------------------------ the distill stage
-@pytest.fixture(scope="module")
-def taught(tiny_model_dir, data_dir, tmp_path_factory):
-    """A run dir with real rollout -> curate -> teach outputs on the tiny model (a few seconds)."""
-    from conftest import small_overrides
-    from ssb import curate, rollout, teach
-    from ssb.configio import load_config
-
-    d = tmp_path_factory.mktemp("taught")
-    cfg = load_config(None, small_overrides(tiny_model_dir, data_dir) + ["rollout.data={name: arith, limit: 8}"])
-    for stage in (rollout, curate, teach):
-        stage.run(cfg, d)
-    return cfg, d
-
-
 def _distill_cfg(base, *extra):
     from ssb.configio import load_config, to_dict
 
     return load_config(None, ["distill.lr=1e-3", "distill.batch_size=8", "distill.epochs=12",
                               "distill.schedule=constant", "distill.lora_r=8", "distill.lora_alpha=16",
                               "distill.topk=8", *extra], base=to_dict(base))
-
-
-def _copy_teach(src, dst):
-    import shutil
-
-    for s in ("rollout", "curate", "teach"):
-        shutil.copytree(src / s, dst / s)
-    return dst
 
 
 @pytest.mark.parametrize("teacher", ["online", "topk"])
@@ -127,7 +106,7 @@ def test_distill_stage_trains_with_decreasing_loss(taught, tmp_path, monkeypatch
     from ssb.rundir import read_rows
 
     base_cfg, src = taught
-    d = _copy_teach(src, tmp_path)
+    d = copy_taught(src, tmp_path)
     cfg = _distill_cfg(base_cfg, f"distill.teacher={teacher}")
     if teacher == "topk":  # the cached teacher must not run the model with the adapter disabled while training
         monkeypatch.setattr(PeftModel, "disable_adapter", lambda self: pytest.fail("online teacher forward"))
@@ -172,7 +151,7 @@ def test_distill_refuses_a_cache_built_at_another_temperature(taught, tmp_path, 
     from ssb.teacher_cache import TopkCacheWriter
 
     base_cfg, src = taught
-    d = _copy_teach(src, tmp_path)
+    d = copy_taught(src, tmp_path)
     cfg = _distill_cfg(base_cfg, "distill.teacher=topk", "distill.temperature=2.0")
     TopkCacheWriter(d / "distill" / "teacher_topk", 8, 1.0).finish()  # e.g. copied in from a T=1 run
     monkeypatch.setattr(distill, "load_model", lambda *a, **k: pytest.fail("refused only after loading"))

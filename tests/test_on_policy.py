@@ -6,7 +6,6 @@ float64 full-vocabulary reference, the stage trains, resumes to the same weights
 from __future__ import annotations
 
 import math
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from conftest import copy_taught
 from ssb import distill, on_policy
 from ssb.config import DistillConfig
 from ssb.configio import load_config, to_dict
@@ -21,7 +21,6 @@ from ssb.distill import _lora, _loss, align, collate
 from ssb.engine import SamplingParams, TransformersEngine
 from ssb.errors import SsbError
 from ssb.models import render_chat
-from ssb.prompts import student_messages
 from ssb.rundir import read_rows
 
 
@@ -164,28 +163,10 @@ def test_gsm8k_problems_carry_their_worked_solution(data_dir):
 
 
 # ------------------------------------------------------------------------------------------ the distill stage
-@pytest.fixture(scope="module")
-def taught(tiny_model_dir, data_dir, tmp_path_factory):
-    from conftest import small_overrides
-    from ssb import curate, rollout, teach
-
-    d = tmp_path_factory.mktemp("taught")
-    cfg = load_config(None, small_overrides(tiny_model_dir, data_dir) + ["rollout.data={name: arith, limit: 8}"])
-    for stage in (rollout, curate, teach):
-        stage.run(cfg, d)
-    return cfg, d
-
-
 def _cfg(base, *extra):
     return load_config(None, ["distill.lr=1e-3", "distill.batch_size=8", "distill.schedule=constant",
                               "distill.lora_r=8", "distill.lora_alpha=16", "distill.sample_max_new_tokens=12",
                               *extra], base=to_dict(base))
-
-
-def _copy(src, dst):
-    for s in ("rollout", "curate", "teach"):
-        shutil.copytree(src / s, dst / s)
-    return dst
 
 
 def test_mix_one_is_exactly_off_policy_ssb(taught, tmp_path):
@@ -194,9 +175,9 @@ def test_mix_one_is_exactly_off_policy_ssb(taught, tmp_path):
     base, src = taught
     runs = {}
     for name, extra in (("ssb", []), ("mix1", ["distill.targets=on_policy", "distill.mix=1", "distill.samples=1"])):
-        d = _copy(src, tmp_path / name)
+        d = copy_taught(src, tmp_path / name)
         runs[name] = (distill.run(_cfg(base, "distill.epochs=3", *extra), d), d)
-    (m_ssb, d_ssb), (m_mix, d_mix) = runs["ssb"], runs["mix1"]
+    (_, d_ssb), (m_mix, d_mix) = runs["ssb"], runs["mix1"]
     l_ssb, l_mix = ([r["loss"] for r in read_rows(d / "distill" / "train_log.jsonl")] for d in (d_ssb, d_mix))
     assert len(l_ssb) == 3 and l_mix == l_ssb
     a, b = (load_file(str(d / "distill" / "adapter" / "adapter_model.safetensors")) for d in (d_ssb, d_mix))
@@ -207,7 +188,7 @@ def test_mix_one_is_exactly_off_policy_ssb(taught, tmp_path):
 
 def test_on_policy_stage_trains_and_records_its_sampling(taught, tmp_path):
     base, src = taught
-    d = _copy(src, tmp_path)
+    d = copy_taught(src, tmp_path)
     m = distill.run(_cfg(base, "distill.targets=on_policy", "distill.epochs=8", "distill.loss=reverse_kl"), d)
     log = read_rows(d / "distill" / "train_log.jsonl")
     losses = [r["loss"] for r in log]
@@ -225,7 +206,7 @@ def test_on_policy_killed_then_resumed_ends_at_the_same_weights(taught, tmp_path
 
     base, src = taught
     cfg = _cfg(base, "distill.targets=on_policy", "distill.epochs=4", "distill.batch_size=4", "distill.save_every=2")
-    ref, crash = _copy(src, tmp_path / "ref"), _copy(src, tmp_path / "crash")
+    ref, crash = copy_taught(src, tmp_path / "ref"), copy_taught(src, tmp_path / "crash")
     distill.run(cfg, ref)
     with monkeypatch.context() as m:
         m.setattr("ssb.distill.train", train_killed_at(4))
@@ -263,7 +244,7 @@ def test_on_policy_two_processes_same_loss_curve_as_one(taught, tiny_model_dir, 
         "distill.samples=2"]
     logs = {}
     for n in (1, 2):
-        d = _copy(src, tmp_path / f"n{n}")
+        d = copy_taught(src, tmp_path / f"n{n}")
         _torchrun(n, "distill", "--run-dir", str(d), *over)
         logs[n] = read_rows(d / "distill" / "train_log.jsonl")
     assert len(logs[1]) == len(logs[2]) == 3

@@ -43,13 +43,13 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from ssb import dist
 from ssb.config import Config
-from ssb.data import load_problems
 from ssb.reads import Reads, fingerprint
 from ssb.errors import SsbError
 from ssb.losses import chunked_distill_loss, chunked_topk_distill_loss, topk_teacher
@@ -224,7 +224,11 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     device, model = _load(cfg, fsdp)
     stop_ids = stop_token_ids(tokenizer, model)
     examples = build_examples(rows, tokenizer, stop_ids, dc.paper_student_format)
-    teacher_prompts = _hinted_prompts(cfg, run_dir, rows, tokenizer) if dc.targets == "on_policy" else None
+    teacher_prompts = None
+    if dc.targets == "on_policy":
+        from ssb import on_policy  # with the generation engine: imported only for targets=on_policy
+
+        teacher_prompts = on_policy.hinted_prompts(cfg, run_dir, rows, tokenizer)
     stage.begin()  # inputs read and checked, model loaded: from here on the stage counts as started
     cache, cache_info = None, {}
     if use_cache:  # before the adapter exists: the plain base model is the teacher
@@ -233,7 +237,8 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     model, decoder, lm_head = _student(model, dc, cfg.seed, fsdp, device)
     sampler = None
     if teacher_prompts is not None:
-        sampler = _sampler(cfg, model, tokenizer, stop_ids, rows, examples, teacher_prompts, stage)
+        sampler = on_policy.make_sampler(cfg, model, tokenizer, stop_ids, rows, examples, teacher_prompts, stage,
+                                         partial(_reply_example, dc.paper_student_format, stop_ids))
     objective = _Objective(model, decoder, lm_head, dc, examples, tokenizer.pad_token_id, device, stage,
                            cache and (cache, keys), sampler)
     spec = TrainSpec(len(examples), dc.batch_size, dc.epochs, dc.max_steps, dc.lr, dc.weight_decay,
@@ -245,10 +250,10 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     # skipped_steps: steps with non-finite gradients skipped by this process (see ssb.train)
     counts = {"examples": len(examples), "steps": result["steps"], "trained_tokens": result["trained_tokens"],
               "skipped_steps": len(result["skipped_steps"])}
-    on_policy = {"hint": dc.hint, "samples": dc.samples, "mix": dc.mix} if sampler else {}
+    sampling = {"hint": dc.hint, "samples": dc.samples, "mix": dc.mix} if sampler else {}
     return stage.finish(counts, train_seconds=result["train_seconds"], skipped_steps=result["skipped_steps"],
                         teacher=dc.teacher, targets=dc.targets, world_size=dist.world(), fsdp=fsdp,
-                        **on_policy, **cache_info)
+                        **sampling, **cache_info)
 
 
 def _student(model, dc, seed: int, fsdp: bool, device):
@@ -310,34 +315,12 @@ def _teacher_cache(model, examples, keys, dc, stage: Stage, cache_fp: str, pad_i
                                      "seconds": round(time.time() - t_cache, 3)}}
 
 
-def _hinted_prompts(cfg: Config, run_dir, rows: list[dict], tokenizer) -> list[list[int]]:
-    """On-policy: the teacher's prompt per training row, by ``distill.hint`` (:mod:`ssb.on_policy`)."""
-    from ssb import on_policy  # with the generation engine: imported only for targets=on_policy
-    hint = cfg.distill.hint
-    pairs = ({p["id"]: p for p in read_upstream(run_dir, "curate", "pairs.jsonl")} if hint == "correct" else {})
-    solutions = {}
-    if hint == "reference":
-        solutions = {p.id: p.solution for p in load_problems(cfg.rollout.data, cfg.data_dir)}
-    return [on_policy.teacher_prompt(r, hint, tokenizer, cfg.teach.prompt, pairs.get(r["id"]),
-                                     solutions.get(r["id"])) for r in rows]
-
-
-def _sampler(cfg: Config, model, tokenizer, stop_ids, rows, examples, teacher_prompts, stage: Stage):
-    """On-policy: the sampler that draws each step's replies from ``model`` (base + the adapter being trained)."""
-    from ssb import on_policy
-    dc = cfg.distill
-    paper = dc.paper_student_format
-
-    def make_example(student: list[int], teacher: list[int], reply: list[int]) -> Example:
-        if paper and len(reply) > 1 and reply[-1] in stop_ids:  # the authors train no end-of-turn token
-            reply = reply[:-1]
-        return align(student, teacher, reply)
-
-    qs = on_policy.questions(rows, [e.student_ids[:e.student_pos[0] + 1] for e in examples], teacher_prompts)
-    engine_kw = dict(max_batch_size=cfg.engine.max_batch_size, prefill_tokens=cfg.engine.prefill_tokens)
-    return on_policy.OnPolicySampler(model, tokenizer, stop_ids, qs, dc, cfg.seed,
-                                     dc.sample_max_new_tokens or cfg.teach.max_new_tokens, make_example, engine_kw,
-                                     on_sampled=lambda n: stage.add(generated_tokens=n))
+def _reply_example(paper: bool, stop_ids: list[int], student: list[int], teacher: list[int],
+                   reply: list[int]) -> Example:
+    """On-policy: the training example of a sampled reply (as :func:`build_examples` treats a stored one)."""
+    if paper and len(reply) > 1 and reply[-1] in stop_ids:  # the authors train no end-of-turn token
+        reply = reply[:-1]
+    return align(student, teacher, reply)
 
 
 def _save_adapter(stage: Stage, model, fsdp: bool) -> None:

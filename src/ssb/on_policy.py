@@ -36,9 +36,11 @@ from ssb.choices import HINTS
 from ssb.common import batch_seed
 from ssb.engine import SamplingParams, TransformersEngine
 from ssb.errors import SsbError
+from ssb.data import load_problems
 from ssb.grading import extract_answer
 from ssb.models import render_chat
 from ssb.prompts import reference_messages, student_messages, teacher_messages
+from ssb.rundir import read_upstream
 
 
 @dataclass
@@ -141,3 +143,27 @@ class OnPolicySampler:
 
 def student_prompts(rows: list[dict], tokenizer, chat_template: bool = True) -> list[list[int]]:
     return [render_chat(tokenizer, student_messages(r["question"]), chat_template=chat_template) for r in rows]
+
+
+def hinted_prompts(cfg, run_dir, rows: list[dict], tokenizer) -> list[list[int]]:
+    """The teacher's prompt per training row (``teach/examples.jsonl``), by ``distill.hint``: the stored one (pair),
+    or rendered from ``curate/pairs.jsonl`` (correct) or the training set's reference solutions (reference)."""
+    hint = cfg.distill.hint
+    pairs = {p["id"]: p for p in read_upstream(run_dir, "curate", "pairs.jsonl")} if hint == "correct" else {}
+    solutions = {}
+    if hint == "reference":
+        solutions = {p.id: p.solution for p in load_problems(cfg.rollout.data, cfg.data_dir)}
+    return [teacher_prompt(r, hint, tokenizer, cfg.teach.prompt, pairs.get(r["id"]), solutions.get(r["id"]))
+            for r in rows]
+
+
+def make_sampler(cfg, model, tokenizer, stop_ids: list[int], rows: list[dict], examples,
+                 teacher_prompts: list[list[int]], stage, make_example) -> OnPolicySampler:
+    """The distill stage's sampler over ``rows`` (``teach/examples.jsonl``); ``examples``, its training examples in
+    the same order, give the student prompts as distill renders them; sampled tokens go to ``stage``'s cost ledger."""
+    dc = cfg.distill
+    qs = questions(rows, [e.student_ids[:e.student_pos[0] + 1] for e in examples], teacher_prompts)
+    engine_kw = dict(max_batch_size=cfg.engine.max_batch_size, prefill_tokens=cfg.engine.prefill_tokens)
+    return OnPolicySampler(model, tokenizer, stop_ids, qs, dc, cfg.seed,
+                           dc.sample_max_new_tokens or cfg.teach.max_new_tokens, make_example, engine_kw,
+                           on_sampled=lambda n: stage.add(generated_tokens=n))
