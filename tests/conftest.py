@@ -16,6 +16,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FULL_DATA_DIR = Path(os.environ.get("SSB_TEST_DATA") or REPO.parent / "shared" / "data")
 FULL_DATA_FILES = ("gsm8k/train.jsonl", "gsm8k/test.jsonl", "math500/test.jsonl", "aime24/test.jsonl")
+# model.dtype=auto resolves to bf16 on a CPU with native bf16 matrix units and to fp32 on others: the suite (and the
+# processes it starts) runs as on a CPU without them, so that exact comparisons hold on every CI machine. Tests of
+# the resolution itself set this themselves.
+os.environ["SSB_CPU_BF16"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -106,7 +106,7 @@ def test_progress_hook_is_called_while_generating(hf_engine):
 
 
 def test_refilled_small_batch_equals_one_big_batch(hf_engine, tiny_model_dir, monkeypatch):
-    """max_batch_size=5 rows for 6 prompts x 3 samples: rows are refilled many times and the KV buffer is
+    """max_batch_size=5 (and 2) rows for 6 prompts x 3 samples: rows are refilled many times and the KV buffer is
     relaid; samples must equal those of one wide batch."""
     from ssb.kv_buffer import KVBuffer
 
@@ -116,8 +116,18 @@ def test_refilled_small_batch_equals_one_big_batch(hf_engine, tiny_model_dir, mo
         "left-pad" if off else "compact" if rows is None else "drop-rows") or real(self, lo, off, cap, rows))
     wide = make_engine(_model_cfg(tiny_model_dir), engine_cfg=EngineConfig(max_batch_size=64, prefill_tokens=32))
     prompts = _prompts(hf_engine)
-    for params in (SamplingParams(3, 1.0, 0, 1.0, 24), SamplingParams(3, 0.0, 0, 1.0, 24)):
-        assert _ids(hf_engine.generate(prompts, params, seed=1)) == _ids(wide.generate(prompts, params, seed=1))
+    # samples must end at different steps for rows to be dropped, and the tiny model's replies may all have the same
+    # length (depending on the CPU it was trained on): also stop at the token whose first occurrence varies most
+    replies = [ids for samples in _ids(wide.generate(prompts, SamplingParams(3, 1.0, 0, 1.0, 24), seed=1))
+               for ids in samples]
+    common = max(sorted({t for ids in replies for t in ids}),
+                 key=lambda t: len({ids.index(t) if t in ids else -1 for ids in replies}))
+    varied = hf_engine.stop_ids + [common]
+    for stops, rows in ((hf_engine.stop_ids, 5), (varied, 5), (varied, 2)):
+        narrow = TransformersEngine(hf_engine.model, hf_engine.tokenizer, stops, max_batch_size=rows)
+        one = TransformersEngine(wide.model, wide.tokenizer, stops, max_batch_size=64, prefill_tokens=32)
+        for params in (SamplingParams(3, 1.0, 0, 1.0, 24), SamplingParams(3, 0.0, 0, 1.0, 24)):
+            assert _ids(narrow.generate(prompts, params, seed=1)) == _ids(one.generate(prompts, params, seed=1))
     assert {"left-pad", "compact", "drop-rows"} <= set(calls)  # every re-layout of the KV buffer was exercised
 
 
@@ -226,6 +236,19 @@ def test_pick_tokens_matches_the_distribution():
     assert set(top2.tolist()) == set(logits[0].topk(2).indices.tolist())
     nucleus = pick_tokens(logits.expand(len(u), -1), u, SamplingParams(top_p=1e-6))
     assert set(nucleus.tolist()) == {int(logits.argmax())}
+
+
+def test_pick_tokens_in_bf16_picks_what_the_fp32_path_picks():
+    """bf16 logits are ranked in bf16 (top-k) and reduced with max (greedy): the same tokens as through fp32 copies,
+    and a greedy tie goes to the first maximum, as argmax's."""
+    torch.manual_seed(0)
+    logits = torch.randn(64, 5000).bfloat16()
+    u = 1 - torch.rand(64, dtype=torch.float64)
+    for params in (SamplingParams(temperature=0.8, top_k=50), SamplingParams(temperature=0.0)):
+        assert torch.equal(pick_tokens(logits, u, params), pick_tokens(logits.float(), u, params))
+    tied = torch.zeros(3, 10, dtype=torch.bfloat16)
+    tied[:, [2, 7]] = 1
+    assert pick_tokens(tied, u[:3], SamplingParams(temperature=0.0)).tolist() == [2, 2, 2]
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="vllm is installed")

@@ -108,11 +108,19 @@ class ModelConfig:
     gguf_file: str | None = _f(None, "Load weights from this GGUF file inside name_or_path (dequantised once, "
                                     "cached in $SSB_CACHE/models).")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit).")
-    dtype: str = _f("auto", "Weights dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32.",
+    dtype: str = _f("auto", "Weights dtype: auto (bf16 on GPU and on a CPU with native bf16 matrix units, AMX or "
+                    "AVX512-BF16; fp32 on other CPUs), bfloat16, float16, float32. Stages record the resolved one.",
                     ("auto", "bfloat16", "float16", "float32"))
     device: str = _f("auto", "auto (cuda if available), cpu, cuda, cuda:N, mps.")
     attn_implementation: str | None = _f(None, "Attention kernel (sdpa, flash_attention_2, eager); None = default.")
     trust_remote_code: bool = _f(False, "Run model code from the hub. Off: only enable for repositories you trust.")
+
+    def identity(self) -> dict:
+        """What stage fingerprints record of the model (:func:`ssb.models.model_identity`): ``dtype: auto`` resolved,
+        and a local GGUF file by its content, not by where it lies."""
+        from ssb.models import model_identity
+
+        return model_identity(self)
 
 
 @dataclass

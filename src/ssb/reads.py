@@ -53,10 +53,12 @@ class Reads:
 
     def values(self, cfg: Any) -> dict[str, Any]:
         """The ``result`` fields as nested plain data (``{"teach": {"max_examples": 256}, ...}``), without the
-        ``how`` fields inside them."""
+        ``how`` fields inside them; a section with an ``identity()`` (the model) as what that returns."""
         out: dict[str, Any] = {}
         for path in self.result:
-            value = json.loads(json.dumps(to_dict(get_path(cfg, path)), default=str))
+            field = get_path(cfg, path)
+            field = field.identity() if hasattr(field, "identity") else to_dict(field)  # the model: what it is
+            value = json.loads(json.dumps(field, default=str))
             for h in self.how:
                 if h.startswith(path + "."):
                     *parents, last = h[len(path) + 1:].split(".")

@@ -76,6 +76,24 @@ def versions() -> dict[str, str]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def machine() -> dict[str, Any]:
+    """The CPU a stage ran on, for its manifest: model name, cores, and the bf16 matrix flags that decide its speed
+    (and what ``model.dtype=auto`` resolves to on a CPU)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return {"cpu": name, "cores": os.cpu_count(), "cpu_bf16_flags": sorted(flags & {"amx_bf16", "avx512_bf16"})}
+
+
 def gpus_in_use() -> int:
     """GPUs this process has initialised (0 on CPU): the multiplier of wall time in a stage's cost."""
     torch = sys.modules.get("torch")
@@ -383,6 +401,7 @@ class Stage:
                 "started_at": started.get("started_at"),
                 "finished_at": _now(),
                 "versions": versions(),
+                "machine": machine(),
                 "git_commit": git_commit(),
                 "host": platform.node(),
                 "config": self.config,
