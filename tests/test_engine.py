@@ -251,6 +251,35 @@ def test_pick_tokens_in_bf16_picks_what_the_fp32_path_picks():
     assert pick_tokens(tied, u[:3], SamplingParams(temperature=0.0)).tolist() == [2, 2, 2]
 
 
+def _prefill_bytes(engine, prompts) -> int:
+    """Bytes allocated by one prefill forward of ``prompts`` (every op's own allocations, summed)."""
+    from torch.profiler import profile
+
+    from ssb.engine import Scheduler
+
+    with torch.inference_mode(), profile(profile_memory=True) as prof:
+        Scheduler(engine, prompts, SamplingParams(1, 0.0, 0, 1.0, 4), 0)._prefill(0)
+    return sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages())
+
+
+def test_a_merged_adapters_prefill_allocates_no_more_than_the_base_models(tiny_model_dir, tmp_path):
+    """After merge_and_unload no parameter requires grad, and torch.matmul then turned the prefill's last-position
+    lm_head product into a batched one that copies the weight once per prompt (mkldnn's bf16 path on CPU: 50 GB
+    for 184 prompts of the testbed): the engine must not make that copy."""
+    from peft import LoraConfig, get_peft_model
+
+    from ssb.models import load_model
+
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    peft = get_peft_model(load_model(cfg), LoraConfig(r=4, target_modules="all-linear"))
+    peft.save_pretrained(tmp_path / "adapter")
+    base, merged = make_engine(cfg), make_engine(cfg, adapter=tmp_path / "adapter")
+    assert not any(p.requires_grad for p in merged.model.parameters())
+    prompts = _prompts(base) * 4
+    copy = len(prompts) * merged.model.config.hidden_size * merged.model.config.vocab_size * 2  # one bf16 copy
+    assert _prefill_bytes(merged, prompts) <= _prefill_bytes(base, prompts) + copy // 4
+
+
 @pytest.mark.skipif(HAS_VLLM, reason="vllm is installed")
 def test_vllm_backend_without_vllm_is_a_clear_error(tiny_model_dir):
     with pytest.raises(SsbError, match="ssb\\[vllm\\]"):
