@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ssb.losses import (LOSSES, chunked_distill_loss, chunked_topk_distill_loss, distill_loss,
-                        topk_distill_loss, topk_teacher)
+from ssb.losses import (LOG_FLOOR, LOSSES, chunked_distill_loss, chunked_topk_distill_loss, distill_loss,
+                        forward_kl_and_grad, topk_distill_loss, topk_teacher)
 
 N, V, H = 13, 37, 8
 
@@ -75,6 +75,66 @@ def test_matches_float64_reference(kind, T, scale_t2, extras):
     assert val.dtype == torch.float32
     torch.testing.assert_close(val.double(), rval, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grad.double(), rgrad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("T", [0.5, 2.0])
+@pytest.mark.parametrize("scale_t2", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_forward_kl_written_out_matches_float64_reference(T, scale_t2, weighted):
+    """The fast path's value and explicit gradient against autograd through the float64 definition."""
+    s, t = _logits(seed=30)
+    weights = _seq_weights() if weighted else None
+    val, grad = forward_kl_and_grad(s, t, temperature=T, scale_t2=scale_t2, kd_weight=0.8, weights=weights)
+    rval, rgrad = _value_and_grad(lambda x: 0.8 * reference(x, t, "forward_kl", T, scale_t2, weights=weights),
+                                  s.double())
+    assert val.dtype == grad.dtype == torch.float32 and grad.shape == s.shape
+    torch.testing.assert_close(val.double(), rval, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad.double(), rgrad, rtol=1e-5, atol=1e-7)
+    # bf16 logits (the model's): upcast, the same numbers as through distill_loss's autograd
+    sb, tb = s.bfloat16(), t.bfloat16()
+    bval, bgrad = forward_kl_and_grad(sb, tb, temperature=T, scale_t2=scale_t2, kd_weight=0.8, weights=weights)
+    aval, agrad = _value_and_grad(lambda x: distill_loss(x, tb, temperature=T, scale_t2=scale_t2, kd_weight=0.8,
+                                                         weights=weights), sb.float())
+    torch.testing.assert_close(bval, aval, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bgrad, agrad, rtol=1e-5, atol=1e-7)
+
+
+def test_forward_kl_written_out_with_masked_teacher_tokens_is_finite():
+    s, t = _logits(seed=31)
+    t[:, :5] = float("-inf")  # tokens the teacher never emits: 0 log 0 = 0, no NaN
+    val, grad = forward_kl_and_grad(s, t, temperature=2.0)
+    want, wgrad = _value_and_grad(lambda x: distill_loss(x, t, temperature=2.0), s)
+    assert torch.isfinite(val) and torch.isfinite(grad).all()
+    torch.testing.assert_close(val, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, wgrad, rtol=1e-5, atol=1e-7)
+    assert LOG_FLOOR < 0
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_forward_kl_fast_path_matches_autograd(chunk_size, dtype, monkeypatch):
+    """chunked_distill_loss with a frozen lm_head, forward KL and no CE (the distill stage's default) takes the
+    written-out gradient: the same loss and hidden-state gradient as autograd through the unchunked loss."""
+    import ssb.losses
+
+    calls = []
+    real = ssb.losses.forward_kl_and_grad
+    monkeypatch.setattr(ssb.losses, "forward_kl_and_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sh, th, w, b = _hidden(seed=32, bias=True)
+    sh, th, w, b = sh.to(dtype), th.to(dtype), w.to(dtype), b.to(dtype)
+    kw = dict(temperature=2.0, weights=_seq_weights(), kd_weight=0.9)
+
+    def run(chunked):
+        h = sh.clone().requires_grad_(True)
+        loss = (chunked_distill_loss(h, th, w, lm_head_bias=b, chunk_size=chunk_size, **kw) if chunked
+                else distill_loss(F.linear(h, w, b), F.linear(th, w, b), **kw))
+        (loss * 1.3).backward()
+        return loss.detach(), h.grad.float()
+
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, **tol)
+    assert len(calls) == -(-N // chunk_size)  # one per chunk: the fast path ran
 
 
 def test_jsd_beta_edge_cases():
@@ -197,22 +257,26 @@ def _hidden(n=N, seed=10, bias=False):
 
 @pytest.mark.parametrize("kind", LOSSES)
 @pytest.mark.parametrize("chunk_size", [1, 4, 5, N, 1000])
-def test_chunked_matches_unchunked(kind, chunk_size):
+@pytest.mark.parametrize("frozen_head", [False, True])  # True: the distill stage's case (fused chunks)
+def test_chunked_matches_unchunked(kind, chunk_size, frozen_head):
     sh, th, w, b = _hidden(bias=True)
     kw = dict(kind=kind, temperature=1.5, ce_weight=0.3, targets=torch.randint(0, V, (N,), generator=_gen(11)),
               weights=_seq_weights())
 
     def run(chunked):
-        h, ww = sh.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        h, ww = sh.clone().requires_grad_(True), w.clone().requires_grad_(not frozen_head)
         if chunked:
             loss = chunked_distill_loss(h, th, ww, lm_head_bias=b, chunk_size=chunk_size, **kw)
         else:
             loss = distill_loss(F.linear(h, ww, b), F.linear(th, ww, b).detach(), **kw)
-        loss.backward()
+        (loss * 0.7).backward()  # the upstream gradient is applied
         return loss.detach(), h.grad, ww.grad
 
     for got, want in zip(run(True), run(False)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_chunked_separate_teacher_head():
@@ -272,6 +336,15 @@ def test_chunked_does_not_keep_full_logits(kind):
     loss_c, saved_c = _saved_bytes(lambda: chunked_distill_loss(sh, th, w, chunk_size=chunk, kind=kind), inputs)
     assert saved_c < full_logits_bytes / 50
     torch.testing.assert_close(loss_c, loss_u, rtol=1e-5, atol=1e-5)
+    # a frozen lm_head (the distill stage): fused chunks keep only the hidden states' gradient, (N, H)
+    frozen = w.detach()
+    loss_f, saved_f = _saved_bytes(lambda: chunked_distill_loss(sh, th, frozen, chunk_size=chunk, kind=kind),
+                                   (sh, th, frozen))
+    assert saved_f <= n * h * 4 < full_logits_bytes / 25
+    torch.testing.assert_close(loss_f, loss_u, rtol=1e-5, atol=1e-5)
+    with _MaxTensor() as mode:
+        chunked_distill_loss(sh, th, frozen, chunk_size=chunk, kind=kind).backward()
+    assert mode.max_numel <= max(chunk * v, v * h) < n * v / 4
 
     # and no single tensor of (N, V) size is ever created, neither in forward nor in backward
     with _MaxTensor() as mode:
@@ -399,7 +472,8 @@ def test_tempered_cache_is_close_for_peaked_teacher_at_T2_and_legacy_is_not():
 
 @pytest.mark.parametrize("chunk_size", [3, 100])
 @pytest.mark.parametrize("tempered", [False, True])
-def test_chunked_topk_matches_unchunked(chunk_size, tempered):
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_chunked_topk_matches_unchunked(chunk_size, tempered, frozen_head):
     sh, _, w, b = _hidden(seed=20, bias=True)
     _, th, _, _ = _hidden(seed=21)
     lp, ids, tail = topk_teacher(F.linear(th, w, b), 6, temperature=2.0 if tempered else 1.0)
@@ -408,7 +482,7 @@ def test_chunked_topk_matches_unchunked(chunk_size, tempered):
               weights=_seq_weights(), teacher_tempered=tempered, kd_weight=0.8)
 
     def run(chunked):
-        h, ww = sh.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        h, ww = sh.clone().requires_grad_(True), w.clone().requires_grad_(not frozen_head)
         if chunked:
             loss = chunked_topk_distill_loss(h, lp, ids, tail, ww, lm_head_bias=b, chunk_size=chunk_size, **kw)
         else:
@@ -419,7 +493,10 @@ def test_chunked_topk_matches_unchunked(chunk_size, tempered):
     got, want = run(True), run(False)
     assert want[1].abs().sum() > 0
     for a, e in zip(got, want):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+        if e is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
 def test_chunked_without_grad():

@@ -44,11 +44,13 @@ but for T != 1 the tempered tail is ``sum_tail p_v^(1/T)``, not ``(sum_tail p_v)
 logits with P_tail ~ 1e-3, k=32..128, T=2, the loss is off by ~35-130%. Hence the distill stage caches at the
 training temperature, records ``T_c`` and k in the cache index, and refuses a cache whose ``T_c`` or k differs.
 
-Memory: ``chunked_distill_loss`` / ``chunked_topk_distill_loss`` take hidden states and the lm_head weight, produce
-logits ``chunk_size`` positions at a time and reduce them immediately inside ``torch.utils.checkpoint``
-(``use_reentrant=False``); nothing of size (N, V) is saved for backward; chunk logits are recomputed in backward
-(the lm_head matmul runs twice for student and teacher). Logits are produced in the dtype of the hidden states/weight
-(like the model's own lm_head, plain linear, no soft-capping) and upcast to fp32 per chunk.
+Memory: ``chunked_distill_loss`` / ``chunked_topk_distill_loss`` take hidden states and the lm_head weight and produce
+logits ``chunk_size`` positions at a time; nothing of size (N, V) is saved for backward. When only the hidden states
+need a gradient (a frozen lm_head: the distill stage) each chunk's gradient is taken in the forward while its logits
+exist, and backward scales the stored (N, H) gradient (``_FusedChunks``: no recomputation). Otherwise each chunk runs
+inside ``torch.utils.checkpoint`` (``use_reentrant=False``) and its logits are recomputed in backward (the lm_head
+matmul runs twice for student and teacher). Logits are produced in the dtype of the hidden states/weight (like the
+model's own lm_head, plain linear, no soft-capping) and upcast to fp32 per chunk.
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ from torch.utils.checkpoint import checkpoint
 from ssb.choices import LOSSES
 LOG_FLOOR = -1e4  # substitute for log q = -inf where p > 0 (see module docstring)
 
-__all__ = ["LOSSES", "LOG_FLOOR", "distill_loss", "chunked_distill_loss", "topk_teacher", "topk_distill_loss",
-           "chunked_topk_distill_loss"]
+__all__ = ["LOSSES", "LOG_FLOOR", "distill_loss", "forward_kl_and_grad", "chunked_distill_loss", "topk_teacher",
+           "topk_distill_loss", "chunked_topk_distill_loss"]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -172,6 +174,36 @@ def distill_loss(student_logits: Tensor, teacher_logits: Optional[Tensor], *, ki
                    kd_weight)
 
 
+def forward_kl_and_grad(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 2.0,
+                        scale_t2: bool = True, kd_weight: float = 1.0,
+                        weights: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``distill_loss(kind="forward_kl", ce_weight=0)`` and its gradient with respect to ``student_logits``, written
+    out: d/ds KL(p_t || softmax(s / T)) = (softmax(s / T) - p_t) / T per row. The fast path of the chunked loss (the
+    distill stage's default): about a third of the elementwise passes over (N, V) that autograd makes through
+    :func:`distill_loss`, which is memory-bound on a CPU. Log-probabilities below ``LOG_FLOOR`` (``-inf`` included)
+    count as ``LOG_FLOOR``, where fp32 probabilities are exactly 0, as in :func:`_kl`. Returns (0-dim fp32 sum,
+    fp32 gradient (N, V))."""
+    _check_args("forward_kl", temperature, 0.0, 0.0, None)
+    n = student_logits.shape[0]
+    _check_per_token(n, weights=weights)
+
+    def log_probs(x: Tensor) -> Tensor:
+        x = x.float() if x.dtype != torch.float32 else x.clone()
+        x.div_(temperature)
+        return x.sub_(torch.logsumexp(x, -1, keepdim=True)).clamp_(min=LOG_FLOOR)
+
+    log_pt = log_probs(teacher_logits.detach())
+    p_t = log_pt.exp()
+    log_ps = log_probs(student_logits.detach())
+    kl = torch.linalg.vecdot(p_t, log_pt.sub_(log_ps))  # (N,); one sum of p_t (log p_t - log p_s), no cancellation
+    coef = torch.full((n,), kd_weight * (temperature ** 2 if scale_t2 else 1.0), dtype=torch.float32,
+                      device=kl.device)
+    if weights is not None:
+        coef = coef * weights.to(torch.float32)
+    grad = log_ps.exp_().sub_(p_t).mul_((coef / temperature).unsqueeze(-1))  # in place over log_ps
+    return (kl * coef).sum(), grad
+
+
 # ----------------------------------------------------------------------------------------------- top-k teacher
 @torch.no_grad()
 def topk_teacher(teacher_logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
@@ -238,6 +270,56 @@ def _chunked(fn: Callable[..., Tensor], n: int, chunk_size: int, per_token: Sequ
     return total
 
 
+def _same(x: Tensor) -> Tensor:
+    return x
+
+
+class _FusedChunks(torch.autograd.Function):
+    """The chunked loss when only the student's hidden states need a gradient (the distill stage: the lm_head is
+    frozen). Forward computes each chunk's loss and, while that chunk's logits exist, its gradient with respect to the
+    chunk's hidden states (autograd through the same ``fn``); backward only scales the stored (N, H) gradient. Same
+    value and gradient as checkpointing, without recomputing every chunk in backward: two lm_head products of
+    student and teacher and one pass of the loss's elementwise work fewer per chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, fn, chunk_size, per_token, shared):
+        grad = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, max(hidden.shape[0], 1), chunk_size):
+            h = hidden[start:start + chunk_size].detach().requires_grad_(grad is not None)
+            args = [None if t is None else t[start:start + chunk_size] for t in per_token] + list(shared)
+            # the chunk's graph lives only until its gradient is taken: outer saved-tensor hooks (offloading) skip it
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+                part = fn(h, *args)
+                if isinstance(part, tuple):  # (loss, its gradient w.r.t. h), computed by fn itself
+                    part, g = part
+                elif grad is not None:
+                    g = torch.autograd.grad(part, h)[0]
+            if grad is not None:
+                grad[start:start + chunk_size] = g
+            total = total.to(part.dtype) + part.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return (None if grad is None else grad * grad_out.to(grad.dtype)), None, None, None, None
+
+
+def _chunked_loss(fn: Callable[..., Tensor], hidden: Tensor, chunk_size: int, per_token: Sequence[Optional[Tensor]],
+                  shared: Sequence[Optional[Tensor]], fast: Optional[Callable[..., tuple]] = None) -> Tensor:
+    """sum over chunks of fn(hidden[chunk], *per_token[chunk], *shared): fused (:class:`_FusedChunks`) when a
+    gradient flows to ``hidden`` alone, else checkpointed chunk by chunk (:func:`_chunked`). ``fast``: the same
+    chunk loss returning (loss, its gradient w.r.t. the chunk of ``hidden``), used by the fused path instead of fn."""
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    frozen = not any(t is not None and t.requires_grad for t in list(per_token) + list(shared))
+    if torch.is_grad_enabled() and hidden.requires_grad and frozen:
+        return _FusedChunks.apply(hidden, fast or fn, chunk_size, list(per_token), list(shared))
+    return _chunked(fn, hidden.shape[0], chunk_size, [hidden, *per_token], shared)
+
+
 def chunked_distill_loss(student_hidden: Tensor, teacher_hidden: Tensor, lm_head_weight: Tensor, *,
                          teacher_lm_head_weight: Optional[Tensor] = None, lm_head_bias: Optional[Tensor] = None,
                          teacher_lm_head_bias: Optional[Tensor] = None, chunk_size: int = 1024,
@@ -273,8 +355,20 @@ def chunked_distill_loss(student_hidden: Tensor, teacher_hidden: Tensor, lm_head
             t_logits = F.linear(t_h, tw, tb)
         return distill_loss(s_logits, t_logits, targets=tgt, weights=wts, **loss_kwargs)
 
-    return _chunked(chunk_loss, n, chunk_size, [student_hidden, teacher_hidden.detach(), targets, weights],
-                    [lm_head_weight, lm_head_bias])
+    fast = None
+    kind, beta = loss_kwargs.get("kind", "forward_kl"), loss_kwargs.get("beta", 0.5)
+    if (kind == "forward_kl" or (kind == "jsd" and beta == 0.0)) and loss_kwargs.get("ce_weight", 0.0) == 0 \
+            and loss_kwargs.get("kd_weight", 1.0) != 0:
+        explicit = dict(temperature=loss_kwargs.get("temperature", 2.0), scale_t2=loss_kwargs.get("scale_t2", True),
+                        kd_weight=loss_kwargs.get("kd_weight", 1.0))
+
+        def fast(s_h, t_h, tgt, wts, w, b):  # the fused path's chunk: (loss, gradient w.r.t. s_h), written out
+            with torch.no_grad():
+                loss, g = forward_kl_and_grad(F.linear(s_h, w, b), F.linear(t_h, tw, tb), weights=wts, **explicit)
+                return loss, g.to(w.dtype) @ w
+
+    return _chunked_loss(chunk_loss, student_hidden, chunk_size, [teacher_hidden.detach(), targets, weights],
+                         [lm_head_weight, lm_head_bias], fast)
 
 
 def chunked_topk_distill_loss(student_hidden: Tensor, topk_logprobs: Tensor, topk_ids: Tensor, tail_logmass: Tensor,
@@ -297,5 +391,5 @@ def chunked_topk_distill_loss(student_hidden: Tensor, topk_logprobs: Tensor, top
     def chunk_loss(s_h, lp, ids, tail, tgt, wts, w, b):
         return topk_distill_loss(F.linear(s_h, w, b), lp, ids, tail, targets=tgt, weights=wts, **kw)
 
-    return _chunked(chunk_loss, n, chunk_size, [student_hidden, topk_logprobs, topk_ids, tail_logmass, targets,
-                                                 weights], [lm_head_weight, lm_head_bias])
+    return _chunked_loss(chunk_loss, student_hidden, chunk_size, [topk_logprobs, topk_ids, tail_logmass, targets,
+                                                                  weights], [lm_head_weight, lm_head_bias])
