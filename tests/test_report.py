@@ -193,10 +193,14 @@ def test_paired_differences_against_base_and_focus(family, tmp_path):
     outcomes = {"base": BASE, "ssb": SSB, "sft": BASE[:6], "grpo": GRPO}
     for (run, against), c in got.items():
         want = paired_bootstrap(scores(outcomes[against]), scores(outcomes[run]))
-        assert {k: c[k] for k in want} == want
+        assert (c["n"], c["diff"], c["ci95"], c["ties"]) == (want["n"], want["diff"], want["ci95"], want["ties"])
+        assert (c["run_accuracy"], c["against_accuracy"]) == (want["mean_b"], want["mean_a"])
+        assert (c["run_wins"], c["run_losses"]) == (want["wins"], want["losses"])
+        assert "mean_a" not in c and "wins" not in c  # no field whose side a reader must guess
         assert c["benchmark"] == "arith" and c["n"] == 6  # base's 7th problem has no partner
     ssb = got[("ssb", "base")]
-    assert ssb["diff"] == pytest.approx(3.5 / 6, abs=1e-6) and (ssb["wins"], ssb["losses"]) == (5, 1)
+    assert ssb["diff"] == pytest.approx(3.5 / 6, abs=1e-6) and (ssb["run_wins"], ssb["run_losses"]) == (5, 1)
+    assert ssb["run_accuracy"] > ssb["against_accuracy"]
     assert ssb["excludes_zero"] and ssb["ci95"][0] > 0
     assert got[("sft", "base")]["diff"] == 0 and not got[("sft", "base")]["excludes_zero"]
 

@@ -136,7 +136,9 @@ def paired_rows(runs: list[Run], base: Run, focus: Run | None = None, n_boot: in
                 seed: int = SEED) -> tuple[list[dict], list[dict]]:
     """Per benchmark: each run minus ``base``, then ``focus`` minus each other non-base run, paired by problem id
     (lenient correctness). Returns (comparisons, skipped); a pair is skipped when one side lacks the benchmark's
-    per-problem samples. ``diff`` and ``ci95`` are fractions (``run`` minus ``against``)."""
+    per-problem samples. ``diff`` and ``ci95`` are fractions (``run`` minus ``against``); ``run_accuracy`` and
+    ``against_accuracy`` are each side's accuracy over the shared problems; ``run_wins`` / ``run_losses`` count the
+    problems where ``run`` scored higher / lower than ``against``."""
     pairs = [(r, base, "vs_base") for r in runs if r is not base]
     if focus is not None and focus is not base:
         pairs += [(focus, r, "focus_vs_other") for r in runs if r is not base and r is not focus]
@@ -151,6 +153,9 @@ def paired_rows(runs: list[Run], base: Run, focus: Run | None = None, n_boot: in
                 skipped.append({**head, "reason": "no per-problem samples (samples.jsonl missing)"})
                 continue
             r = paired_bootstrap(x.scores, y.scores, n_boot, seed)
+            # named by role, as "run" and "against" are: paired_bootstrap's a is `against`, its b is `run`
+            r = {"n": r["n"], "diff": r["diff"], "ci95": r["ci95"], "run_accuracy": r["mean_b"],
+                 "against_accuracy": r["mean_a"], "run_wins": r["wins"], "run_losses": r["losses"], "ties": r["ties"]}
             done.append({**head, **r, "excludes_zero": r["n"] > 0 and (r["ci95"][0] > 0 or r["ci95"][1] < 0)})
     return done, skipped
 
@@ -237,7 +242,7 @@ def _paired_md(paired: dict) -> list[str]:
     for c in paired["comparisons"]:
         lo, hi = c["ci95"]
         rows.append([c["benchmark"], f"{c['run']} − {c['against']}", _signed(c["diff"]) if c["n"] else None,
-                     f"[{_signed(lo)}, {_signed(hi)}]" if c["n"] else None, c["n"], f"{c['wins']} / {c['losses']}",
+                     f"[{_signed(lo)}, {_signed(hi)}]" if c["n"] else None, c["n"], f"{c['run_wins']} / {c['run_losses']}",
                      ("▲" if lo > 0 else "▼") if c["excludes_zero"] else ""])
     out += _table(["Benchmark", "Comparison", "Δ points", "95% CI", "Problems", "Wins / losses", "CI excludes 0"],
                   rows) if rows else ["No benchmark shared by the compared runs.", ""]
