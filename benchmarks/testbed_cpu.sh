@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The CPU testbed comparison (configs/testbed-cpu.yaml: base, SSB, GRPO at SSB's cost, SFT, RFT, on-policy), which
+# takes more than one working session on a few cores: run it, save its small files into the repository after each
+# finished step, and restore them on a fresh machine to continue instead of redoing.
+#
+#   bash benchmarks/testbed_cpu.sh run     [RUN_DIR]          # ssb compare, every run; rerun to continue
+#   bash benchmarks/testbed_cpu.sh save    [RUN_DIR] [DEST]   # RUN_DIR's small files -> DEST (to commit)
+#   bash benchmarks/testbed_cpu.sh restore [DEST] [RUN_DIR]   # DEST -> RUN_DIR, ready for `run`
+#
+# Defaults: RUN_DIR=runs/testbed-cpu, DEST=benchmarks/testbed-cpu-2026-12-02, the model in ./testbed
+# (../shared/testbed/fetch.sh testbed; MODEL=DIR elsewhere: a GGUF model is fingerprinted by its content, so the
+# restored stages are accepted wherever the same file lies) and RUNS=base,ssb,grpo,sft,rft,onpolicy.
+# What is saved: everything but weights (adapters, training checkpoints, GRPO's TRL checkpoints, the top-k teacher
+# cache), lock and temp files; JSONL over 1 MB gzipped (restore unpacks them byte for byte, as the manifests'
+# sha256 expect). A stage whose adapter was not kept is rerun by the next step that needs it: distill is seeded and
+# deterministic, so its train_log.jsonl must match the saved one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cmd=${1:?usage: testbed_cpu.sh run|save|restore ...}
+case "$cmd" in
+  run)
+    run=${2:-runs/testbed-cpu}
+    ssb compare --config configs/testbed-cpu.yaml --run-dir "$run" --runs "${RUNS:-base,ssb,grpo,sft,rft,onpolicy}" \
+      model.name_or_path="${MODEL:-testbed}" ;;
+  save)
+    run=${2:-runs/testbed-cpu}; dest=${3:-benchmarks/testbed-cpu-2026-12-02}
+    rm -rf "$dest" && mkdir -p "$dest"
+    tar -C "$run" -cf - --exclude=adapter --exclude=.adapter.tmp --exclude=checkpoint --exclude='checkpoint-*' \
+        --exclude=teacher_topk --exclude='*.safetensors' --exclude='.lock' --exclude='*.tmp*' . | tar -C "$dest" -xf -
+    find "$dest" -name '*.jsonl' -size +1M -exec gzip -n -9 {} +
+    du -sh "$dest" ;;
+  restore)
+    dest=${2:-benchmarks/testbed-cpu-2026-12-02}; run=${3:-runs/testbed-cpu}
+    mkdir -p "$run"
+    tar -C "$dest" -cf - . | tar -C "$run" -xf -
+    find "$run" -name '*.jsonl.gz' -exec gunzip -f {} +
+    echo "restored $dest -> $run; continue with: bash benchmarks/testbed_cpu.sh run $run" ;;
+  *) echo "testbed_cpu.sh: unknown command $cmd (run, save, restore)" >&2; exit 2 ;;
+esac
