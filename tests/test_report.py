@@ -242,13 +242,14 @@ def test_training_cost_counts_reused_stages_and_funnel_reads_through_links(famil
     out = tmp_path / "out"
     assert main(["report", *(str(family[k]) for k in ("base", "ssb", "sft", "grpo")), "--out", str(out)]) == 0
     text = (out / "report.md").read_text()
-    # stage walls, training wall / GPU-s / tokens, eval wall / GPU-s / tokens, total tokens, trained tokens, reused
-    ssb = table_row(text, "ssb", "100.0", "1.0", "50.0", "30.0", "0.5", "–", "181.0", "360.0", "7000", "0.5")
-    assert ssb.endswith(f"| {7000 + 20 * 12} | 900 | – |")
-    sft = table_row(text, "sft", "100.0*", "1.0*", "50.0*", "10.0", "0.5", "–", "161.0", "320.0", "7000")
+    # stage walls, training wall / GPU-s / CPU-s / tokens, eval wall / GPU-s / tokens, total tokens, trained tokens,
+    # peak RSS, reused
+    ssb = table_row(text, "ssb", "100.0", "1.0", "50.0", "30.0", "0.5", "–", "181.0", "360.0", "–", "7000", "0.5")
+    assert ssb.endswith(f"| {7000 + 20 * 12} | 900 | – | – |")
+    sft = table_row(text, "sft", "100.0*", "1.0*", "50.0*", "10.0", "0.5", "–", "161.0", "320.0", "–", "7000")
     assert sft.endswith("| rollout, curate, teach from `ssb` |")
-    table_row(text, "grpo", "–", "–", "–", "–", "0.5", "400.0", "400.0", "800.0", "9000")
-    table_row(text, "base", "–", "–", "–", "–", "0.5", "–", "0.0", "0.0", "0")
+    table_row(text, "grpo", "–", "–", "–", "–", "0.5", "400.0", "400.0", "800.0", "–", "9000")
+    table_row(text, "base", "–", "–", "–", "–", "0.5", "–", "0.0", "0.0", "0.0", "0")
     assert table_row(text, "sft", "40", "30 (75%)", "20 (50%)") == table_row(text, "ssb", "40", "30 (75%)")\
         .replace("| ssb |", "| sft |")  # the funnel is read through the links
     assert (out / "cost.png").read_bytes()[:8] == PNG_MAGIC and "](cost.png)" in text
@@ -296,3 +297,20 @@ def test_waves_and_teacher_prompt_when_recorded(runs, tmp_path):
     table_row(text, "1", "128", "384", "50", "61", "30", "120")
     assert table_row(text, "ssb_run", "48", "46 (96%)").endswith("| 16 (33%) | hinted-v2 | 50.0 |")
     assert "| Teacher prompt | Acceptance % |" in text
+
+
+def test_the_cost_table_shows_cpu_seconds_and_the_highest_peak_rss(runs, tmp_path):
+    full, base = runs
+    paths = [full / s / "manifest.json" for s in ("rollout", "curate", "teach", "distill")]
+    for i, p in enumerate(paths + [full / "evaluate" / "arith" / "manifest.json"]):
+        m = json.loads(p.read_text())
+        write(p, {**m, "cpu_seconds": 10.0 * (i + 1), "peak_rss_bytes": [3, 1, 2, 7, 5][i] * 10**9})
+    out = tmp_path / "out"
+    assert main(["report", str(full), str(base), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| Run | rollout s"))
+    cells = [c.strip() for c in table_row(text, "ssb_run", "17.2").split("|")[1:-1]]
+    named = dict(zip([c.strip() for c in header.split("|")[1:-1]], cells))
+    assert named["Training CPU-s"] == "100.0" and named["Peak RSS GB"] == "7.0"  # 10+20+30+40; distill's peak
+    base_cells = dict(zip(named, [c.strip() for c in table_row(text, "base", "–").split("|")[1:-1]]))
+    assert base_cells["Training CPU-s"] == "0.0" and base_cells["Peak RSS GB"] == "–"  # not recorded

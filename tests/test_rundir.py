@@ -319,3 +319,33 @@ def test_distill_cost_adds_up_across_a_checkpoint_resume(tmp_path, tiny_model_di
     assert got["wall_seconds"] == pytest.approx(sum(a["wall_seconds"] for a in attempts), abs=2e-3)
     assert got["wall_seconds"] > attempts[1]["wall_seconds"]
     assert got["gpu_seconds"] == pytest.approx(sum(a["wall_seconds"] * a["gpus"] for a in attempts), abs=2e-3)
+
+
+def test_each_stage_records_its_own_cpu_time_and_peak_memory(tmp_path):
+    big = 400 << 20
+    first, second = Stage(tmp_path, "first", "f1"), Stage(tmp_path, "second", "f2")
+    first.begin()
+    block = b"\x01" * big  # written, so resident
+    busy = sum(range(2_000_000))
+    del block
+    m1 = first.finish({"busy": busy})
+    second.begin()
+    m2 = second.finish({})
+
+    assert m1["peak_rss_bytes"] >= big and m1["cpu_seconds"] > 0
+    assert m1["cpu_seconds"] <= m1["wall_seconds"] * (os.cpu_count() or 1) + 0.05
+    if Path("/proc/self/clear_refs").exists():  # Linux: the peak starts again at each stage's begin
+        assert 0 < m2["peak_rss_bytes"] < m1["peak_rss_bytes"] - big // 2
+    attempt = read_json(tmp_path / "first" / "cost.json")["attempts"][0]
+    assert attempt["peak_rss_bytes"] == m1["peak_rss_bytes"] and attempt["cpu_seconds"] == m1["cpu_seconds"]
+    assert m1["peak_gpu_bytes"] == 0
+
+
+def test_time_lent_to_another_stage_is_not_counted_as_cpu_time_either(tmp_path):
+    host, guest = Stage(tmp_path, "host", "h"), Stage(tmp_path, "guest", "g")
+    host.begin()
+    guest.begin()
+    guest.pause()
+    with host.lend(guest):
+        sum(range(3_000_000))
+    assert guest.cpu_seconds() > host.cpu_seconds()

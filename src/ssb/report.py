@@ -125,10 +125,13 @@ def _cost(path: Path) -> dict | None:
 
 
 def cost_totals(manifests: list[dict]) -> dict:
-    """Summed cost; ``gpu_seconds`` is None when a manifest predates its recording."""
-    gpu = [m.get("gpu_seconds") for m in manifests]
+    """Summed cost (``gpu_seconds`` / ``cpu_seconds`` None when a manifest predates their recording) and the highest
+    peak RSS of any stage."""
+    gpu, cpu = ([m.get(k) for m in manifests] for k in ("gpu_seconds", "cpu_seconds"))
     return {"wall_seconds": sum(m.get("wall_seconds", 0) for m in manifests),
             "gpu_seconds": None if None in gpu else sum(gpu),
+            "cpu_seconds": None if None in cpu else sum(cpu),
+            "peak_rss_bytes": max([m.get("peak_rss_bytes") or 0 for m in manifests] or [0]) or None,
             "generated_tokens": sum(m.get("generated_tokens", 0) for m in manifests)}
 
 
@@ -285,7 +288,8 @@ def _cost_md(runs: list[Run]) -> list[str]:
         return []
     out = ["## Cost", "", f"Wall-clock seconds per stage (summed over benchmarks for evaluate); training "
            f"({', '.join(TRAINING)}) summed apart from evaluation: wall seconds, GPU-seconds (wall × GPUs; "
-           "0 on CPU), tokens generated; tokens trained on by distill. * = a stage reused from another run (a "
+           "0 on CPU), CPU-seconds (every thread's; unlike wall seconds they do not grow when other jobs share the "
+           "cores), tokens generated; the highest peak RSS of any stage; tokens trained on by distill. * = a stage reused from another run (a "
            "symlinked stage folder): its cost counts for every run that uses it.", ""]
     rows = []
     for r in costs:
@@ -293,12 +297,24 @@ def _cost_md(runs: list[Run]) -> list[str]:
         tr, ev = c["training"], c["evaluation"]
         rows.append([r.label, *(f"{c['wall'][s]:.1f}" + ("*" if s in stages else "") if s in c["wall"] else None
                                 for s in STAGES),
-                     f"{tr['wall_seconds']:.1f}", _secs(tr["gpu_seconds"]), tr["generated_tokens"],
-                     f"{ev['wall_seconds']:.1f}", _secs(ev["gpu_seconds"]), ev["generated_tokens"],
-                     c["generated_tokens"], c["trained_tokens"], _reused_cell(r, runs)])
+                     f"{tr['wall_seconds']:.1f}", _secs(tr["gpu_seconds"]), _secs(tr["cpu_seconds"]),
+                     tr["generated_tokens"], f"{ev['wall_seconds']:.1f}", _secs(ev["gpu_seconds"]),
+                     ev["generated_tokens"], c["generated_tokens"], c["trained_tokens"], _gb(_peak(r)),
+                     _reused_cell(r, runs)])
     return out + _table(["Run", *(f"{s} s" for s in STAGES), "Training wall s", "Training GPU-s (incl. reused)",
-                         "Training tokens generated", "Eval wall s", "Eval GPU-s", "Eval tokens generated",
-                         "Total tokens generated", "Trained tokens", "Reused stages"], rows)
+                         "Training CPU-s", "Training tokens generated", "Eval wall s", "Eval GPU-s",
+                         "Eval tokens generated", "Total tokens generated", "Trained tokens", "Peak RSS GB",
+                         "Reused stages"], rows)
+
+
+def _peak(run: Run) -> int | None:
+    """The highest peak RSS of any of the run's stages, training or evaluation (None if not recorded)."""
+    got = [c["peak_rss_bytes"] for c in (run.cost["training"], run.cost["evaluation"]) if c["peak_rss_bytes"]]
+    return max(got) if got else None
+
+
+def _gb(x) -> str | None:
+    return None if x is None else f"{x / 1e9:.1f}"
 
 
 def _secs(x) -> str | None:

@@ -28,8 +28,9 @@ Layout and row schemas are documented in README.md ("Run directory"). The rules:
   (a truncated, edited or missing file).
 - **Cost adds up.** Each process that works on a stage (an *attempt*) keeps its wall time, device count and
   counters (generated tokens, ...) in ``<stage>/cost.json`` (``cost.rank<r>.json`` for torchrun's other ranks),
-  updated as it goes and when it stops; the manifest's ``wall_seconds``, ``gpu_seconds`` and counters are sums over
-  every attempt, so a resumed stage costs what all its processes cost together.
+  updated as it goes and when it stops; the manifest's ``wall_seconds``, ``gpu_seconds``, ``cpu_seconds`` and
+  counters are sums over every attempt, so a resumed stage costs what all its processes cost together, and its
+  ``peak_rss_bytes`` / ``peak_gpu_bytes`` the highest any attempt reached (:mod:`ssb.usage`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from ssb import dist
+from ssb import dist, usage
 from ssb.errors import SsbError
 from ssb.lock import LOCK, lock_scope, locked
 from ssb.rows import (append_rows, merge_parts, own_part, parse_rows, part_files, read_json, read_rows,
@@ -250,6 +251,7 @@ class Stage:
         self.config = config
         self.force = force
         self._elapsed, self._since = 0.0, time.time()  # this process's time on the stage; running from now
+        self._cpu, self._cpu_since = 0.0, usage.cpu_seconds()  # and its CPU time, paused and resumed alike
         self._counters: dict[str, float] = {}
         self._attempt: dict | None = None  # this process's entry in the cost ledger, once begun
         self._prior: list[dict] = []  # earlier attempts in this rank's ledger
@@ -300,11 +302,12 @@ class Stage:
     def pause(self) -> None:
         if self._since is not None:
             self._elapsed += time.time() - self._since
+            self._cpu += usage.cpu_seconds() - self._cpu_since
             self._since = None
 
     def resume(self) -> None:
         if self._since is None:
-            self._since = time.time()
+            self._since, self._cpu_since = time.time(), usage.cpu_seconds()
 
     @contextlib.contextmanager
     def lend(self, other: "Stage"):
@@ -319,6 +322,9 @@ class Stage:
 
     def seconds(self) -> float:
         return self._elapsed + (time.time() - self._since if self._since is not None else 0.0)
+
+    def cpu_seconds(self) -> float:
+        return self._cpu + (usage.cpu_seconds() - self._cpu_since if self._since is not None else 0.0)
 
     def add(self, **counters: float) -> None:
         """Add to this attempt's counters (e.g. ``generated_tokens``) and record them with the time so far."""
@@ -338,7 +344,10 @@ class Stage:
         """Write this attempt's time and counters to the stage's cost ledger (after :meth:`begin`)."""
         if self._attempt is None or not self.dir.is_dir():
             return
-        self._attempt.update(wall_seconds=round(self.seconds(), 3), gpus=max(self._attempt["gpus"], gpus_in_use()),
+        peaks = {k: max(self._attempt.get(k, 0), v)
+                 for k, v in (("peak_rss_bytes", usage.peak_rss_bytes()), ("peak_gpu_bytes", usage.peak_gpu_bytes()))}
+        self._attempt.update(wall_seconds=round(self.seconds(), 3), cpu_seconds=round(self.cpu_seconds(), 3),
+                             gpus=max(self._attempt["gpus"], gpus_in_use()), **peaks,
                              counters={k: round(v, 3) if isinstance(v, float) else v
                                        for k, v in self._counters.items()})
         self._last_record = time.time()
@@ -371,6 +380,7 @@ class Stage:
             self._attempt = {"pid": os.getpid(), "host": platform.node(), "started_at": _now(),
                              "world": dist.world(), "gpus": gpus_in_use()}
             _ACTIVE.add(self)
+            usage.reset_peaks()  # this stage's peak memory from here (what earlier stages left is counted)
             self.record()
 
     def finish(self, counts: dict[str, Any], **extra: Any) -> dict:
@@ -385,6 +395,7 @@ class Stage:
             mine = [a for rank, attempts in ledgers if rank == 0 for a in attempts]
             wall = sum(a.get("wall_seconds", 0.0) for a in mine)
             gpu = sum(a.get("wall_seconds", 0.0) * a.get("gpus", 0) for a in mine)
+            every = [a for _, attempts in ledgers for a in attempts]
             totals: dict[str, float] = {}
             for _, attempts in ledgers:
                 for a in attempts:
@@ -397,6 +408,9 @@ class Stage:
                 "wall_seconds": round(wall, 3),
                 "gpus": max([a.get("gpus", 0) for a in mine] or [0]),
                 "gpu_seconds": round(gpu, 3),
+                "cpu_seconds": round(sum(a.get("cpu_seconds", 0.0) for a in mine), 3),
+                "peak_rss_bytes": max([a.get("peak_rss_bytes", 0) for a in every] or [0]),
+                "peak_gpu_bytes": max([a.get("peak_gpu_bytes", 0) for a in every] or [0]),
                 "attempts": len(mine),
                 "started_at": started.get("started_at"),
                 "finished_at": _now(),
