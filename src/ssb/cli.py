@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ssb: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        dist.shutdown()
 
 
 # the user's environment, not a bug: one line and exit 2
