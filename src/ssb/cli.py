@@ -1,4 +1,5 @@
-"""The ``ssb`` command line: ``ssb run`` for the whole pipeline, one subcommand per stage, ``ssb config``.
+"""The ``ssb`` command line: ``ssb run`` for the whole pipeline, one subcommand per stage, ``ssb config``, and the
+analysis commands (``ssb report``, ``ssb signal``, ``ssb prompts``).
 
 Configuration: ``--config FILE`` if given, else the run directory's saved ``config.yaml``, else the defaults; then
 ``section.key=value`` overrides. Errors in the user's input print one line and exit with status 2; so do a run
@@ -70,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=2, help="Training problems to render (default 2).")
     p.add_argument("--full", action="store_true", help="Print long prompts and id lists whole.")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="Config overrides.")
+    p = sub.add_parser("signal", help="Where the distillation signal is, before training: per reply token, the KL "
+                       "between the hinted teacher and the bare student over teach/examples.jsonl "
+                       "(RUN_DIR/signal/signal.json).")
+    p.add_argument("--run-dir", required=True, help="A run directory with a finished teach stage.")
+    p.add_argument("--config", help="YAML config file (default: RUN_DIR/config.yaml, else built-in defaults).")
+    p.add_argument("--adapter", help="Measure a trained student (a peft adapter directory) instead of the base model.")
+    p.add_argument("--limit", type=int, help="Only the first N examples.")
+    p.add_argument("--out", help="Output directory (default: RUN_DIR/signal, or RUN_DIR/signal-adapter).")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="Config overrides.")
     p = sub.add_parser("report", help="Compare run directories: DIR/report.md with tables and plots.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="Directory to write report.md and its plots to.")
@@ -120,6 +130,13 @@ def _dispatch(args) -> int:
 
         _quiet_libraries()
         return audit_prompts(resolve_config(args), args.run_dir, n=args.n, full=args.full)
+    if args.command == "signal":
+        from ssb import kd_signal
+
+        _quiet_libraries()
+        print(kd_signal.describe(kd_signal.measure(resolve_config(args), args.run_dir, args.adapter, args.limit,
+                                                   args.out)))
+        return 0
     if args.command == "compare":
         from ssb import compare
 
