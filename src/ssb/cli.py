@@ -80,6 +80,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="Only the first N examples.")
     p.add_argument("--out", help="Output directory (default: RUN_DIR/signal, or RUN_DIR/signal-adapter).")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="Config overrides.")
+    p = sub.add_parser("export", help="A run's trained model as a standalone Hugging Face model directory (LoRA "
+                       "merged, safetensors, tokenizer, generation config, model card with the run's evaluation "
+                       "against base), or with --dataset its curated examples as Parquet with a dataset card.")
+    p.add_argument("--run-dir", required=True, help="A run directory with a finished distill or grpo stage.")
+    p.add_argument("--out", required=True, help="Directory to create (must not exist, or be empty).")
+    p.add_argument("--config", help="YAML config file (default: RUN_DIR/config.yaml, else built-in defaults).")
+    p.add_argument("--adapter-only", action="store_true", help="Keep the LoRA adapter instead of merging it.")
+    p.add_argument("--dataset", action="store_true", help="Export the teacher-verified examples instead of the model.")
+    p.add_argument("--base", metavar="DIR", help="The base model's run directory for the card's paired comparison "
+                   "(default: ../base beside RUN_DIR, as ssb compare lays it out).")
+    p.add_argument("--base-model", metavar="NAME", help="The base model's hub id for the card (default: "
+                   "model.name_or_path).")
+    p.add_argument("--license", help="License in the card's header (default: other for a model; the source data "
+                   "set's for --dataset).")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="Config overrides.")
     p = sub.add_parser("report", help="Compare run directories: DIR/report.md with tables and plots.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="Directory to write report.md and its plots to.")
@@ -136,6 +151,18 @@ def _dispatch(args) -> int:
         _quiet_libraries()
         print(kd_signal.describe(kd_signal.measure(resolve_config(args), args.run_dir, args.adapter, args.limit,
                                                    args.out)))
+        return 0
+    if args.command == "export":
+        from ssb import export
+
+        _quiet_libraries()
+        cfg = resolve_config(args)
+        if args.dataset:
+            out = export.export_dataset(cfg, args.run_dir, args.out, license=args.license)
+        else:
+            out = export.export_model(cfg, args.run_dir, args.out, adapter_only=args.adapter_only,
+                                      base_dir=args.base, base_model=args.base_model, license=args.license or "other")
+        print(f"ssb: exported {'data set' if args.dataset else 'model'} to {out}")
         return 0
     if args.command == "compare":
         from ssb import compare

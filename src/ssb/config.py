@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ssb.choices import HINTS, LOSSES, TEACHER_CONTEXTS, TEACHER_PROMPTS
+from ssb.choices import HINTS, LOSSES, TEACHER_CONTEXTS, TEACHER_PROMPTS, TRACKERS
 from ssb.errors import SsbError
 
 
@@ -224,6 +224,10 @@ class DistillConfig:
     fsdp: bool = _f(False, "Shard the frozen base model and the LoRA weights across ranks with FSDP2 "
                     "(torch.distributed.fsdp.fully_shard) for models that do not fit one GPU (torchrun with more "
                     "than one process; ignored in a single process). Same loss curve as without; teacher=online only.")
+    report_to: str = _f("none", "Also log the training curve (train_log.jsonl's loss, grad norm, lr, tokens/s, "
+                        "skipped steps, on-policy sampling) to this tracker, through accelerate's tracking layer: "
+                        "tensorboard writes RUN_DIR/distill/tracker/ (pip install tensorboard); wandb runs offline "
+                        "unless WANDB_MODE or WANDB_API_KEY is set. Not part of the stage's fingerprint.", TRACKERS)
 
     def check(self) -> None:
         """Rules across fields (each field's own choices or range are checked with its type, when loading)."""
@@ -308,6 +312,9 @@ class GrpoConfig:
                         "default: one padded model.generate call per step), paged (TRL's "
                         "use_transformers_continuous_batching: transformers' generate_batch with a paged KV cache; "
                         "meant for GPU, runs but is slow on CPU).", ("ssb", "generate", "paged"))
+    report_to: str = _f("none", "TRL's report_to: also log GRPO's curves (loss, reward, lr, completion length) to "
+                        "this tracker; tensorboard writes RUN_DIR/grpo/tracker/. Not part of the stage's "
+                        "fingerprint.", TRACKERS)
 
 
 @dataclass

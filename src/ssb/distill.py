@@ -44,6 +44,7 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,7 @@ from ssb.models import (load_model, load_tokenizer, lora_config, render_chat, re
 from ssb.progress import progress
 from ssb.prompts import student_messages
 from ssb.rundir import Stage, batches, locking, read_upstream, require_done
+from ssb.tracking import check_available, open_tracker
 from ssb.train import CKPT, TrainSpec, full_tensor, train, trainable_state
 from ssb.teacher_cache import TopkCacheReader, TopkCacheWriter, bytes_per_token, check_existing
 
@@ -69,7 +71,7 @@ CACHE_DIR, CACHE_DTYPE = "teacher_topk", "float16"
 # how: the engine's batch knobs, data_dir.
 READS = Reads("distill", result=("model", "seed", "distill", "teach.max_examples", "teach.prompt",
                                  "teach.max_new_tokens", "rollout.data"),
-              how=("distill.fsdp", "data_dir", "engine"))
+              how=("distill.fsdp", "distill.report_to", "data_dir", "engine"))
 
 
 @dataclass
@@ -212,6 +214,7 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     rows = training_rows(cfg, run_dir)
     fsdp = dc.fsdp and dist.world() > 1
     _check_setup(dc, fsdp)
+    check_available(dc.report_to, "distill.report_to")  # before minutes of loading
     use_cache = dc.teacher == "topk" and dc.kd_weight > 0
     keys = [str(r.get("id", i)) for i, r in enumerate(rows)]
     cache_fp = fingerprint("teacher_topk", stage.config["upstream"], cfg.model, dc.topk, dc.temperature,
@@ -243,8 +246,14 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
                            cache and (cache, keys), sampler)
     spec = TrainSpec(len(examples), dc.batch_size, dc.epochs, dc.max_steps, dc.lr, dc.weight_decay,
                      dc.warmup_steps, dc.schedule, dc.max_grad_norm, dc.save_every, cfg.seed)
-    result = train(model, spec, stage.dir, objective.step_loss, objective.norm_of,
-                   sampler.before_step if sampler else None)
+    tracker = open_tracker(dc.report_to, "distill", stage.dir, f"{Path(run_dir).resolve().name}-distill",
+                           stage.config)
+    try:
+        result = train(model, spec, stage.dir, objective.step_loss, objective.norm_of,
+                       sampler.before_step if sampler else None, on_log=tracker and tracker.log)
+    finally:
+        if tracker is not None:
+            tracker.close()
     _save_adapter(stage, model, fsdp)
     # trained_tokens: of every process since the start (through the checkpoints), as in an uninterrupted run;
     # skipped_steps: steps with non-finite gradients skipped by this process (see ssb.train)

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 import warnings
@@ -75,6 +76,7 @@ from ssb.grading import grade, has_box
 from ssb.models import load_model, load_tokenizer, lora_config, render_chat, resolve_device, stop_token_ids
 from ssb.prompts import student_messages
 from ssb.rows import append_rows, read_json, read_rows, write_json, write_rows
+from ssb.tracking import check_available, offline_by_default, tracker_dir
 from ssb.rundir import Stage, gpus_in_use, locking
 
 LOG = "train_log.jsonl"
@@ -85,7 +87,7 @@ _COUNTER_KEYS = ("wall_seconds", "device_seconds", "gpu_seconds", "completions",
 # and the engine knobs of its generator do not change what it trains
 READS = Reads("grpo", result=("model", "seed", "rollout.data", "grpo", "distill.lora_r", "distill.lora_alpha",
                               "distill.lora_dropout", "distill.target_modules"),
-              how=("data_dir", "grpo.save_every", "engine"))
+              how=("data_dir", "grpo.save_every", "grpo.report_to", "engine"))
 # TRL log key -> train_log.jsonl key (everything else TRL logs is kept under its own name)
 _RENAME = {"learning_rate": "lr", "completions/mean_length": "completion_length"}
 
@@ -270,6 +272,7 @@ def run(cfg: Config, run_dir, force: bool = False, callbacks: list | None = None
     gc = cfg.grpo
     _check_batch_shape(gc)
     _require_trl()
+    check_available(gc.report_to, "grpo.report_to")
     problems = load_problems(cfg.rollout.data, cfg.data_dir)
     if not problems:
         raise SsbError("rollout.data has no problems: nothing to train on")
@@ -351,6 +354,9 @@ def _trainer(cfg: Config, stage: Stage, problems: list, tokenizer, rewards: list
     model.generation_config.eos_token_id = stop_ids  # stop (and mask) at end of turn
     dataset = Dataset.from_list([{"prompt": student_messages(p.question), "answer": p.answer, "grader": p.grader}
                                  for p in problems])
+    if gc.report_to == "tensorboard":  # TRL's output dir (grpo/.trl) goes at the end: log beside the adapter
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(tracker_dir(stage.dir))
+    offline_by_default(gc.report_to)
     args = _grpo_args(cfg, stage.path(TRL_DIR), bf16=model.dtype == torch.bfloat16, cpu=device.type == "cpu")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*rollout_func.*experimental", category=UserWarning)
@@ -381,7 +387,7 @@ def _grpo_args(cfg: Config, trl_dir: Path, bf16: bool, cpu: bool):
         gradient_checkpointing=gc.gradient_checkpointing, bf16=bf16, fp16=False,
         use_cpu=cpu, logging_steps=gc.logging_steps,
         save_strategy="steps" if gc.save_every else "no", save_steps=gc.save_every or 500, save_total_limit=1,
-        report_to="none", disable_tqdm=False, remove_unused_columns=False, dataloader_num_workers=0,
+        report_to=gc.report_to, disable_tqdm=False, remove_unused_columns=False, dataloader_num_workers=0,
     )
 
 

@@ -71,12 +71,13 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int]], tuple[torch.Tensor, int]],
-          norm_of: Callable[[list[int]], float], before_step: Callable[[int, list[int]], dict] | None = None) -> dict:
+          norm_of: Callable[[list[int]], float], before_step: Callable[[int, list[int]], dict] | None = None,
+          on_log: Callable[[dict], None] | None = None) -> dict:
     """Train ``model``'s trainable parameters. ``step_loss(indices)`` returns (sum of per-token losses over those
     examples, their token count); ``norm_of(indices)`` the normaliser of a global batch. ``before_step(step,
     indices)``, if given, runs first in every step, on every rank, with the global batch (0-based ``step``) and
     returns extra fields for the step's log row: on-policy distillation samples the step's replies there.
-    Appends ``train_log.jsonl`` rows (rank 0). Returns {steps, trained_tokens, train_seconds, skipped_steps}."""
+    Appends ``train_log.jsonl`` rows (rank 0) and passes each to ``on_log`` (a tracker). Returns {steps, trained_tokens, train_seconds, skipped_steps}."""
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     per_epoch = math.ceil(spec.n_examples / spec.batch_size)
@@ -118,7 +119,7 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
         if dist.is_main():
             _log(log_path, bar, {"step": step, "epoch": epoch, "loss": float(stats[0]) / norm,
                                  "grad_norm": float(norm_val), "lr": sched.get_last_lr()[0]},
-                 int(stats[1]), time.time() - t0, finite, extra)
+                 int(stats[1]), time.time() - t0, finite, extra, on_log)
         if spec.save_every and step % spec.save_every == 0 and step < total:
             save_checkpoint(stage_dir, model, opt, step, trained_tokens=tokens_before + trained,
                             train_seconds=seconds_before + time.time() - t_start)  # every rank: collective
@@ -153,10 +154,12 @@ def _backward(idx: list[int], step_loss, norm: float, sharded: bool) -> torch.Te
     return torch.zeros(2, dtype=torch.float64)
 
 
-def _log(log_path: Path, bar, row: dict, n_tok: int, seconds: float, finite: bool, extra: dict) -> None:
+def _log(log_path: Path, bar, row: dict, n_tok: int, seconds: float, finite: bool, extra: dict, on_log) -> None:
     row.update(tokens=n_tok, tokens_per_s=round(n_tok / max(seconds, 1e-9), 1), seconds=round(seconds, 4), **extra,
                **({} if finite else {"skipped": True}))
     append_rows(log_path, [row])
+    if on_log is not None:
+        on_log(row)
     bar.update(1)
     bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
 
