@@ -97,6 +97,10 @@ def test_adapter_only_export_and_a_refused_target(compared, tmp_path, capsys):
     assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
     header = yaml.safe_load((out / "README.md").read_text().split("---")[1])
     assert header["library_name"] == "peft"
+    from transformers import AutoTokenizer, GenerationConfig
+
+    stops = GenerationConfig.from_pretrained(out).eos_token_id  # the merged export's, without loading weights
+    assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<|im_end|>") in stops
     ids = torch.tensor([[1, 7, 30, 42, 5, 2]])
     with torch.no_grad():
         got = PeftModel.from_pretrained(load_model(cfg.model), str(out))(ids).logits

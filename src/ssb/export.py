@@ -23,10 +23,12 @@ import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 from ssb.config import Config
 from ssb.errors import SsbError
 from ssb.prompts import SYSTEM_PROMPT
+from ssb.report import load_run, paired_rows, pct
 from ssb.rows import read_json, read_rows
 from ssb.rundir import MANIFEST
 
@@ -71,16 +73,10 @@ def _split(cfg: Config) -> str:
     return f" ({cfg.rollout.data.split})" if cfg.rollout.data.split else ""
 
 
-def _pct(x) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
-
-
 def evaluation_rows(run_dir: Path, base_dir: Path | None) -> list[dict]:
     """Per benchmark this run evaluated: its accuracy (95% CI), and against ``base_dir``'s evaluation of the same
     benchmark (when there is one) the paired difference with its 95% bootstrap CI and wins / losses
     (:func:`ssb.report.paired_rows`)."""
-    from ssb.report import load_run, paired_rows
-
     run = load_run(run_dir, "run")
     base = load_run(base_dir, "base") if base_dir is not None else None
     paired = {p["benchmark"]: p for p in (paired_rows([run, base], base)[0] if base is not None else [])}
@@ -133,12 +129,12 @@ def model_card(*, cfg: Config, name: str, sentence: str, base_model: str, licens
                   "| benchmark | problems | this model | base | difference | wins / losses | truncated |",
                   "|---|---|---|---|---|---|---|"]
         for r in evaluation:
-            ci = f" [{_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}]" if r.get("ci95") else ""
+            ci = f" [{pct(r['ci95'][0])}, {pct(r['ci95'][1])}]" if r.get("ci95") else ""
             diff = (f"{100 * r['diff']:+.1f} [{100 * r['diff_ci95'][0]:+.1f}, {100 * r['diff_ci95'][1]:+.1f}]"
                     if "diff" in r else "–")
             wl = f"{r['wins']} / {r['losses']}" if "wins" in r else "–"
-            lines.append(f"| {r['benchmark']} | {r['problems']} | {_pct(r['accuracy'])}{ci} | "
-                         f"{_pct(r.get('base_accuracy'))} | {diff} | {wl} | {_pct(r.get('truncated'))} |")
+            lines.append(f"| {r['benchmark']} | {r['problems']} | {pct(r['accuracy'])}{ci} | "
+                         f"{pct(r.get('base_accuracy'))} | {diff} | {wl} | {pct(r.get('truncated'))} |")
         if not any("diff" in r for r in evaluation):
             lines += ["", "No base-model evaluation was found beside this run (`--base DIR`), so no paired "
                       "difference is given."]
@@ -246,11 +242,11 @@ def export_model(cfg: Config, run_dir, out, adapter_only: bool = False, base_dir
     dtype = resolve_dtype(cpu_model, device)
     tmp = _staging(out)
     tokenizer = load_tokenizer(cpu_model)
-    if adapter_only:
+    if adapter_only:  # the adapter's files as they are; the base model's generation config, not its weights
         for f in Path(adapter).iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
-        model = load_model(cpu_model, device=device)
+        model = SimpleNamespace(generation_config=_base_generation_config(cpu_model))
     else:
         model = load_model(cpu_model, adapter=adapter, merge=True, device=device)
         model.save_pretrained(tmp, safe_serialization=True)
@@ -267,6 +263,20 @@ def export_model(cfg: Config, run_dir, out, adapter_only: bool = False, base_dir
                                                      "method": name, "merged": not adapter_only,
                                                      "dtype": dtype_name(dtype)}, indent=1) + "\n")
     return _publish(tmp, out)
+
+
+def _base_generation_config(model_cfg):
+    """The base model's own generation config (its end-of-turn ids), read without loading weights; None if it has
+    none."""
+    from transformers import GenerationConfig
+
+    from ssb.models import metadata_source
+
+    path, kw = metadata_source(model_cfg)
+    try:
+        return GenerationConfig.from_pretrained(path, revision=kw.get("revision"))
+    except (OSError, ValueError):
+        return None
 
 
 def _base_name(cfg: Config) -> str:

@@ -165,17 +165,18 @@ def paired_rows(runs: list[Run], base: Run, focus: Run | None = None, n_boot: in
 
 # ---- markdown ----
 
-def _pct(x) -> str:
+def pct(x) -> str:
+    """A fraction as a percentage with one decimal, ``–`` for None (the report's and the model card's cells)."""
     return "–" if x is None else f"{100 * x:.1f}"
 
 
 def _acc(m: dict, prefix: str = "") -> str:
     ci = m.get(f"{prefix}accuracy_ci95")
-    return _pct(m.get(f"{prefix}accuracy")) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+    return pct(m.get(f"{prefix}accuracy")) + (f" [{pct(ci[0])}, {pct(ci[1])}]" if ci else "")
 
 
 def _at_k(d: dict | None, skip_one: bool = False) -> str:
-    items = [f"@{k} {_pct(v)}" for k, v in (d or {}).items() if not (skip_one and k == "1")]
+    items = [f"@{k} {pct(v)}" for k, v in (d or {}).items() if not (skip_one and k == "1")]
     return " · ".join(items) or "–"
 
 
@@ -225,7 +226,7 @@ def _evaluation_md(runs: list[Run]) -> list[str]:
                          m.get("samples_per_problem", "–"), _acc(m), _acc(m, "strict_"),
                          _at_k(m.get("pass_at_k"), skip_one=True) if multi else "–",
                          _at_k(m.get("maj_at_k")) if multi else "–", f"{m.get('mean_response_tokens', 0):.1f}",
-                         _pct(m.get("truncated_fraction")), _pct(m.get("no_answer_fraction"))])
+                         pct(m.get("truncated_fraction")), pct(m.get("no_answer_fraction"))])
     if rows:
         out += _table(["Run", "Benchmark", "Adapter", "Problems", "Samples/problem", "Accuracy % [95% CI]",
                        "Strict % [95% CI]", "pass@k %", "maj@k %", "Mean tokens", "Truncated %", "No answer %"], rows)
@@ -267,7 +268,7 @@ def _funnel_md(runs: list[Run]) -> list[str]:
                         [[r.label, f.get("problems"),
                           *(_funnel_cell(f.get(k), f.get("problems"))
                             for k in ("with_answer", "pairs", "pairs_tried", "examples")),
-                          *(_pct(f.get(k)) if k == "acceptance" else f.get(k) for k, _ in extra)]
+                          *(pct(f.get(k)) if k == "acceptance" else f.get(k) for k, _ in extra)]
                          for r in funnels for f in [r.funnel]])
 
 

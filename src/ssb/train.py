@@ -77,7 +77,8 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
     examples, their token count); ``norm_of(indices)`` the normaliser of a global batch. ``before_step(step,
     indices)``, if given, runs first in every step, on every rank, with the global batch (0-based ``step``) and
     returns extra fields for the step's log row: on-policy distillation samples the step's replies there.
-    Appends ``train_log.jsonl`` rows (rank 0) and passes each to ``on_log`` (a tracker). Returns {steps, trained_tokens, train_seconds, skipped_steps}."""
+    Appends ``train_log.jsonl`` rows (rank 0) and passes each to ``on_log`` (a tracker). Returns {steps,
+    trained_tokens, train_seconds, skipped_steps}."""
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     per_epoch = math.ceil(spec.n_examples / spec.batch_size)
