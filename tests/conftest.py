@@ -104,12 +104,12 @@ def train_killed_at(call: int):
 
     orig, calls = ssb.train.train, {"n": 0}
 
-    def train(model, spec, stage_dir, step_loss, norm_of, *hooks):
+    def train(model, spec, stage_dir, step_loss, norm_of, *hooks, **kw):
         def counted(idx):
             calls["n"] += 1
             if calls["n"] == call:
                 raise KeyboardInterrupt("simulated kill")
             return step_loss(idx)
-        return orig(model, spec, stage_dir, counted, norm_of, *hooks)
+        return orig(model, spec, stage_dir, counted, norm_of, *hooks, **kw)
 
     return train

@@ -90,13 +90,13 @@ def test_distill_killed_then_resumed_ends_at_the_same_weights(base, tmp_path, mo
     orig_train = ssb.train.train
     calls = {"n": 0, "crash_at": 4}
 
-    def counting_train(model, spec, stage_dir, step_loss, norm_of, *hooks):
+    def counting_train(model, spec, stage_dir, step_loss, norm_of, *hooks, **kw):
         def counted(idx):  # one call per optimizer step in a single process
             calls["n"] += 1
             if calls["n"] == calls["crash_at"]:
                 raise KeyboardInterrupt("simulated kill")
             return step_loss(idx)
-        return orig_train(model, spec, stage_dir, counted, norm_of, *hooks)
+        return orig_train(model, spec, stage_dir, counted, norm_of, *hooks, **kw)
 
     monkeypatch.setattr("ssb.distill.train", counting_train)
     with pytest.raises(KeyboardInterrupt):  # killed during step 4; the last checkpoint is at step 2
