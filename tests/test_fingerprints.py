@@ -24,9 +24,9 @@ NOT_HASHED = {
     "rollout-waves": ENGINE_KNOBS | {"data_dir"},
     "curate": set(),
     "teach": ENGINE_KNOBS,
-    "distill": ENGINE_KNOBS | {"engine.backend", "data_dir", "distill.fsdp"},
+    "distill": ENGINE_KNOBS | {"engine.backend", "data_dir", "distill.fsdp", "distill.report_to"},
     "evaluate": ENGINE_KNOBS | {"data_dir", "evaluate.benchmarks", "evaluate.adapter"},
-    "grpo": ENGINE_KNOBS | {"engine.backend", "data_dir", "grpo.save_every"},
+    "grpo": ENGINE_KNOBS | {"engine.backend", "data_dir", "grpo.save_every", "grpo.report_to"},
 }
 
 
