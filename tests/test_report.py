@@ -197,6 +197,8 @@ def test_paired_differences_against_base_and_focus(family, tmp_path):
         assert (c["run_accuracy"], c["against_accuracy"]) == (want["mean_b"], want["mean_a"])
         assert (c["run_wins"], c["run_losses"]) == (want["wins"], want["losses"])
         assert "mean_a" not in c and "wins" not in c  # no field whose side a reader must guess
+        # a wrong sample answers i + 1, a right one i: the answers differ exactly where the outcomes do
+        assert c["answers_changed"] == sum(outcomes[run][i] != outcomes[against][i] for i in range(6))
         assert c["benchmark"] == "arith" and c["n"] == 6  # base's 7th problem has no partner
     ssb = got[("ssb", "base")]
     assert ssb["diff"] == pytest.approx(3.5 / 6, abs=1e-6) and (ssb["run_wins"], ssb["run_losses"]) == (5, 1)
@@ -207,8 +209,8 @@ def test_paired_differences_against_base_and_focus(family, tmp_path):
     text = (out / "report.md").read_text()
     assert "## Paired differences" in text
     row = table_row(text, "arith", "ssb − base", "+58.3")
-    assert "| 6 | 5 / 1 | ▲ |" in row
-    assert table_row(text, "arith", "sft − base", "+0.0", "[+0.0, +0.0]", "6", "0 / 0").endswith("|  |")
+    assert "| 6 | 5 / 1 | 6 | ▲ |" in row  # problems, wins / losses, answers changed, CI excludes 0
+    assert table_row(text, "arith", "sft − base", "+0.0", "[+0.0, +0.0]", "6", "0 / 0", "0").endswith("|  |")
     table_row(text, "arith", "ssb − grpo")
 
     # --base picks another run; without --focus there are no focus rows; the CLI passes both through

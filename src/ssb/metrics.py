@@ -23,6 +23,7 @@ Comparing two runs on the same problems: :func:`per_problem_scores` turns rows (
 ``{id: mean correctness}``, and :func:`paired_bootstrap` gives the mean paired difference of two such dicts with a
 percentile-bootstrap CI that resamples the *shared* problems (the pairing removes the between-problem variance that
 makes two independent CIs overlap even when one run is better on almost every problem).
+:func:`per_problem_answers` and :func:`changed_answers` count the problems whose answer changed at all.
 """
 
 from __future__ import annotations
@@ -144,6 +145,26 @@ def per_problem_scores(rows: list[dict], field: str = "correct") -> dict[str, fl
             acc[0] += sum(bool(s[field]) for s in r["samples"])
             acc[1] += len(r["samples"])
     return {i: right / n for i, (right, n) in sums.items()}
+
+
+def per_problem_answers(rows: list[dict]) -> dict[str, tuple[str | None, ...]]:
+    """``{row id: its samples' answers, as answer keys under the row's grader, in sample order}`` (None: no
+    answer); rows without samples are left out. Two runs' dicts give :func:`changed_answers`.
+
+    >>> per_problem_answers([{"id": "a", "grader": "gsm8k", "samples": [{"answer": "1,000"}, {"answer": None}]}])
+    {'a': ('1000', None)}
+    """
+    return {r["id"]: tuple(_keys(r["samples"], r.get("grader", "math"))) for r in rows if r["samples"]}
+
+
+def changed_answers(a: dict[str, tuple], b: dict[str, tuple]) -> int:
+    """How many problems present in both give a different answer (any sample's; a different sample count counts
+    as changed): what a trained model changed at all, right or wrong, next to the net effect on accuracy.
+
+    >>> changed_answers({"p": ("1",), "q": ("2",), "r": ("3",)}, {"p": ("1",), "q": ("5",)})
+    1
+    """
+    return sum(a[i] != b[i] for i in a.keys() & b.keys())
 
 
 def paired_bootstrap(a: dict[str, float], b: dict[str, float], n_boot: int = 1000, seed: int = 0,

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ssb.errors import SsbError
-from ssb.metrics import paired_bootstrap, per_problem_scores, summarize
+from ssb.metrics import changed_answers, paired_bootstrap, per_problem_answers, per_problem_scores, summarize
 from ssb.plots import plot_accuracy, plot_cost, plot_lengths, plot_loss, plot_reward
 from ssb.rows import read_json, read_rows
 from ssb.rundir import MANIFEST, PIPELINE
@@ -45,6 +45,7 @@ class Bench:
     adapter: str
     finished: bool
     scores: dict[str, float] | None = None  # problem id -> mean correctness; None when only metrics.json is left
+    answers: dict[str, tuple] | None = None  # problem id -> its samples' answer keys; None as scores
 
 
 @dataclass
@@ -86,7 +87,8 @@ def load_run(path: str | Path, label: str) -> Run:
         adapter = (saved or {}).get("adapter") or ((manifest or {}).get("config") or {}).get("adapter")
         tokens = [s["n_tokens"] for r in rows for s in r["samples"]]
         run.benches[d.name] = Bench(metrics, tokens, _adapter_name(adapter, path), manifest is not None,
-                                    per_problem_scores(rows) if rows else None)
+                                    per_problem_scores(rows) if rows else None,
+                                    per_problem_answers(rows) if rows else None)
     stats, teach = _json(path / "curate" / "stats.json"), _json(path / "teach" / MANIFEST)
     if stats is not None or teach is not None:
         stats, teach = stats or {}, teach or {}
@@ -141,7 +143,8 @@ def paired_rows(runs: list[Run], base: Run, focus: Run | None = None, n_boot: in
     (lenient correctness). Returns (comparisons, skipped); a pair is skipped when one side lacks the benchmark's
     per-problem samples. ``diff`` and ``ci95`` are fractions (``run`` minus ``against``); ``run_accuracy`` and
     ``against_accuracy`` are each side's accuracy over the shared problems; ``run_wins`` / ``run_losses`` count the
-    problems where ``run`` scored higher / lower than ``against``."""
+    problems where ``run`` scored higher / lower than ``against``; ``answers_changed`` the shared problems whose
+    answer differs at all (right or wrong; see :func:`ssb.metrics.changed_answers`)."""
     pairs = [(r, base, "vs_base") for r in runs if r is not base]
     if focus is not None and focus is not base:
         pairs += [(focus, r, "focus_vs_other") for r in runs if r is not base and r is not focus]
@@ -158,7 +161,8 @@ def paired_rows(runs: list[Run], base: Run, focus: Run | None = None, n_boot: in
             r = paired_bootstrap(x.scores, y.scores, n_boot, seed)
             # named by role, as "run" and "against" are: paired_bootstrap's a is `against`, its b is `run`
             r = {"n": r["n"], "diff": r["diff"], "ci95": r["ci95"], "run_accuracy": r["mean_b"],
-                 "against_accuracy": r["mean_a"], "run_wins": r["wins"], "run_losses": r["losses"], "ties": r["ties"]}
+                 "against_accuracy": r["mean_a"], "run_wins": r["wins"], "run_losses": r["losses"], "ties": r["ties"],
+                 "answers_changed": changed_answers(x.answers, y.answers)}
             done.append({**head, **r, "excludes_zero": r["n"] > 0 and (r["ci95"][0] > 0 or r["ci95"][1] < 0)})
     return done, skipped
 
@@ -241,14 +245,16 @@ def _paired_md(paired: dict) -> list[str]:
            f"Each run minus the base run `{paired['base']}`{focus}, per benchmark, on the problems both were evaluated "
            "on (lenient correctness, per-problem mean over samples), in accuracy points, with a 95% paired-bootstrap "
            "CI. Wins / losses: problems where the first run scores higher / lower. ▲ / ▼: the CI excludes 0 (the "
-           "first run is better / worse). Data: `paired.json`.", ""]
+           "first run is better / worse). Answers changed: problems whose answer differs at all, right or wrong. Data: "
+           "`paired.json`.", ""]
     rows = []
     for c in paired["comparisons"]:
         lo, hi = c["ci95"]
         rows.append([c["benchmark"], f"{c['run']} − {c['against']}", _signed(c["diff"]) if c["n"] else None,
                      f"[{_signed(lo)}, {_signed(hi)}]" if c["n"] else None, c["n"], f"{c['run_wins']} / {c['run_losses']}",
-                     ("▲" if lo > 0 else "▼") if c["excludes_zero"] else ""])
-    out += _table(["Benchmark", "Comparison", "Δ points", "95% CI", "Problems", "Wins / losses", "CI excludes 0"],
+                     c.get("answers_changed"), ("▲" if lo > 0 else "▼") if c["excludes_zero"] else ""])
+    out += _table(["Benchmark", "Comparison", "Δ points", "95% CI", "Problems", "Wins / losses", "Answers changed",
+                   "CI excludes 0"],
                   rows) if rows else ["No benchmark shared by the compared runs.", ""]
     skipped = [f"{c['benchmark']}: {c['run']} − {c['against']}" for c in paired["skipped"]]
     return out + ([f"Not paired (no per-problem samples): {'; '.join(skipped)}.", ""] if skipped else [])
