@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ssb import dist
+from ssb.atomic import publishing
 from ssb.config import Config
 from ssb.reads import Reads, fingerprint
 from ssb.errors import SsbError
@@ -335,11 +336,8 @@ def _reply_example(paper: bool, stop_ids: list[int], student: list[int], teacher
 def _save_adapter(stage: Stage, model, fsdp: bool) -> None:
     lora = trainable_state(model) if fsdp else None  # shards gathered on every rank
     if dist.is_main():
-        out, tmp = stage.path("adapter"), stage.path(".adapter.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(str(tmp), state_dict=lora)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        with publishing(stage.path("adapter")) as tmp:
+            model.save_pretrained(str(tmp), state_dict=lora)
         shutil.rmtree(stage.path(CKPT), ignore_errors=True)
 
 

@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterator
 
+from ssb.atomic import publishing
 from ssb.config import Config
 from ssb.errors import SsbError
 from ssb.prompts import SYSTEM_PROMPT
@@ -178,22 +181,19 @@ def dataset_card(*, cfg: Config, rows: int, license: str, model: str, acceptance
         "```python\nimport datasets\n\nds = datasets.load_dataset(\"THIS_DIR\", split=\"train\")\n```", ""])
 
 
-def _staging(out: Path) -> Path:
+@contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """The export is built in a temp directory that becomes ``out`` when it is complete (:func:`ssb.atomic.publishing`:
+    a failed export leaves nothing behind); ``out`` must be missing or empty."""
+    _check_out(out)
+    with publishing(out) as tmp:
+        yield tmp
+
+
+def _check_out(out) -> None:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SsbError(f"--out {out} exists and is not empty; choose another directory or remove it")
-    tmp = out.parent / f".{out.name}.export.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _publish(tmp: Path, out: Path) -> Path:
-    out = Path(out)
-    if out.exists():
-        out.rmdir()  # empty (checked in _staging)
-    tmp.rename(out)
-    return out
 
 
 def _find_base(run_dir: Path, base_dir: str | Path | None) -> Path | None:
@@ -240,29 +240,33 @@ def export_model(cfg: Config, run_dir, out, adapter_only: bool = False, base_dir
     device = torch.device("cpu")  # merging needs no accelerator; the dtype is the one `auto` resolves here
     cpu_model = replace(cfg.model, device="cpu")
     dtype = resolve_dtype(cpu_model, device)
-    tmp = _staging(out)
+    _check_out(out)
     tokenizer = load_tokenizer(cpu_model)
     if adapter_only:  # the adapter's files as they are; the base model's generation config, not its weights
-        for f in Path(adapter).iterdir():
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
         model = SimpleNamespace(generation_config=_base_generation_config(cpu_model))
     else:
         model = load_model(cpu_model, adapter=adapter, merge=True, device=device)
-        model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    _generation_config(cfg, tokenizer, model).save_pretrained(tmp)
-    (tmp / "ssb_config.yaml").write_text(dump_yaml(cfg))
-    card = model_card(cfg=cfg, name=name, sentence=sentence, base_model=base_model or _base_name(cfg),
-                      license=license, examples=counts.get("examples", counts.get("problems")),
-                      steps=counts.get("steps"), evaluation=evaluation_rows(run_dir, _find_base(run_dir, base_dir)),
-                      dtype=dtype_name(dtype), gguf=bool(cfg.model.gguf_file), adapter_only=adapter_only,
-                      skipped_steps=counts.get("skipped_steps", 0) or 0)
-    (tmp / "README.md").write_text(card)
-    (tmp / "ssb_export.json").write_text(json.dumps({"run_dir": str(run_dir.resolve()), "adapter": adapter,
-                                                     "method": name, "merged": not adapter_only,
-                                                     "dtype": dtype_name(dtype)}, indent=1) + "\n")
-    return _publish(tmp, out)
+    with _staging(out) as tmp:
+        if adapter_only:
+            for f in Path(adapter).iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _generation_config(cfg, tokenizer, model).save_pretrained(tmp)
+        (tmp / "ssb_config.yaml").write_text(dump_yaml(cfg))
+        card = model_card(cfg=cfg, name=name, sentence=sentence, base_model=base_model or _base_name(cfg),
+                          license=license, examples=counts.get("examples", counts.get("problems")),
+                          steps=counts.get("steps"),
+                          evaluation=evaluation_rows(run_dir, _find_base(run_dir, base_dir)),
+                          dtype=dtype_name(dtype), gguf=bool(cfg.model.gguf_file), adapter_only=adapter_only,
+                          skipped_steps=counts.get("skipped_steps", 0) or 0)
+        (tmp / "README.md").write_text(card)
+        (tmp / "ssb_export.json").write_text(json.dumps({"run_dir": str(run_dir.resolve()), "adapter": adapter,
+                                                         "method": name, "merged": not adapter_only,
+                                                         "dtype": dtype_name(dtype)}, indent=1) + "\n")
+    return Path(out)
 
 
 def _base_generation_config(model_cfg):
@@ -314,9 +318,9 @@ def export_dataset(cfg: Config, run_dir, out, license: str | None = None) -> Pat
     run_dir = Path(run_dir)
     rows = dataset_rows(run_dir)
     teach = read_json(run_dir / "teach" / MANIFEST)
-    tmp = _staging(out)
-    (tmp / "data").mkdir()
-    datasets.Dataset.from_list(rows).to_parquet(str(tmp / "data" / "train-00000-of-00001.parquet"))
-    (tmp / "README.md").write_text(dataset_card(cfg=cfg, rows=len(rows), license=license, model=_base_name(cfg),
-                                                acceptance=teach.get("acceptance")))
-    return _publish(tmp, out)
+    with _staging(out) as tmp:
+        (tmp / "data").mkdir()
+        datasets.Dataset.from_list(rows).to_parquet(str(tmp / "data" / "train-00000-of-00001.parquet"))
+        (tmp / "README.md").write_text(dataset_card(cfg=cfg, rows=len(rows), license=license, model=_base_name(cfg),
+                                                    acceptance=teach.get("acceptance")))
+    return Path(out)

@@ -67,6 +67,7 @@ from pathlib import Path
 
 import torch
 
+from ssb.atomic import publishing
 from ssb.config import Config
 from ssb.reads import Reads
 from ssb.data import load_problems
@@ -253,11 +254,8 @@ def _budget_spent(gc, counters: dict) -> str | None:
 
 def _publish_adapter(stage: Stage, save) -> None:
     """``save(tmp_dir)`` writes the adapter; it then replaces ``grpo/adapter`` in one rename."""
-    out, tmp = stage.path("adapter"), stage.path(".adapter.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with publishing(stage.path("adapter")) as tmp:
+        save(tmp)
 
 
 @locking
@@ -336,7 +334,6 @@ def _resume_point(stage: Stage) -> tuple[Path | None, dict]:
 
 def _copy_adapter(ckpt: Path, tmp: Path) -> None:
     """Copy a checkpoint's adapter into ``tmp`` (see :func:`_publish_adapter`)."""
-    tmp.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy2(ckpt / name, tmp / name)
 

@@ -27,6 +27,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ssb.atomic import write_text
 from ssb.errors import SsbError
 from ssb.metrics import changed_answers, paired_bootstrap, per_problem_answers, per_problem_scores, summarize
 from ssb.plots import plot_accuracy, plot_cost, plot_lengths, plot_loss, plot_reward
@@ -375,10 +376,10 @@ def main_report(run_dirs: list, out, labels: str | list[str] | None = None, base
     comparisons, skipped = paired_rows(runs, base_run, focus_run)
     paired = {"base": base_run.label, "focus": focus_run.label if focus_run else None, "metric": "correct",
               "n_boot": N_BOOT, "seed": SEED, "comparisons": comparisons, "skipped": skipped}
-    (out / "paired.json").write_text(json.dumps(paired, indent=2) + "\n")
+    write_text(out / "paired.json", json.dumps(paired, indent=2) + "\n")
     plots = [name for name, fn in (("accuracy.png", plot_accuracy), ("lengths.png", plot_lengths),
                                    ("loss.png", plot_loss), ("reward.png", plot_reward), ("cost.png", plot_cost))
              if fn(runs, out / name)]
     report = out / "report.md"
-    report.write_text(render_markdown(runs, plots, paired))
+    write_text(report, render_markdown(runs, plots, paired))
     return report

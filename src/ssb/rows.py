@@ -3,7 +3,8 @@ split into per-rank part files under data parallelism; JSON documents, written a
 
 - Rows are appended with one ``write`` + ``fsync`` per batch, so a crash loses at most the batch in flight; its torn
   last line is dropped when the file is read (and cut off with ``repair``, before a resumed stage appends again).
-- Whole files (a JSONL file, a JSON document) are written to a temp file and renamed over the old one.
+- Whole files (a JSONL file, a JSON document) are written to a temp file and renamed over the old one
+  (:mod:`ssb.atomic`); a failed write, appends included, is an error naming the file.
 - Under data parallelism each rank appends to its own part file ``<name>.part<rank>`` (:func:`own_part`); rank 0
   reads them all (:func:`read_with_parts`) and folds them into the one file (:func:`merge_parts`).
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ssb import dist
+from ssb.atomic import write_error, write_text, writing
 from ssb.errors import SsbError
 
 
@@ -27,10 +29,8 @@ def _jsonable(obj: Any) -> Any:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Atomic: write a temp file and rename it over ``path``. Dataclasses (configs) are written as mappings."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: torchrun ranks may write the same file
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, path)
+    """Atomic (:func:`ssb.atomic.write_text`). Dataclasses (configs) are written as mappings."""
+    write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -47,10 +47,13 @@ def append_rows(path: Path, rows: Iterable[dict]) -> None:
     blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if not blob:
         return
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise write_error(path, e) from e
 
 
 def read_rows(path: Path, repair: bool = False) -> list[dict]:
@@ -85,12 +88,9 @@ def parse_rows(data: bytes, path: Path) -> tuple[list[dict], int, bool]:
 
 
 def write_rows(path: Path, rows: Iterable[dict]) -> None:
-    """Write a whole JSONL file atomically (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    append_rows(tmp, rows)
-    tmp.touch()
-    os.replace(tmp, path)
+    """Write a whole JSONL file atomically (:func:`ssb.atomic.writing`)."""
+    with writing(path) as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 def own_part(path: Path) -> Path:

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ssb import dist, usage
+from ssb.atomic import write_text
 from ssb.errors import SsbError
 from ssb.lock import LOCK, lock_scope, locked
 from ssb.rows import (append_rows, merge_parts, own_part, parse_rows, part_files, read_json, read_rows,
@@ -230,10 +231,7 @@ def write_on_begin(run_dir: Path, name: str, text: str | None) -> None:
 def flush_deferred(run_dir: Path) -> None:
     item = _DEFERRED.pop(str(Path(run_dir).resolve()), None)
     if item is not None and dist.is_main():
-        path, text = item
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text(*item)
 
 
 class Stage:

@@ -26,14 +26,14 @@ at most one listed shard.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from ssb.atomic import write_bytes
 from ssb.errors import SsbError
 from ssb.rows import write_json
 
@@ -124,11 +124,7 @@ class TopkCacheWriter:
         tensors = {"logprobs": torch.cat(logprobs).to(VALUE_DTYPES[self.index["value_dtype"]]).contiguous(),
                    "ids": torch.cat(ids).to(torch.int32).contiguous(),
                    "tail": torch.cat(tails).float().contiguous()}
-        tmp = self.path / f".{name}.tmp"
-        save_file({n: t.cpu() for n, t in tensors.items()}, str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path / name)
+        write_bytes(self.path / name, save({n: t.cpu() for n, t in tensors.items()}))
         entry = {"file": name, "examples": list(example_ids), "tokens": [int(lp.shape[0]) for lp in logprobs]}
         index = {**self.index, "shards": self.index["shards"] + [entry]}
         write_json(self.path / INDEX, index)  # the shard counts from here on

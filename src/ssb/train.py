@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ssb import dist
+from ssb.atomic import publishing
 from ssb.errors import SsbError
 from ssb.progress import progress
 from ssb.rundir import append_rows, read_rows, write_rows
@@ -215,19 +214,16 @@ def save_checkpoint(stage_dir: Path, model, opt, step: int, trained_tokens: int 
     tensors = {f"{i}.{k}": full_tensor(v).cpu().contiguous() for i, s in osd["state"].items() for k, v in s.items()}
     if not dist.is_main():
         return
-    tmp, out = stage_dir / f".{CKPT}.tmp", stage_dir / CKPT
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(state, str(tmp / "weights.safetensors"))
     tensors["rng"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on a GPU draws from its own generator
         tensors["cuda_rng"] = torch.cuda.get_rng_state()
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
     groups = [{k: v for k, v in g.items()} for g in osd["param_groups"]]
-    (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": groups, "trained_tokens": trained_tokens,
-                                                "train_seconds": round(train_seconds, 3)}))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with publishing(stage_dir / CKPT) as tmp:
+        save_file(state, str(tmp / "weights.safetensors"))
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": groups,
+                                                    "trained_tokens": trained_tokens,
+                                                    "train_seconds": round(train_seconds, 3)}))
 
 
 def _resume(stage_dir: Path, model, opt, sched, log_path: Path) -> dict:
