@@ -28,7 +28,7 @@ import transformers
 
 from ssb import grpo
 from ssb.configio import load_config
-from ssb.rundir import read_rows
+from ssb.rows import read_rows
 
 GENERATORS = ("ssb", "generate", "paged")
 

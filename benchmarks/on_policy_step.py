@@ -23,7 +23,7 @@ from conftest import small_overrides  # noqa: E402
 from ssb import curate, distill, rollout, teach  # noqa: E402
 from ssb.configio import load_config, to_dict  # noqa: E402
 from ssb.data import BUILTIN_DIR  # noqa: E402
-from ssb.rundir import read_rows  # noqa: E402
+from ssb.rows import read_rows  # noqa: E402
 from ssb.tiny import ensure_tiny_model  # noqa: E402
 
 

@@ -11,7 +11,7 @@ from ssb import teach
 from ssb.configio import load_config
 from ssb.distill import _lora, _loss, build_examples, collate, rollout_targets
 from ssb.models import load_tokenizer
-from ssb.rundir import read_rows
+from ssb.rows import read_rows
 from test_pipeline import run  # noqa: F401  (the module-scoped pipeline fixture)
 
 

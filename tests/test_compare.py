@@ -13,7 +13,7 @@ from conftest import small_overrides
 from ssb import compare
 from ssb.cli import main
 from ssb.errors import SsbError
-from ssb.rundir import read_rows
+from ssb.rows import read_rows
 
 GRPO = ["grpo.steps=2", "grpo.batch_size=2", "grpo.num_generations=2", "grpo.micro_batch_size=4",
         "grpo.max_new_tokens=8", "grpo.save_every=0"]

@@ -103,7 +103,7 @@ def test_distill_stage_trains_with_decreasing_loss(taught, tmp_path, monkeypatch
     from peft import PeftModel
 
     from ssb import distill
-    from ssb.rundir import read_rows
+    from ssb.rows import read_rows
 
     base_cfg, src = taught
     d = copy_taught(src, tmp_path)
@@ -125,7 +125,7 @@ def _check_cache_matches_base_model(cfg, d, info):
     from transformers import AutoModelForCausalLM
 
     from ssb.losses import topk_teacher
-    from ssb.rundir import read_json, read_rows
+    from ssb.rows import read_json, read_rows
     from ssb.teacher_cache import TopkCacheReader
 
     rows = read_rows(d / "teach" / "examples.jsonl")

@@ -14,7 +14,7 @@ pytest.importorskip("trl")
 from ssb import evaluate, grpo  # noqa: E402
 from ssb.cli import main  # noqa: E402
 from ssb.configio import load_config  # noqa: E402
-from ssb.rundir import read_rows  # noqa: E402
+from ssb.rows import read_rows  # noqa: E402
 
 RIGHT, WRONG = "3 + 5 = 8.\nThe answer is \\boxed{8}.", "3 + 5 = 9.\nThe answer is \\boxed{9}."
 

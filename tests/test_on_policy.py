@@ -21,7 +21,7 @@ from ssb.distill import _lora, _loss, align, collate
 from ssb.engine import SamplingParams, TransformersEngine
 from ssb.errors import SsbError
 from ssb.models import render_chat
-from ssb.rundir import read_rows
+from ssb.rows import read_rows
 
 
 @pytest.fixture(scope="module")

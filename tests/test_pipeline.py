@@ -14,7 +14,7 @@ from ssb import curate, distill, evaluate, rollout, teach
 from ssb.configio import load_config
 from ssb.engine import TransformersEngine
 from ssb.errors import SsbError
-from ssb.rundir import read_rows
+from ssb.rows import read_rows
 
 
 def _cfg(tiny_model_dir, data_dir, *extra):
@@ -208,7 +208,8 @@ def test_zero_pairs_is_a_clear_error(run, tmp_path):
     rows = read_rows(tmp_path / "rollout" / "rollouts.jsonl")
     for r in rows:
         r["answer"] = "-1"  # nothing is ever correct
-    from ssb.rundir import file_record, write_rows
+    from ssb.rundir import file_record
+    from ssb.rows import write_rows
 
     write_rows(tmp_path / "rollout" / "rollouts.jsonl", rows)
     manifest = json.loads((tmp_path / "rollout" / "manifest.json").read_text())  # as if rollout had written them

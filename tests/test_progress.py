@@ -92,8 +92,9 @@ def test_generate_rows_shows_tokens_per_second(tmp_path, capsys):
     stage.dir.mkdir()
     items = [SimpleNamespace(id=f"p{i}") for i in range(5)]
     eng = FakeEngine()
-    rows, stats = generate_rows(stage, "rows.jsonl", items, lambda tok, it: [1], lambda it, s: {"id": it.id},
-                                lambda: eng, SamplingParams(n=2), seed=0, batch_size=2, desc="rollout")
+    rows, stats = generate_rows(stage, "rows.jsonl", items, prompt_of=lambda tok, it: [1],
+                                row_of=lambda it, s: {"id": it.id}, engine_factory=lambda: eng,
+                                params=SamplingParams(n=2), seed=0, batch_size=2, desc="rollout")
     assert [r["id"] for r in rows] == [it.id for it in items] and stats["generated_tokens"] == 5 * 2 * 3
     assert eng.reports[-1] == (6, 2) and len(eng.reports) == 10
     err = capsys.readouterr().err

@@ -19,7 +19,8 @@ import pytest
 
 from ssb import curate, distill, evaluate, rollout, teach
 from ssb.configio import load_config
-from ssb.rundir import file_record, read_json, read_rows, write_json, write_rows
+from ssb.rundir import file_record
+from ssb.rows import read_json, read_rows, write_json, write_rows
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 pytestmark = pytest.mark.slow

@@ -22,13 +22,14 @@ from ssb import distill, rollout, waves
 from ssb.cli import main
 from ssb.configio import dump_yaml, load_config
 from ssb.errors import SsbError
-from ssb.rundir import Stage, read_json, read_rows, write_rows
+from ssb.rundir import Stage
+from ssb.rows import read_json, read_rows, write_rows
 
 LOCK = ".lock"  # RUN_DIR/.lock (spelled out: these tests must also run, and fail, on code without it)
 
 HOLD = """
 import sys, time
-from ssb.rundir import locked
+from ssb.lock import locked
 with locked(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(600)

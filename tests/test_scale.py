@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from conftest import small_overrides, train_killed_at
 from ssb import curate, distill, rollout, teach
 from ssb.configio import load_config
-from ssb.rundir import read_rows
+from ssb.rows import read_rows
 
 pytestmark = pytest.mark.slow
 
@@ -203,7 +203,7 @@ def test_the_ranks_of_one_job_share_the_lock(base, tmp_path):
     run_dir = tmp_path / "r"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
                                                          os.environ.get("PYTHONPATH", "")])}
-    hold = "import sys, time\nfrom ssb.rundir import locked\nwith locked(sys.argv[1]):\n    print('locked', " \
+    hold = "import sys, time\nfrom ssb.lock import locked\nwith locked(sys.argv[1]):\n    print('locked', " \
            "flush=True)\n    time.sleep(600)\n"
     holder = subprocess.Popen([sys.executable, "-c", hold, str(run_dir)], stdout=subprocess.PIPE, env=env)
     try:

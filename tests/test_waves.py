@@ -12,7 +12,7 @@ from conftest import small_overrides
 from ssb import teach, waves
 from ssb.cli import main
 from ssb.configio import load_config
-from ssb.rundir import read_rows
+from ssb.rows import read_rows
 
 
 def _cfg(tiny_model_dir, data_dir, *extra):

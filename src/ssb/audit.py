@@ -331,13 +331,13 @@ def _model_limits(path: str, kw: dict) -> tuple[int | None, object]:
 
 
 def _rows(path: Path) -> list[dict]:
-    from ssb.rundir import read_rows
+    from ssb.rows import read_rows
 
     return read_rows(path) if path.is_file() else []  # never repairs: the audit writes nothing
 
 
-def _training_items(cfg: "Config", run: Path | None, n: int) -> tuple[list[dict], dict[str, dict], str]:
-    """(the first ``n`` problems to render, the run's curated pairs by id, where they come from): the run's teacher
+def _training_items(cfg: "Config", run: Path | None, n: int) -> tuple[list[dict], str]:
+    """(the first ``n`` problems to render, where they come from): the run's teacher
     examples (real attempts and replies), else its curated pairs (real attempts), else the training problems with
     labelled placeholder attempts."""
     from ssb.data import load_problems
@@ -345,14 +345,14 @@ def _training_items(cfg: "Config", run: Path | None, n: int) -> tuple[list[dict]
     examples = _rows(run / "teach" / "examples.jsonl") if run else []
     pairs = {p["id"]: p for p in _rows(run / "curate" / "pairs.jsonl")} if run else {}
     if examples:
-        return [dict(e, **_attempts(pairs.get(e["id"]))) for e in examples[:n]], pairs, f"{run}/teach/examples.jsonl"
+        return [dict(e, **_attempts(pairs.get(e["id"]))) for e in examples[:n]], f"{run}/teach/examples.jsonl"
     if pairs:
-        return [dict(p) for p in list(pairs.values())[:n]], pairs, f"{run}/curate/pairs.jsonl"
+        return [dict(p) for p in list(pairs.values())[:n]], f"{run}/curate/pairs.jsonl"
     items = [{"id": p.id, "question": p.question, "answer": p.answer, "placeholder": True,
               "correct": PLACEHOLDER_CORRECT.format(answer=p.answer), "incorrect": PLACEHOLDER_INCORRECT.format(),
               "correct_answer": p.answer} for p in load_problems(cfg.rollout.data, cfg.data_dir)[:n]]
     missing = run / "curate" / "pairs.jsonl" if run else "--run-dir with curate/pairs.jsonl"
-    return items, pairs, f"PLACEHOLDERS (no {missing})"
+    return items, f"PLACEHOLDERS (no {missing})"
 
 
 def _attempts(pair: dict | None) -> dict:
@@ -369,7 +369,7 @@ def audit_prompts(cfg: "Config", run_dir: str | Path | None = None, n: int = 2, 
     if n < 1:
         raise SsbError(f"--n: must be >= 1; got {n}")
     audit = _Audit(cfg, full, out or sys.stdout)
-    items, _, source = _training_items(cfg, Path(run_dir) if run_dir else None, n)
+    items, source = _training_items(cfg, Path(run_dir) if run_dir else None, n)
     if not items:
         raise SsbError("no problems to render (rollout.data is empty)")
     problems = [audit.render(it) for it in items]  # first: what distill would refuse fails before any output

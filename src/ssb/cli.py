@@ -24,7 +24,8 @@ from ssb.configio import describe, dump_yaml, load_config
 from ssb import dist
 from ssb.errors import SsbError
 from ssb.pipeline import run_stages
-from ssb.rundir import PIPELINE, locked
+from ssb.lock import locked
+from ssb.rundir import PIPELINE
 
 STAGES = PIPELINE
 

@@ -25,6 +25,7 @@ def generate_rows(
     stage: Stage,
     filename: str,
     items: list,
+    *,
     prompt_of: Callable[[object, object], list[int]],
     row_of: Callable[[object, list], dict],
     engine_factory: Callable[[], Engine],
@@ -41,7 +42,7 @@ def generate_rows(
     list (a later wave) extends the file with exactly the rows a single long run would have written. Rows of a
     batch are appended together. Under data parallelism batch ``b`` belongs to rank ``b % world``, which appends
     to its own part file ``<filename>.part<rank>``; rank 0 then merges every part into ``filename`` in item order
-    (:func:`ssb.rundir.merge_parts`). Resuming with any number of ranks reads all parts, so a crashed rank's
+    (:func:`ssb.rows.merge_parts`). Resuming with any number of ranks reads all parts, so a crashed rank's
     missing batches are redone and nothing is duplicated. Returns all rows in item order (on rank 0; other ranks
     return their own) and counters (tokens generated, seconds).
 

@@ -35,7 +35,9 @@ from ssb import dist
 from ssb.config import Config
 from ssb.configio import load_config, to_dict
 from ssb.errors import SsbError
-from ssb.rundir import MANIFEST, locked, read_json
+from ssb.lock import locked
+from ssb.rundir import MANIFEST
+from ssb.rows import read_json
 
 RUNS = ("base", "ssb", "grpo", "sft", "rft", "onpolicy")
 SSB_UPSTREAM = {"sft": ("rollout", "curate", "teach"), "rft": ("rollout", "curate"),

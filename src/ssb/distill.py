@@ -241,12 +241,12 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     model, decoder, lm_head = _student(model, dc, cfg.seed, fsdp, device)
     sampler = None
     if teacher_prompts is not None:
-        sampler = on_policy.make_sampler(cfg, model, tokenizer, stop_ids, rows, examples, teacher_prompts, stage,
-                                         partial(_reply_example, dc.paper_student_format, stop_ids))
-    objective = _Objective(model, decoder, lm_head, dc, examples, tokenizer.pad_token_id, device, stage,
-                           cache and (cache, keys), sampler)
-    spec = TrainSpec(len(examples), dc.batch_size, dc.epochs, dc.max_steps, dc.lr, dc.weight_decay,
-                     dc.warmup_steps, dc.schedule, dc.max_grad_norm, dc.save_every, cfg.seed)
+        sampler = on_policy.make_sampler(cfg, model, tokenizer, stop_ids=stop_ids, rows=rows, examples=examples,
+                                         teacher_prompts=teacher_prompts, stage=stage,
+                                         make_example=partial(_reply_example, dc.paper_student_format, stop_ids))
+    objective = _Objective(model, decoder, lm_head, dc=dc, examples=examples, pad_id=tokenizer.pad_token_id,
+                           device=device, stage=stage, cached=cache and (cache, keys), sampler=sampler)
+    spec = _train_spec(dc, len(examples), cfg.seed)
     tracker = open_tracker(dc.report_to, "distill", stage.dir, f"{Path(run_dir).resolve().name}-distill",
                            stage.config)
     try:
@@ -279,12 +279,18 @@ def _student(model, dc, seed: int, fsdp: bool, device):
     return model, decoder, lm_head
 
 
+def _train_spec(dc, n_examples: int, seed: int) -> TrainSpec:
+    return TrainSpec(n_examples=n_examples, batch_size=dc.batch_size, epochs=dc.epochs, max_steps=dc.max_steps,
+                     lr=dc.lr, weight_decay=dc.weight_decay, warmup_steps=dc.warmup_steps, schedule=dc.schedule,
+                     max_grad_norm=dc.max_grad_norm, save_every=dc.save_every, seed=seed)
+
+
 class _Objective:
     """What :func:`ssb.train.train` asks each step: the loss of a share of the batch and the batch's normaliser.
     The replies are the examples' (the teacher's, or RFT's rollouts) or, on-policy, the step's samples; the teacher
     is online (adapter disabled), cached (``cached``: the top-k reader and the examples' keys) or absent (SFT, RFT)."""
 
-    def __init__(self, model, decoder, lm_head, dc, examples: list[Example], pad_id: int, device, stage: Stage,
+    def __init__(self, model, decoder, lm_head, *, dc, examples: list[Example], pad_id: int, device, stage: Stage,
                  cached=None, sampler=None):
         self.model, self.decoder, self.lm_head, self.dc = model, decoder, lm_head, dc
         self.examples, self.pad_id, self.device, self.stage = examples, pad_id, device, stage

@@ -109,8 +109,9 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
                             "n_tokens": len(s.token_ids), "finish_reason": s.finish_reason})
             return {"id": p.id, "question": p.question, "answer": p.answer, "grader": p.grader, "samples": out}
 
-        rows, stats = generate_rows(stage, "samples.jsonl", problems, prompt_of, row_of, engine_factory, params,
-                                    cfg.seed, ec.batch_size, f"evaluate {name}")
+        rows, stats = generate_rows(stage, "samples.jsonl", problems, prompt_of=prompt_of, row_of=row_of,
+                                    engine_factory=engine_factory, params=params, seed=cfg.seed,
+                                    batch_size=ec.batch_size, desc=f"evaluate {name}")
         metrics = {"benchmark": name, "adapter": adapter, **summarize(rows)}
         stage.begin()  # (already begun, unless there was nothing to generate)
         if dist.is_main():

@@ -93,12 +93,6 @@ READS = Reads("grpo", result=("model", "seed", "rollout.data", "grpo", "distill.
 _RENAME = {"learning_rate": "lr", "completions/mean_length": "completion_length"}
 
 
-def lora_fields(cfg: Config) -> dict:
-    d = cfg.distill
-    return {"lora_r": d.lora_r, "lora_alpha": d.lora_alpha, "lora_dropout": d.lora_dropout,
-            "target_modules": d.target_modules}
-
-
 def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
     return Stage(run_dir, "grpo", READS.fingerprint(cfg), READS.values(cfg), force)
 

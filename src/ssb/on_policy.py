@@ -157,7 +157,7 @@ def hinted_prompts(cfg, run_dir, rows: list[dict], tokenizer) -> list[list[int]]
             for r in rows]
 
 
-def make_sampler(cfg, model, tokenizer, stop_ids: list[int], rows: list[dict], examples,
+def make_sampler(cfg, model, tokenizer, *, stop_ids: list[int], rows: list[dict], examples,
                  teacher_prompts: list[list[int]], stage, make_example) -> OnPolicySampler:
     """The distill stage's sampler over ``rows`` (``teach/examples.jsonl``); ``examples``, its training examples in
     the same order, give the student prompts as distill renders them; sampled tokens go to ``stage``'s cost ledger."""

@@ -65,8 +65,8 @@ def generate(cfg: Config, stage: Stage, problems: list, engine_factory=None) -> 
                 "samples": [sample_dict(s) for s in samples]}
 
     factory = engine_factory or (lambda: make_engine(cfg.model, engine_cfg=cfg.engine))
-    return generate_rows(stage, FILE, problems, prompt_of, row_of, factory, params, cfg.seed, rc.batch_size,
-                         "rollout")
+    return generate_rows(stage, FILE, problems, prompt_of=prompt_of, row_of=row_of, engine_factory=factory,
+                         params=params, seed=cfg.seed, batch_size=rc.batch_size, desc="rollout")
 
 
 def finish(stage: Stage, rows: list[dict], stats: dict, **extra) -> dict:

@@ -51,15 +51,13 @@ from typing import Any, Iterator
 from ssb import dist, usage
 from ssb.atomic import write_text
 from ssb.errors import SsbError
-from ssb.lock import LOCK, lock_scope, locked
-from ssb.rows import (append_rows, merge_parts, own_part, parse_rows, part_files, read_json, read_rows,
-                      read_with_parts, write_json, write_rows)
+from ssb.lock import locked
+from ssb.rows import parse_rows, read_json, write_json
 
-__all__ = [  # the run directory's API; the rows and the lock are ssb.rows' and ssb.lock's, offered here too
-    "PIPELINE", "MANIFEST", "STARTED", "LOCK", "COST", "BOOKKEEPING", "Stage", "locking", "require_done",
+__all__ = [  # the run directory's API (rows are ssb.rows', the lock ssb.lock's)
+    "PIPELINE", "MANIFEST", "STARTED", "COST", "BOOKKEEPING", "Stage", "locking", "require_done",
     "read_upstream", "verify_upstream", "file_record", "write_on_begin", "flush_deferred", "batches", "versions",
-    "gpus_in_use", "git_commit", "locked", "lock_scope", "read_json", "write_json", "append_rows", "read_rows",
-    "write_rows", "own_part", "part_files", "read_with_parts", "merge_parts",
+    "gpus_in_use", "git_commit",
 ]
 
 PIPELINE = ("rollout", "curate", "teach", "distill", "evaluate")  # the stages of `ssb run`, in order

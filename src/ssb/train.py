@@ -43,12 +43,12 @@ from ssb import dist
 from ssb.atomic import publishing
 from ssb.errors import SsbError
 from ssb.progress import progress
-from ssb.rundir import append_rows, read_rows, write_rows
+from ssb.rows import append_rows, read_rows, write_rows
 
 CKPT = "checkpoint"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainSpec:
     n_examples: int
     batch_size: int
