@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ssb import teach
 from ssb.configio import load_config
-from ssb.distill import _lora, _loss, build_examples, collate, rollout_targets
+from ssb.distill import attach_lora, batch_loss, build_examples, collate, rollout_targets
 from ssb.models import load_tokenizer
 from ssb.rows import read_rows
 from test_pipeline import run  # noqa: F401  (the module-scoped pipeline fixture)
@@ -25,11 +25,11 @@ def test_sft_is_cross_entropy_on_the_teacher_tokens_without_a_teacher(run, monke
     assert [e.targets for e in examples] == [r["reply_ids"] for r in rows]
     from transformers import AutoModelForCausalLM
 
-    model = _lora(AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path), sft, seed=0)
+    model = attach_lora(AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path), sft, seed=0)
     monkeypatch.setattr(type(model), "disable_adapter", lambda self: (_ for _ in ()).throw(AssertionError("teacher")))
     batch = collate(examples, tok.pad_token_id, "cpu")
     causal = model.get_base_model()
-    total = _loss(model, causal.get_decoder(), causal.get_output_embeddings(), batch, sft,
+    total = batch_loss(model, causal.get_decoder(), causal.get_output_embeddings(), batch, sft,
                   dict(kind="forward_kl", temperature=2.0, scale_t2=True, beta=0.5, chunk_size=7))
     ref = sum(F.cross_entropy(model(torch.tensor([e.student_ids])).logits[0][e.student_pos],
                               torch.tensor(e.targets), reduction="sum") for e in examples)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ssb.config import DistillConfig
 from conftest import copy_taught
-from ssb.distill import _lora, _loss, align, build_examples, collate
+from ssb.distill import align, attach_lora, batch_loss, build_examples, collate
 
 
 def test_alignment_student_and_teacher_predict_the_same_reply_token():
@@ -44,7 +44,7 @@ def peft_model(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model = _lora(base, DistillConfig(lora_r=4, lora_alpha=8), seed=0)
+    model = attach_lora(base, DistillConfig(lora_r=4, lora_alpha=8), seed=0)
     with torch.no_grad():  # make the adapter non-trivial (B is zero at init)
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -74,7 +74,7 @@ def test_batch_loss_matches_float64_full_vocab_reference(peft_model, average):
     causal = peft_model.get_base_model()
     kw = dict(kind=dc.loss, temperature=dc.temperature, scale_t2=dc.scale_t2, beta=dc.jsd_beta,
               chunk_size=dc.chunk_size)
-    total = _loss(peft_model, causal.get_decoder(), causal.get_output_embeddings(), batch, dc, kw)
+    total = batch_loss(peft_model, causal.get_decoder(), causal.get_output_embeddings(), batch, dc, kw)
     loss = total / (batch["targets"].numel() if average == "token" else len(examples))
 
     T, per_seq = dc.temperature, []

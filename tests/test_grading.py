@@ -339,10 +339,10 @@ def test_worker_busy_is_false_and_not_cached(monkeypatch):
     def busy(pairs):
         raise ssb._answer_timeout.WorkerBusy("no math-verify worker free")
 
-    monkeypatch.setattr(ssb.grading, "_CACHE", {})
-    monkeypatch.setattr(ssb.grading._WORKER, "verify", busy)
+    monkeypatch.setattr(ssb.grading, "VERDICTS", {})
+    monkeypatch.setattr(ssb.grading.VERIFIER, "verify", busy)
     assert grade(r"\boxed{\sqrt{8}}", r"2\sqrt{2}") is False
-    assert ssb.grading._CACHE == {}  # load is not a verdict: the next call asks again
+    assert ssb.grading.VERDICTS == {}  # load is not a verdict: the next call asks again
     monkeypatch.undo()
     assert grade(r"\boxed{\sqrt{8}}", r"2\sqrt{2}") is True
 
@@ -366,8 +366,8 @@ def test_fast_path_skips_math_verify_and_worker_failure_is_false(monkeypatch):
         calls.append(pairs)
         raise RuntimeError("math-verify worker could not be started")
 
-    monkeypatch.setattr(ssb.grading._WORKER, "verify", fake_verify)
-    monkeypatch.setattr(ssb.grading, "_CACHE", {})
+    monkeypatch.setattr(ssb.grading.VERIFIER, "verify", fake_verify)
+    monkeypatch.setattr(ssb.grading, "VERDICTS", {})
     for response, gold, dataset in [(r"\boxed{1,000}", "1000", "gsm8k"), (r"\boxed{\$18.00}", "18", "gsm8k"),
                                     (r"\boxed{\dfrac12}", "0.5", "math"), (r"\boxed{x = 5}", "5", "math"),
                                     (r"\boxed{025}", "25", "aime"), (r"\boxed{90^\circ}", "90", "math500")]:
@@ -375,7 +375,7 @@ def test_fast_path_skips_math_verify_and_worker_failure_is_false(monkeypatch):
     assert grade(r"\boxed{18}", "81", "gsm8k") is False
     assert calls == []  # all decided without math-verify
     assert grade(r"\boxed{\sqrt{8}}", r"2\sqrt{2}") is False  # needs math-verify, which is unavailable: False
-    assert len(calls) == 1 and ssb.grading._CACHE == {}  # ... and the failure is not cached
+    assert len(calls) == 1 and ssb.grading.VERDICTS == {}  # ... and the failure is not cached
 
 
 def test_a_mixed_number_and_its_improper_fraction_are_one_answer_not_a_hedge():

@@ -17,7 +17,7 @@ from conftest import copy_taught
 from ssb import distill, on_policy
 from ssb.config import DistillConfig
 from ssb.configio import load_config, to_dict
-from ssb.distill import _lora, _loss, align, collate
+from ssb.distill import align, attach_lora, batch_loss, collate
 from ssb.engine import SamplingParams, TransformersEngine
 from ssb.errors import SsbError
 from ssb.models import render_chat
@@ -37,7 +37,7 @@ def student(tiny_model_dir, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model = _lora(base, DistillConfig(lora_r=4, lora_alpha=8), seed=0)
+    model = attach_lora(base, DistillConfig(lora_r=4, lora_alpha=8), seed=0)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -121,7 +121,8 @@ def test_on_policy_batch_loss_matches_float64_full_vocab_reference(student, tok,
     causal = model.get_base_model()
     kw = dict(kind=dc.loss, temperature=dc.temperature, scale_t2=dc.scale_t2, beta=dc.jsd_beta,
               chunk_size=dc.chunk_size)
-    loss = _loss(model, causal.get_decoder(), causal.get_output_embeddings(), batch, dc, kw) / batch["targets"].numel()
+    loss = batch_loss(model, causal.get_decoder(), causal.get_output_embeddings(), batch, dc, kw)
+    loss = loss / batch["targets"].numel()
 
     T, b, per_tok = dc.temperature, dc.jsd_beta, []
     for e in examples:  # reference: plain full-sequence logits, one example at a time, float64

@@ -503,17 +503,14 @@ class _Audit:
         (:func:`ssb.distill.build_examples`), the teacher's prompt as teach renders it (:mod:`ssb.teach`), as
         stored or now."""
         from ssb.distill import build_examples
-        from ssb.grading import extract_answer
         from ssb.models import render_chat
-        from ssb.prompts import student_messages, teacher_messages
+        from ssb.prompts import pair_messages, student_messages
 
         tc = self.cfg.teach
         reply, targets_from = self._reply(it)
         rendered = None  # the teacher prompt as teach renders it from the attempts (ssb.teach.Teacher.prompt)
         if "correct" in it:
-            answer = it.get("correct_answer") or extract_answer(it["correct"])
-            rendered = render_chat(self.tok, teacher_messages(it["question"], it["correct"], it["incorrect"],
-                                                              tc.context, prompt=tc.prompt, answer=answer))
+            rendered = render_chat(self.tok, pair_messages(it["question"], it, tc.context, tc.prompt))
         stored = it.get("teacher_prompt_ids")
         teacher = stored if stored is not None else rendered
         origin = ("as stored in teach/examples.jsonl" if stored is not None else

@@ -102,14 +102,19 @@ def align(student_prompt: list[int], teacher_prompt: list[int], reply: list[int]
     )
 
 
+def reply_targets(reply: list[int], stop_ids: list[int], paper_format: bool) -> list[int]:
+    """The reply tokens trained on: all of them, or in the authors' format all but a final end-of-turn token (a
+    reply that is nothing else keeps it, so that every example has a target)."""
+    reply = list(reply)
+    return reply[:-1] if paper_format and len(reply) > 1 and reply[-1] in stop_ids else reply
+
+
 def build_examples(rows: list[dict], tokenizer, stop_ids: list[int], paper_format: bool = False) -> list[Example]:
     """Training examples from ``teach/examples.jsonl`` rows. ``paper_format`` reproduces the authors: the student
     prompt is plain text without the chat template, and the end-of-turn token is not a target."""
     out = []
     for r in rows:
-        reply = list(r["reply_ids"])
-        if paper_format and reply and reply[-1] in stop_ids:
-            reply = reply[:-1]
+        reply = reply_targets(r["reply_ids"], stop_ids, paper_format)
         student = render_chat(tokenizer, student_messages(r["question"]), chat_template=not paper_format)
         teacher = student if r["teacher_prompt_ids"] is None else list(r["teacher_prompt_ids"])  # RFT: no teacher
         out.append(align(student, teacher, reply))
@@ -167,7 +172,9 @@ def make_stage(cfg: Config, run_dir, up: str, force: bool = False) -> Stage:
     return Stage(run_dir, "distill", READS.fingerprint(cfg, up), {**READS.values(cfg), "upstream": up}, force)
 
 
-def _lora(model, dc, seed: int):
+def attach_lora(model, dc, seed: int):
+    """``model`` with a fresh LoRA adapter as ``dc`` sets it (r, alpha, dropout, target modules), its initial weights
+    drawn from ``seed``."""
     from peft import get_peft_model
 
     torch.manual_seed(seed)
@@ -271,7 +278,7 @@ def _student(model, dc, seed: int, fsdp: bool, device):
     if dc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = _lora(model, dc, seed)
+    model = attach_lora(model, dc, seed)
     causal = model.get_base_model()
     decoder, lm_head = causal.get_decoder(), causal.get_output_embeddings()
     if fsdp:
@@ -306,7 +313,7 @@ class _Objective:
         if self.cached is not None:
             reader, keys = self.cached
             cached = reader.batch([keys[i] for i in idx], self.device)
-        loss = _loss(self.model, self.decoder, self.lm_head, batch, self.dc, self.loss_kw, cached)
+        loss = batch_loss(self.model, self.decoder, self.lm_head, batch, self.dc, self.loss_kw, cached)
         return loss, int(batch["targets"].numel())
 
     def norm_of(self, idx: list[int]) -> float:
@@ -334,9 +341,7 @@ def _teacher_cache(model, examples, keys, dc, stage: Stage, cache_fp: str, pad_i
 def _reply_example(paper: bool, stop_ids: list[int], student: list[int], teacher: list[int],
                    reply: list[int]) -> Example:
     """On-policy: the training example of a sampled reply (as :func:`build_examples` treats a stored one)."""
-    if paper and len(reply) > 1 and reply[-1] in stop_ids:  # the authors train no end-of-turn token
-        reply = reply[:-1]
-    return align(student, teacher, reply)
+    return align(student, teacher, reply_targets(reply, stop_ids, paper))
 
 
 def _save_adapter(stage: Stage, model, fsdp: bool) -> None:
@@ -381,7 +386,7 @@ def build_topk_cache(model, examples: list[Example], keys: list[str], dc, path, 
     return reader
 
 
-def _loss(model, decoder, lm_head, batch: dict, dc, loss_kw: dict, cached=None) -> torch.Tensor:
+def batch_loss(model, decoder, lm_head, batch: dict, dc, loss_kw: dict, cached=None) -> torch.Tensor:
     """Sum of the per-token losses of a batch, each weighted 1 (``average=token``) or 1/len(its sequence)
     (``sequence``); the caller divides by the global batch's tokens or sequences.
     ``cached``: the batch's (logprobs, ids, tail) from the top-k teacher cache; None = online teacher."""

@@ -99,19 +99,20 @@ from decimal import Decimal
 from fractions import Fraction
 
 from ssb._answer_timeout import MathVerifyWorker
+from ssb.choices import GRADERS
 
 __all__ = ["extract_answer", "answer_key", "grade", "grade_answer", "DATASETS", "MAX_ANSWER_CHARS", "TIMEOUT_S",
            "WORKERS"]
 
-DATASETS = {"gsm8k": "gsm8k", "math500": "math500", "math-500": "math500", "math": "math", "aime": "aime",
-            "aime24": "aime", "aime25": "aime", "aime2024": "aime", "aime2025": "aime"}
+DATASETS = {**{g: g for g in GRADERS},  # a grader's name, or a data set's that uses it -> the grader
+            "math-500": "math500", "aime24": "aime", "aime25": "aime", "aime2024": "aime", "aime2025": "aime"}
 MAX_ANSWER_CHARS = 1000  # longer extracted answers / golds are compared as exact strings only
 MAX_BOX_CHARS = 20_000  # a \boxed{ whose closing brace is further away than this counts as unbalanced
 MAX_UNCLOSED_CHARS = 200  # longest content read from an unclosed final \boxed{
 HEDGE_WINDOW = 80  # text between two boxes this short that contains a hedge word makes the reply hedged
 TIMEOUT_S = 5.0  # hard deadline per math-verify call, waiting for a worker included (worker killed after it)
 WORKERS = 4  # math-verify worker processes at most (started on demand)
-_WORKER = MathVerifyWorker(timeout_s=TIMEOUT_S, size=WORKERS)
+VERIFIER = MathVerifyWorker(timeout_s=TIMEOUT_S, size=WORKERS)
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _HASH_RE = re.compile(r"####[ \t]*([^\n]*)")
@@ -645,22 +646,22 @@ def _risky(s: str) -> bool:
     return re.search(r"\\(?:def|newcommand|input|include)(?![A-Za-z])", s) is not None
 
 
-_CACHE: dict[tuple[str, str, str, str], bool] = {}  # math-verify verdicts, timeouts included (as False)
+VERDICTS: dict[tuple[str, str, str, str], bool] = {}  # math-verify verdicts, timeouts included (as False)
 
 
 def _math_verify(answer: str, gold: str, answer_clean: str, gold_clean: str) -> bool:
     key = (answer, gold, answer_clean, gold_clean)
-    if key in _CACHE:
-        return _CACHE[key]
+    if key in VERDICTS:
+        return VERDICTS[key]
     pairs = [(gold, answer)]
     if (gold_clean, answer_clean) != (gold, answer) and gold_clean and answer_clean:
         pairs.append((gold_clean, answer_clean))
     # None (this call's deadline hit while verifying) -> False, cached; RuntimeError (no worker could be started,
     # or WorkerBusy: none free in time) propagates and is not cached: grade() says False for this call only
-    result = bool(_WORKER.verify(pairs))
-    if len(_CACHE) >= 100_000:
-        _CACHE.clear()
-    _CACHE[key] = result
+    result = bool(VERIFIER.verify(pairs))
+    if len(VERDICTS) >= 100_000:
+        VERDICTS.clear()
+    VERDICTS[key] = result
     return result
 
 
@@ -705,7 +706,7 @@ def grade_answer(answer: str | None, gold: str, dataset: str = "math") -> bool:
     """Same as :func:`grade` on an already-extracted answer (None -> False)."""
     ds = DATASETS.get(str(dataset).lower())
     if ds is None:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(set(DATASETS.values()))}")
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(GRADERS)}")
     try:
         if not isinstance(answer, str):
             return False
@@ -735,7 +736,7 @@ def grade(response: str, gold: str, dataset: str = "math", strict: bool = False)
     """
     ds = DATASETS.get(str(dataset).lower())
     if ds is None:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(set(DATASETS.values()))}")
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(GRADERS)}")
     try:
         if strict:
             if not isinstance(response, str):

@@ -206,11 +206,7 @@ def _budget_callback(gc, t0: float, carried: dict, stats: dict):
             return {k: carried.get(k, 0) + now[k] for k in _COUNTER_KEYS}
 
         def on_step_end(self, args, state, control, **kwargs):
-            t = self.totals()
-            if gc.max_seconds is not None and t["device_seconds"] >= gc.max_seconds:
-                self.stopped_by = "seconds"
-            elif gc.max_generated_tokens is not None and t["generated_tokens"] >= gc.max_generated_tokens:
-                self.stopped_by = "tokens"
+            self.stopped_by = _over_budget(gc, self.totals())
             if self.stopped_by:
                 control.should_training_stop = True
                 control.should_save = args.save_strategy != "no"  # a crash before the manifest resumes here
@@ -239,9 +235,14 @@ def _budget_spent(gc, counters: dict) -> str | None:
         return counters["stopped_by"]
     if counters["step"] >= gc.steps:
         return "steps"
-    if gc.max_seconds is not None and counters["device_seconds"] >= gc.max_seconds:
+    return _over_budget(gc, counters)
+
+
+def _over_budget(gc, totals: dict) -> str | None:
+    """Which budget the totals have reached: "seconds" (device-seconds), "tokens" (generated), or None."""
+    if gc.max_seconds is not None and totals["device_seconds"] >= gc.max_seconds:
         return "seconds"
-    if gc.max_generated_tokens is not None and counters["generated_tokens"] >= gc.max_generated_tokens:
+    if gc.max_generated_tokens is not None and totals["generated_tokens"] >= gc.max_generated_tokens:
         return "tokens"
     return None
 

@@ -37,9 +37,8 @@ from ssb.common import batch_seed
 from ssb.engine import SamplingParams, TransformersEngine
 from ssb.errors import SsbError
 from ssb.data import load_problems
-from ssb.grading import extract_answer
 from ssb.models import render_chat
-from ssb.prompts import reference_messages, student_messages, teacher_messages
+from ssb.prompts import pair_messages, reference_messages, student_messages
 from ssb.rundir import read_upstream
 
 
@@ -59,9 +58,7 @@ def teacher_prompt(row: dict, hint: str, tokenizer, teach_prompt: str, pair: dic
     if hint == "correct":
         if pair is None:
             raise SsbError(f"distill.hint=correct: curate/pairs.jsonl has no pair for example {row['id']!r}")
-        answer = pair.get("correct_answer") or extract_answer(pair["correct"])
-        msgs = teacher_messages(row["question"], pair["correct"], None, "correct_only", prompt=teach_prompt,
-                                answer=answer)
+        msgs = pair_messages(row["question"], pair, "correct_only", teach_prompt)
     elif hint == "reference":
         if not solution:
             raise SsbError(f"distill.hint=reference: the training set has no reference solution for {row['id']!r} "

@@ -1,6 +1,6 @@
 """The PNG plots of ``ssb report`` (matplotlib, Agg backend, imported only when a plot is drawn).
 
-Each ``plot_*(runs, path)`` takes :class:`ssb.report.Run` objects, writes ``path`` and returns True, or returns
+Each ``plot_*(runs, path)`` takes :class:`ssb.run_results.Run` objects, writes ``path`` and returns True, or returns
 False and writes nothing when no run has the data:
 
 - ``accuracy.png``: accuracy with CI error bars per benchmark, grouped by run;
@@ -14,10 +14,8 @@ False and writes nothing when no run has the data:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from ssb.report import Run
+from ssb.run_results import Run
 
 
 def _plt():

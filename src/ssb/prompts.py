@@ -110,6 +110,21 @@ def teacher_messages(
     return [{"role": "system", "content": system_prompt}, {"role": "user", "content": text}]
 
 
+def pair_messages(question: str, pair: dict, context: str = "both", prompt: str = "resolve") -> list[dict[str, str]]:
+    """The teacher's messages for one curated pair (a ``curate/pairs.jsonl`` row, or any row carrying its
+    ``correct`` / ``incorrect`` attempts), the one way teach, on-policy distillation and ``ssb prompts`` build them:
+    the verified answer is the pair's ``correct_answer``, else the one extracted from its correct attempt.
+
+    >>> pair = {"correct": "2+2=4, \\\\boxed{4}", "incorrect": "2+2=5, \\\\boxed{5}"}
+    >>> "answer to this problem is 4" in pair_messages("What is 2+2?", pair, prompt="guided")[1]["content"]
+    True
+    """
+    from ssb.grading import extract_answer  # only here: the prompts themselves import nothing heavy
+
+    answer = pair.get("correct_answer") or extract_answer(pair["correct"])
+    return teacher_messages(question, pair["correct"], pair.get("incorrect"), context, prompt=prompt, answer=answer)
+
+
 def reference_messages(question: str, reference: str, answer: str,
                        system_prompt: str = SYSTEM_PROMPT) -> list[dict[str, str]]:
     """The teacher's view with the data set's reference solution as the hint (OPSD-style on-policy distillation,

@@ -24,7 +24,6 @@ another run paid for), and the cost table marks them as reused. Anything a run l
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ssb.atomic import write_text
@@ -32,33 +31,12 @@ from ssb.errors import SsbError
 from ssb.metrics import changed_answers, paired_bootstrap, per_problem_answers, per_problem_scores, summarize
 from ssb.plots import plot_accuracy, plot_cost, plot_lengths, plot_loss, plot_reward
 from ssb.rows import read_json, read_rows
+from ssb.run_results import Bench, Run
 from ssb.rundir import MANIFEST, PIPELINE
 
 STAGES = (*PIPELINE, "grpo")  # grpo: the RL baseline (ssb grpo)
 TRAINING = ("rollout", "curate", "teach", "distill", "grpo")  # what producing the model cost (not evaluate)
 N_BOOT, SEED = 1000, 0  # of the paired bootstrap
-
-
-@dataclass
-class Bench:
-    metrics: dict
-    tokens: list[int]
-    adapter: str
-    finished: bool
-    scores: dict[str, float] | None = None  # problem id -> mean correctness; None when only metrics.json is left
-    answers: dict[str, tuple] | None = None  # problem id -> its samples' answer keys; None as scores
-
-
-@dataclass
-class Run:
-    label: str
-    path: Path
-    benches: dict[str, Bench] = field(default_factory=dict)
-    funnel: dict | None = None
-    waves: list[dict] = field(default_factory=list)
-    cost: dict | None = None
-    losses: list[tuple[int, float]] = field(default_factory=list)
-    rewards: list[tuple[int, float]] = field(default_factory=list)
 
 
 def _json(path: Path) -> dict | None:

@@ -380,8 +380,10 @@ class Stage:
             self.record()
 
     def finish(self, counts: dict[str, Any], **extra: Any) -> dict:
-        """Write the manifest (rank 0; the others wait for it). Extra keys are recorded as given, except the
-        counters added with :meth:`add`, which are the sums over every attempt and rank."""
+        """Write the manifest (rank 0; the others wait for it). Its seconds (wall, GPU, CPU) are summed from the
+        cost ledger's attempts. Extra keys are recorded as given and take precedence over those (grpo passes its
+        own wall / device / GPU seconds, carried across its TRL checkpoints); the counters added with :meth:`add`
+        come last, as the sums over every attempt and rank."""
         self.begin()
         self.record()
         _ACTIVE.discard(self)

@@ -15,7 +15,7 @@ Files:
 
 Pairs are processed in batches; a pair whose sample is rejected is retried (``teach.attempts``) with a new seed.
 Processing stops once ``max_examples`` pairs are accepted. ``teach.prompt`` picks the teacher's instructions
-(:func:`ssb.prompts.teacher_messages`); the manifest records it with the acceptance rate and a rejection funnel
+(:func:`ssb.prompts.pair_messages`); the manifest records it with the acceptance rate and a rejection funnel
 (truncated, no answer, gave the incorrect attempt's answer).
 """
 
@@ -33,7 +33,7 @@ from ssb.errors import SsbError
 from ssb.grading import extract_answer, grade
 from ssb.models import load_tokenizer, render_chat
 from ssb.progress import GenerationBar
-from ssb.prompts import teacher_messages
+from ssb.prompts import pair_messages
 from ssb.rows import append_rows, merge_parts, own_part, read_with_parts, write_rows
 from ssb.rundir import Stage, batches, locking, read_upstream, require_done
 
@@ -97,9 +97,7 @@ class Teacher:
         if p["id"] not in self.prompts:
             if self.tokenizer is None:
                 self.tokenizer = load_tokenizer(self.cfg.model)
-            answer = p.get("correct_answer") or extract_answer(p["correct"])
-            msgs = teacher_messages(p["question"], p["correct"], p["incorrect"], self.tc.context,
-                                    prompt=self.tc.prompt, answer=answer)
+            msgs = pair_messages(p["question"], p, self.tc.context, self.tc.prompt)
             self.prompts[p["id"]] = render_chat(self.tokenizer, msgs)
         return self.prompts[p["id"]]
 
