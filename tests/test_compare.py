@@ -63,7 +63,9 @@ def test_on_policy_run_records_its_generation_cost(compared):
 def test_grpo_gets_ssb_training_cost_and_problems(compared):
     root, _ = compared
     cfg = yaml.safe_load((root / "grpo" / "config.yaml").read_text())
-    assert cfg["grpo"]["max_seconds"] == pytest.approx(compare.training_cost(root / "ssb")["device_seconds"])
+    cost = compare.training_cost(root / "ssb")
+    assert cost["gpu_seconds"] == 0 and cost["cpu_seconds"] > 0  # on a CPU the budget is SSB's CPU-seconds
+    assert cfg["grpo"]["max_cpu_seconds"] == pytest.approx(cost["cpu_seconds"]) and cfg["grpo"]["max_seconds"] is None
     rolled = json.loads((root / "ssb" / "rollout" / "manifest.json").read_text())["counts"]["problems"]
     assert cfg["rollout"]["data"]["limit"] == rolled < 48
 

@@ -213,12 +213,16 @@ def test_token_and_time_budgets_stop_early_and_say_why(tiny_model_dir, tmp_path)
     m = grpo.run(_cfg(tiny_model_dir, "grpo.steps=5", "grpo.max_seconds=0.01"), tmp_path / "seconds")
     assert m["stopped_by"] == "seconds" and m["counts"]["steps"] == 1
     assert m["device_seconds"] == m["wall_seconds"] >= 0.01 and m["gpus"] == 0 and m["gpu_seconds"] == 0
+    m = grpo.run(_cfg(tiny_model_dir, "grpo.steps=5", "grpo.max_cpu_seconds=0.01"), tmp_path / "cpu")
+    assert m["stopped_by"] == "cpu_seconds" and m["counts"]["steps"] == 1
+    assert m["cpu_seconds"] >= 0.01 and m["wall_seconds"] > 0
 
 
 def test_budget_fields_validate(tiny_model_dir):
     from ssb.config import ConfigError
 
-    for bad in ("grpo.max_seconds=0", "grpo.max_generated_tokens=-5", "grpo.save_every=-1", "grpo.generator=vllm"):
+    for bad in ("grpo.max_seconds=0", "grpo.max_cpu_seconds=-1", "grpo.max_generated_tokens=-5", "grpo.save_every=-1",
+                "grpo.generator=vllm"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             load_config(None, [bad])
     cfg = load_config(None, ["grpo.max_seconds=3600", "grpo.max_generated_tokens=1000000", "grpo.save_every=0"])

@@ -7,16 +7,17 @@ On one model, one grader and one evaluation harness it runs, each in its own run
 |---|---|---|
 | ``base`` | the model as it is | ``evaluate.adapter=none`` |
 | ``ssb`` | Semantic Soft Bootstrapping | ``ssb run`` (budgeted waves, distill, evaluate) |
-| ``grpo`` | RL at equal cost | ``ssb grpo`` on the problems SSB rolled out, stopped when its device-seconds reach SSB's training device-seconds (rollout + curate + teach + distill), then evaluate |
+| ``grpo`` | RL at equal cost | ``ssb grpo`` on the problems SSB rolled out, stopped when its cost reaches SSB's training cost (rollout + curate + teach + distill: GPU-seconds, or CPU-seconds on a CPU), then evaluate |
 | ``sft`` | is the soft target needed? | cross-entropy on the teacher's replies: ``distill.kd_weight=0 distill.ce_weight=1`` |
 | ``rft`` | is the teacher needed? | cross-entropy on the student's own correct rollouts: ``distill.targets=rollouts`` + the above |
 | ``onpolicy`` | on-policy self-distillation | the student samples, the hinted teacher scores its tokens: ``distill.targets=on_policy`` on SSB's questions and hinted prompts (:mod:`ssb.on_policy`) |
 
 ``sft``, ``rft`` and ``onpolicy`` reuse SSB's finished upstream stages through relative symbolic links (``R/sft/teach ->
 ../ssb/teach``), not copies: the work is done and paid for once, and ``ssb report`` marks reused stages. The budget
-unit is device-seconds (GPU-seconds on GPUs, wall seconds on CPU); both GPU-seconds and generated tokens are
-recorded for every run. Then ``R/report/`` gets the report with paired differences (every run against ``base``,
-``ssb`` against each baseline, 95% paired-bootstrap CIs) and accuracy against cost (``cost.png``).
+unit is GPU-seconds on GPUs and CPU-seconds on a CPU (every thread's CPU time: a job sharing the cores inflates
+wall seconds, not these); wall seconds, GPU-seconds, CPU-seconds and generated tokens are recorded for every run.
+Then ``R/report/`` gets the report with paired differences (every run against ``base``, ``ssb`` against each
+baseline, 95% paired-bootstrap CIs) and accuracy against cost (``cost.png``).
 
 Every run is an ordinary run directory, so each step resumes like the rest and a finished step is skipped:
 rerunning the same command continues where it stopped; ``--runs`` picks a subset (in this order). The command
@@ -68,12 +69,18 @@ def training_cost(run_dir: Path) -> dict:
 
 
 def grpo_overrides(cfg: Config, ssb_dir) -> list[str]:
-    """GRPO at SSB's cost, as overrides: the budget (SSB's training device-seconds, :func:`training_cost`) and the
-    problems SSB rolled out (the first ``counts.problems`` of ``rollout.data``)."""
+    """GRPO at SSB's cost, as overrides: the budget (:func:`training_cost`: SSB's training GPU-seconds where it used
+    GPUs, else its CPU-seconds, which other work sharing the cores does not inflate as it does wall seconds; wall
+    seconds for manifests that predate CPU-seconds) and the problems SSB rolled out (the first ``counts.problems``
+    of ``rollout.data``)."""
     budget = training_cost(ssb_dir)
     problems = read_json(Path(ssb_dir) / "rollout" / MANIFEST)["counts"]["problems"]
     data = {**to_dict(cfg.rollout.data), "limit": problems}
-    return [f"grpo.max_seconds={max(budget['device_seconds'], 1e-3)}", f"rollout.data={json.dumps(data)}"]
+    if budget["gpu_seconds"] or not budget["cpu_seconds"]:
+        limit = f"grpo.max_seconds={max(budget['device_seconds'], 1e-3)}"
+    else:
+        limit = f"grpo.max_cpu_seconds={max(budget['cpu_seconds'], 1e-3)}"
+    return [limit, f"rollout.data={json.dumps(data)}"]
 
 
 def _config(base: Config, extra: list[str]) -> Config:

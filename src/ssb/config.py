@@ -300,6 +300,11 @@ class GrpoConfig:
                                    "step, so the last step may overshoot. `steps` stays the maximum. A budget-stopped "
                                    "run does not finish a linear/cosine schedule (it is laid out over `steps`): use "
                                    "schedule=constant for budgeted runs. null = no limit.", gt(0))
+    max_cpu_seconds: float | None = _f(None, "Budget: stop once this stage's CPU-seconds (the process's CPU time, "
+                                       "every thread's, from the start of the stage, summed over resumes) reach "
+                                       "this; checked like max_seconds. The budget unit on a CPU shared with other "
+                                       "work, where wall seconds grow with the load and CPU-seconds hardly do. "
+                                       "null = no limit.", gt(0))
     max_generated_tokens: int | None = _f(None, "Budget: stop once this many completion tokens have been generated "
                                           "(summed over resumes; checked after each step, like max_seconds; same "
                                           "schedule caveat). null = no limit.", gt(0))

@@ -11,12 +11,14 @@ lr, grad_norm, completion_length, ... and TRL's other metrics under their own na
 A finished run is not redone.
 
 Budget (for comparisons at equal cost). ``grpo.steps`` is the maximum; ``grpo.max_seconds`` (device-seconds: wall
-seconds × GPUs in use, plain wall seconds on CPU, from the start of the stage, model loading included) and
-``grpo.max_generated_tokens`` (completion tokens) stop training earlier, at the end of the step that reaches them
-(a TrainerCallback sets ``should_training_stop``); the adapter and manifest are written as usual. The manifest
-records the totals over all processes that worked on the run: ``wall_seconds``, ``device_seconds``,
-``gpu_seconds``, ``generated_tokens`` (also ``counts``: completions, correct), ``stopped_by`` (steps | seconds |
-tokens) and ``resumed_from_step``. A budget-stopped run does not complete a linear/cosine schedule, which is laid
+seconds × GPUs in use, plain wall seconds on CPU, from the start of the stage, model loading included),
+``grpo.max_cpu_seconds`` (the process's CPU time, every thread's, from the same start: the unit on a CPU shared
+with other work, where wall seconds grow with the load) and ``grpo.max_generated_tokens`` (completion tokens) stop
+training earlier, at the end of the step that reaches them (a TrainerCallback sets ``should_training_stop``); the
+adapter and manifest are written as usual. The manifest records the totals over all processes that worked on the
+run: ``wall_seconds``, ``device_seconds``, ``gpu_seconds``, ``cpu_seconds``, ``generated_tokens`` (also
+``counts``: completions, correct), ``stopped_by`` (steps | seconds | cpu_seconds | tokens) and
+``resumed_from_step``. A budget-stopped run does not complete a linear/cosine schedule, which is laid
 out over ``steps``; use ``grpo.schedule=constant`` when the budget decides.
 
 Resume. Every ``grpo.save_every`` steps the HF Trainer checkpoints (adapter, optimizer, scheduler, RNG, trainer
@@ -68,6 +70,7 @@ from pathlib import Path
 import torch
 
 from ssb.atomic import publishing
+from ssb import usage
 from ssb.config import Config
 from ssb.reads import Reads
 from ssb.data import load_problems
@@ -83,7 +86,8 @@ from ssb.rundir import Stage, gpus_in_use, locking
 LOG = "train_log.jsonl"
 TRL_DIR = ".trl"  # TRL's output_dir: its checkpoints, removed when the stage finishes
 COUNTERS = "ssb_counters.json"  # the budget counters, written into each checkpoint directory
-_COUNTER_KEYS = ("wall_seconds", "device_seconds", "gpu_seconds", "completions", "correct", "generated_tokens")
+_COUNTER_KEYS = ("wall_seconds", "device_seconds", "gpu_seconds", "cpu_seconds", "completions", "correct",
+                 "generated_tokens")
 # The config fields this stage reads (ssb.reads.Reads): the same problems and LoRA as SSB's; how it checkpoints
 # and the engine knobs of its generator do not change what it trains
 READS = Reads("grpo", result=("model", "seed", "rollout.data", "grpo", "distill.lora_r", "distill.lora_alpha",
@@ -190,8 +194,9 @@ def ssb_rollout_func(cfg: Config, tokenizer, stop_ids: list[int]):
     return rollout
 
 
-def _budget_callback(gc, t0: float, carried: dict, stats: dict):
-    """Counts this stage's cost (``carried`` from the checkpoint resumed + this process since ``t0``), stops
+def _budget_callback(gc, t0: float, cpu0: float, carried: dict, stats: dict):
+    """Counts this stage's cost (``carried`` from the checkpoint resumed + this process since ``t0``, its CPU time
+    since ``cpu0``), stops
     training at a step end once a budget is spent, and writes the counters into every checkpoint it saves."""
     from transformers import TrainerCallback
 
@@ -201,7 +206,8 @@ def _budget_callback(gc, t0: float, carried: dict, stats: dict):
         def totals(self) -> dict:
             wall, gpus = time.time() - t0, gpus_in_use()
             now = {"wall_seconds": wall, "device_seconds": wall * max(gpus, 1), "gpu_seconds": wall * gpus,
-                   "completions": stats.get("completions", 0), "correct": stats.get("correct", 0),
+                   "cpu_seconds": usage.cpu_seconds() - cpu0, "completions": stats.get("completions", 0),
+                   "correct": stats.get("correct", 0),
                    "generated_tokens": stats.get("generated_tokens", 0)}
             return {k: carried.get(k, 0) + now[k] for k in _COUNTER_KEYS}
 
@@ -239,9 +245,12 @@ def _budget_spent(gc, counters: dict) -> str | None:
 
 
 def _over_budget(gc, totals: dict) -> str | None:
-    """Which budget the totals have reached: "seconds" (device-seconds), "tokens" (generated), or None."""
+    """Which budget the totals have reached: "seconds" (device-seconds), "cpu_seconds", "tokens" (generated), or
+    None."""
     if gc.max_seconds is not None and totals["device_seconds"] >= gc.max_seconds:
         return "seconds"
+    if gc.max_cpu_seconds is not None and totals.get("cpu_seconds", 0) >= gc.max_cpu_seconds:
+        return "cpu_seconds"
     if gc.max_generated_tokens is not None and totals["generated_tokens"] >= gc.max_generated_tokens:
         return "tokens"
     return None
@@ -257,7 +266,7 @@ def _publish_adapter(stage: Stage, save) -> None:
 def run(cfg: Config, run_dir, force: bool = False, callbacks: list | None = None) -> dict:
     """Train (or resume, or do nothing if finished). ``callbacks``: extra TrainerCallbacks (tests)."""
     cfg = READS.view(cfg)
-    t0 = time.time()  # this process's budget clock: from the start of the stage, model loading included
+    t0, cpu0 = time.time(), usage.cpu_seconds()  # this process's budget clocks: from the start of the stage
     stage = stage_for(cfg, run_dir, force)
     stage.discard_if_forced()
     if stage.is_done():
@@ -278,7 +287,7 @@ def run(cfg: Config, run_dir, force: bool = False, callbacks: list | None = None
         return _finish(stage, len(problems), resumed_from, carried["step"], why, carried)
 
     stats: dict = {}
-    budget = _budget_callback(gc, t0, carried, stats)
+    budget = _budget_callback(gc, t0, cpu0, carried, stats)
     trainer = _trainer(cfg, stage, problems, tokenizer, reward_funcs(gc.format_reward, stats),
                        [_log_callback(stage.path(LOG), stage.heartbeat), budget, *(callbacks or [])])
     t_start = time.time()
@@ -392,4 +401,6 @@ def _finish(stage: Stage, problems: int, resumed_from: int | None, steps: int, s
     return stage.finish(counts, generated_tokens=counters["generated_tokens"], stopped_by=stopped_by,
                         wall_seconds=round(counters["wall_seconds"], 3),
                         device_seconds=round(counters["device_seconds"], 3),
-                        gpu_seconds=round(counters["gpu_seconds"], 3), resumed_from_step=resumed_from, **extra)
+                        gpu_seconds=round(counters["gpu_seconds"], 3),
+                        cpu_seconds=round(counters.get("cpu_seconds", 0.0), 3), resumed_from_step=resumed_from,
+                        **extra)
