@@ -110,6 +110,57 @@ def test_forward_kl_written_out_with_masked_teacher_tokens_is_finite():
     assert LOG_FLOOR < 0
 
 
+@pytest.mark.parametrize("kd_weight", [0.0, 0.8])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_written_out_with_ce_matches_float64_reference(kd_weight, weighted):
+    """SFT/RFT (kd_weight 0, no teacher) and KD + CE: value and gradient against the float64 definition; a target of
+    -100 contributes nothing."""
+    s, t = _logits(seed=33)
+    targets = torch.randint(0, V, (N,), generator=_gen(34))
+    weights = _seq_weights() if weighted else None
+    val, grad = forward_kl_and_grad(s, None if kd_weight == 0 else t, temperature=2.0, kd_weight=kd_weight,
+                                    ce_weight=0.7, targets=targets, weights=weights)
+    rval, rgrad = _value_and_grad(lambda x: kd_weight * reference(x, t, "forward_kl", 2.0, weights=weights)
+                                  + reference(x, t, "forward_kl", 2.0, ce_weight=0.7, targets=targets,
+                                              weights=weights) - reference(x, t, "forward_kl", 2.0, weights=weights),
+                                  s.double())
+    torch.testing.assert_close(val.double(), rval, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad.double(), rgrad, rtol=1e-5, atol=1e-6)
+    ignored = targets.clone()
+    ignored[3] = -100
+    _, g = forward_kl_and_grad(s, None, kd_weight=0.0, ce_weight=1.0, targets=ignored)
+    assert torch.count_nonzero(g[3]) == 0 and torch.count_nonzero(g[2]) == V
+    with pytest.raises(ValueError, match="kd_weight"):
+        forward_kl_and_grad(s, None, kd_weight=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_ce_only_fast_path_matches_autograd(dtype, monkeypatch):
+    """SFT and RFT (kd_weight 0, ce_weight 1, no teacher hidden states) take the written-out path too."""
+    import ssb.losses
+
+    calls = []
+    real = ssb.losses.forward_kl_and_grad
+    monkeypatch.setattr(ssb.losses, "forward_kl_and_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sh, _, w, b = _hidden(seed=35, bias=True)
+    sh, w, b = sh.to(dtype), w.to(dtype), b.to(dtype)
+    targets = torch.randint(0, V, (N,), generator=_gen(36))
+    targets[0] = -100
+    kw = dict(kd_weight=0.0, ce_weight=1.0, targets=targets, weights=_seq_weights())
+
+    def run(chunked):
+        h = sh.clone().requires_grad_(True)
+        loss = (chunked_distill_loss(h, None, w, lm_head_bias=b, chunk_size=5, **kw) if chunked
+                else distill_loss(F.linear(h, w, b), None, **kw))
+        (loss * 1.3).backward()
+        return loss.detach(), h.grad.float()
+
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, **tol)
+    assert len(calls) == -(-N // 5)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 5, 1000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_forward_kl_fast_path_matches_autograd(chunk_size, dtype, monkeypatch):

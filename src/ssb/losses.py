@@ -174,34 +174,52 @@ def distill_loss(student_logits: Tensor, teacher_logits: Optional[Tensor], *, ki
                    kd_weight)
 
 
-def forward_kl_and_grad(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 2.0,
-                        scale_t2: bool = True, kd_weight: float = 1.0,
-                        weights: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """``distill_loss(kind="forward_kl", ce_weight=0)`` and its gradient with respect to ``student_logits``, written
-    out: d/ds KL(p_t || softmax(s / T)) = (softmax(s / T) - p_t) / T per row. The fast path of the chunked loss (the
-    distill stage's default): about a third of the elementwise passes over (N, V) that autograd makes through
-    :func:`distill_loss`, which is memory-bound on a CPU. Log-probabilities below ``LOG_FLOOR`` (``-inf`` included)
-    count as ``LOG_FLOOR``, where fp32 probabilities are exactly 0, as in :func:`_kl`. Returns (0-dim fp32 sum,
-    fp32 gradient (N, V))."""
-    _check_args("forward_kl", temperature, 0.0, 0.0, None)
+def forward_kl_and_grad(student_logits: Tensor, teacher_logits: Optional[Tensor], *, temperature: float = 2.0,
+                        scale_t2: bool = True, kd_weight: float = 1.0, ce_weight: float = 0.0,
+                        targets: Optional[Tensor] = None, weights: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``distill_loss(kind="forward_kl", ...)`` and its gradient with respect to ``student_logits``, written out:
+    d/ds KL(p_t || softmax(s / T)) = (softmax(s / T) - p_t) / T per row, d/ds CE(s, y) = softmax(s) - onehot(y).
+    The fast path of the chunked loss (the distill stage's KD, SFT and RFT): about a third of the elementwise passes
+    over (N, V) that autograd makes through :func:`distill_loss`, which is memory-bound on a CPU; with
+    ``kd_weight == 0`` (SFT, RFT) no teacher is needed (``teacher_logits`` None) and no divergence is computed.
+    Log-probabilities below ``LOG_FLOOR`` (``-inf`` included) count as ``LOG_FLOOR``, where fp32 probabilities are
+    exactly 0, as in :func:`_kl`; targets of -100 are ignored. Returns (0-dim sum, gradient (N, V)), fp32 (fp64 for fp64 logits)."""
+    _check_args("forward_kl", temperature, 0.0, ce_weight, targets)
+    if teacher_logits is None and kd_weight != 0:
+        raise ValueError("teacher_logits is None but kd_weight != 0")
     n = student_logits.shape[0]
-    _check_per_token(n, weights=weights)
+    _check_per_token(n, targets=targets, weights=weights)
+    dt = torch.float64 if student_logits.dtype == torch.float64 else torch.float32  # the math's dtype
+    w = torch.ones(n, dtype=dt, device=student_logits.device) if weights is None else weights.to(dt)
 
-    def log_probs(x: Tensor) -> Tensor:
-        x = x.float() if x.dtype != torch.float32 else x.clone()
-        x.div_(temperature)
+    def log_probs(x: Tensor, t: float) -> Tensor:
+        x = x.to(dt) if x.dtype != dt else x.clone()
+        if t != 1:
+            x.div_(t)
         return x.sub_(torch.logsumexp(x, -1, keepdim=True)).clamp_(min=LOG_FLOOR)
 
-    log_pt = log_probs(teacher_logits.detach())
-    p_t = log_pt.exp()
-    log_ps = log_probs(student_logits.detach())
-    kl = torch.linalg.vecdot(p_t, log_pt.sub_(log_ps))  # (N,); one sum of p_t (log p_t - log p_s), no cancellation
-    coef = torch.full((n,), kd_weight * (temperature ** 2 if scale_t2 else 1.0), dtype=torch.float32,
-                      device=kl.device)
-    if weights is not None:
-        coef = coef * weights.to(torch.float32)
-    grad = log_ps.exp_().sub_(p_t).mul_((coef / temperature).unsqueeze(-1))  # in place over log_ps
-    return (kl * coef).sum(), grad
+    total, grad = student_logits.new_zeros((), dtype=dt), None
+    if kd_weight != 0:
+        log_pt = log_probs(teacher_logits.detach(), temperature)
+        p_t = log_pt.exp()
+        log_ps = log_probs(student_logits.detach(), temperature)
+        kl = torch.linalg.vecdot(p_t, log_pt.sub_(log_ps))  # (N,); one sum of p_t (log p_t - log p_s): no cancellation
+        coef = w * (kd_weight * (temperature ** 2 if scale_t2 else 1.0))
+        total = total + (kl * coef).sum()
+        grad = log_ps.exp_().sub_(p_t).mul_((coef / temperature).unsqueeze(-1))  # in place over log_ps
+        del log_pt, p_t
+    if ce_weight != 0:
+        keep = targets != -100
+        ids = torch.where(keep, targets, 0).long().unsqueeze(-1)
+        coef = w * keep.to(dt) * ce_weight
+        log_p = log_probs(student_logits.detach(), 1.0)
+        total = total + (-log_p.gather(-1, ids).squeeze(-1) * coef).sum()
+        g = log_p.exp_()
+        g.scatter_add_(-1, ids, -torch.ones_like(ids, dtype=g.dtype)).mul_(coef.unsqueeze(-1))
+        grad = g if grad is None else grad.add_(g)
+    if grad is None:
+        grad = torch.zeros(student_logits.shape, dtype=dt, device=student_logits.device)
+    return total, grad
 
 
 # ----------------------------------------------------------------------------------------------- top-k teacher
@@ -357,14 +375,15 @@ def chunked_distill_loss(student_hidden: Tensor, teacher_hidden: Tensor, lm_head
 
     fast = None
     kind, beta = loss_kwargs.get("kind", "forward_kl"), loss_kwargs.get("beta", 0.5)
-    if (kind == "forward_kl" or (kind == "jsd" and beta == 0.0)) and loss_kwargs.get("ce_weight", 0.0) == 0 \
-            and loss_kwargs.get("kd_weight", 1.0) != 0:
+    kd_weight = loss_kwargs.get("kd_weight", 1.0)
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0) or kd_weight == 0:
         explicit = dict(temperature=loss_kwargs.get("temperature", 2.0), scale_t2=loss_kwargs.get("scale_t2", True),
-                        kd_weight=loss_kwargs.get("kd_weight", 1.0))
+                        kd_weight=kd_weight, ce_weight=loss_kwargs.get("ce_weight", 0.0))
 
         def fast(s_h, t_h, tgt, wts, w, b):  # the fused path's chunk: (loss, gradient w.r.t. s_h), written out
             with torch.no_grad():
-                loss, g = forward_kl_and_grad(F.linear(s_h, w, b), F.linear(t_h, tw, tb), weights=wts, **explicit)
+                t_logits = None if kd_weight == 0 else F.linear(t_h, tw, tb)
+                loss, g = forward_kl_and_grad(F.linear(s_h, w, b), t_logits, targets=tgt, weights=wts, **explicit)
                 return loss, g.to(w.dtype) @ w
 
     return _chunked_loss(chunk_loss, student_hidden, chunk_size, [teacher_hidden.detach(), targets, weights],
