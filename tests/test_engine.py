@@ -105,6 +105,17 @@ def test_progress_hook_is_called_while_generating(hf_engine):
     assert calls[-1] == (sum(lengths), len(lengths))
 
 
+def test_on_done_reports_every_prompt_once_with_its_samples(hf_engine):
+    """``on_done(i, samples)``: once per prompt, with the samples the call returns (what generate_rows saves while
+    a long call goes on)."""
+    prompts = _prompts(hf_engine)
+    seen = []
+    outs = hf_engine.generate(prompts, SamplingParams(2, 0.8, 0, 1.0, 16), seed=3,
+                              on_done=lambda i, samples: seen.append((i, [s.token_ids for s in samples])))
+    assert sorted(i for i, _ in seen) == list(range(len(prompts)))
+    assert dict(seen) == dict(enumerate(_ids(outs)))
+
+
 def test_refilled_small_batch_equals_one_big_batch(hf_engine, tiny_model_dir, monkeypatch):
     """max_batch_size=5 (and 2) rows for 6 prompts x 3 samples: rows are refilled many times and the KV buffer is
     relaid; samples must equal those of one wide batch."""

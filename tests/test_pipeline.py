@@ -158,13 +158,15 @@ def test_interrupted_rollout_resumes_without_duplicates(tiny_model_dir, data_dir
     real = TransformersEngine.generate
     calls = {"n": 0}
 
-    def crash_after_two(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] > 2:
-            raise RuntimeError("simulated crash")
-        return real(self, *a, **k)
+    def crash_after_sixteen(self, prompts, params, seed, progress=None, on_done=None):
+        def done(i, samples):  # the 17th problem to finish crashes the call: two appends of 8 rows were made
+            calls["n"] += 1
+            if calls["n"] > 16:
+                raise RuntimeError("simulated crash")
+            on_done(i, samples)
+        return real(self, prompts, params, seed, progress, done)
 
-    monkeypatch.setattr(TransformersEngine, "generate", crash_after_two)
+    monkeypatch.setattr(TransformersEngine, "generate", crash_after_sixteen)
     with pytest.raises(RuntimeError):
         rollout.run(cfg, tmp_path)
     path = tmp_path / "rollout" / "rollouts.jsonl"

@@ -72,7 +72,7 @@ class FakeEngine:
     def __init__(self):
         self.reports = []
 
-    def generate(self, prompts, params, seed, progress=None):
+    def generate(self, prompts, params, seed, progress=None, on_done=None):
         from ssb.engine import Sample
 
         total = len(prompts) * params.n
@@ -80,12 +80,16 @@ class FakeEngine:
             if progress is not None:
                 progress(3 * k, k)
                 self.reports.append((3 * k, k))
-        return [[Sample([1, 2, 3], "x", "length") for _ in range(params.n)] for _ in prompts]
+        outs = [[Sample([1, 2, 3], "x", "length") for _ in range(params.n)] for _ in prompts]
+        for i in reversed(range(len(prompts))):  # the last prompt finishes first
+            on_done(i, outs[i])
+        return outs
 
 
 def test_generate_rows_shows_tokens_per_second(tmp_path, capsys):
     from ssb.common import generate_rows
     from ssb.engine import SamplingParams
+    from ssb.rows import read_rows
     from ssb.rundir import Stage
 
     stage = Stage(tmp_path, "rollout", "fp")
@@ -96,6 +100,7 @@ def test_generate_rows_shows_tokens_per_second(tmp_path, capsys):
                                 row_of=lambda it, s: {"id": it.id}, engine_factory=lambda: eng,
                                 params=SamplingParams(n=2), seed=0, batch_size=2, desc="rollout")
     assert [r["id"] for r in rows] == [it.id for it in items] and stats["generated_tokens"] == 5 * 2 * 3
-    assert eng.reports[-1] == (6, 2) and len(eng.reports) == 10
+    assert eng.reports[-1] == (30, 10) and len(eng.reports) == 10  # one call: its rows stay full to the end
+    assert [r["id"] for r in read_rows(stage.path("rows.jsonl"))] == [it.id for it in items]  # back in item order
     err = capsys.readouterr().err
     assert "rollout" in err and "tok/s=" in err and "5/5" in err

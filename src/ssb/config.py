@@ -133,7 +133,8 @@ class RolloutConfig:
     top_k: int = _f(50, "Top-k sampling (0 = off).", ge(0))
     top_p: float = _f(1.0, "Nucleus sampling (1.0 = off).", FRACTION)
     max_new_tokens: int = _f(8192, "Longest response, in tokens; longer ones are cut and marked truncated.", gt(0))
-    batch_size: int = _f(16, "Problems per generation batch (each with `samples` sequences).", gt(0))
+    batch_size: int = _f(16, "Problems whose rows are appended together as they finish (what a crash can lose); all "
+                             "missing problems go to the engine in one call.", gt(0))
     budget: str = _f("waves", "How many problems `ssb run` rolls out: waves (rollout -> curate -> teach in waves "
                      "until teach.max_examples verified examples exist; the same examples whatever the wave "
                      "sizes) or all (every problem of rollout.data, then curate, then teach).", ("waves", "all"))
@@ -166,7 +167,8 @@ class TeachConfig:
     max_new_tokens: int = _f(8192, "Longest teacher reply; truncated replies are never kept.", gt(0))
     attempts: int = _f(1, "Teacher samples tried per pair until one grades correct (1 = no retry).", gt(0))
     max_examples: int = _f(256, "Stop once this many teacher-verified examples exist.", gt(0))
-    batch_size: int = _f(16, "Pairs per generation batch.", gt(0))
+    batch_size: int = _f(16, "Pairs whose rows are appended together as they finish; all missing pairs go to the "
+                             "engine in one call.", gt(0))
 
 
 @dataclass
@@ -254,7 +256,8 @@ class EvaluateConfig:
     top_k: int = _f(0, "Top-k sampling (0 = off).", ge(0))
     top_p: float = _f(1.0, "Nucleus sampling (1.0 = off).", FRACTION)
     max_new_tokens: int = _f(8192, "Longest response.", gt(0))
-    batch_size: int = _f(16, "Problems per generation batch.", gt(0))
+    batch_size: int = _f(16, "Problems whose rows are appended together as they finish; all missing problems go to "
+                             "the engine in one call.", gt(0))
     strict: bool = _f(False, "Also report the paper's exact-string scoring (always recorded per sample).")
 
 

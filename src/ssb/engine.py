@@ -24,6 +24,8 @@ over the plain transformers model:
   first tokens of newly admitted samples, or a decode step) with the call's cumulative counts: tokens generated
   (stop tokens included; at the end, the sum of the samples' ``len(token_ids)``) and samples finished, out of
   ``len(prompts) * params.n``. The hook must be cheap (``ssb.progress.GenerationBar.hook`` redraws on a timer).
+- ``generate(..., on_done=hook)`` calls ``hook(i, samples)`` once per prompt as soon as its ``n`` samples have all
+  finished, so a caller saves results while one long call keeps every row busy (:func:`ssb.common.generate_rows`).
 
 A call is a :class:`Scheduler`: it queues the samples, prefills and admits them into rows (one record per busy
 row: its sample, first KV column, length, uniforms and tokens), steps and samples; the rows' keys and values, the
@@ -72,17 +74,20 @@ class Sample:
 
 
 ProgressHook = Callable[[int, int], None]  # (tokens generated, samples finished) so far in the call
+DoneHook = Callable[[int, list["Sample"]], None]  # (prompt index, its n samples) once all of them have finished
 
 
 class Engine(Protocol):
     tokenizer: object
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | list[int],
-                 progress: ProgressHook | None = None) -> list[list[Sample]]:
+                 progress: ProgressHook | None = None, on_done: DoneHook | None = None) -> list[list[Sample]]:
         """``len(prompts)`` lists of ``params.n`` samples each, in prompt order; ``seed``: one per call or one per
         prompt (:func:`request_seeds`). ``progress``, if given, is called with the call's cumulative (tokens
         generated, samples finished) as generation advances (an engine may call it only once, at the end), its last
-        call giving the totals."""
+        call giving the totals. ``on_done(i, samples)``, if given, is called once per prompt as soon as its samples
+        have all finished (an engine may call it for every prompt at the end), so a caller can save results while a
+        long call goes on."""
 
 
 def sample_seed(seed: int, prompt: list[int], occurrence: int, j: int) -> int:
@@ -165,12 +170,12 @@ class TransformersEngine:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | list[int],
-                 progress: ProgressHook | None = None) -> list[list[Sample]]:
+                 progress: ProgressHook | None = None, on_done: DoneHook | None = None) -> list[list[Sample]]:
         if not prompts:
             return []
         if any(not p for p in prompts):
             raise ValueError("empty prompt")
-        toks = Scheduler(self, prompts, params, seed, progress).run()
+        toks = Scheduler(self, prompts, params, seed, progress, on_done).run()
         return [[self._sample(toks[i * params.n + j]) for j in range(params.n)] for i in range(len(prompts))]
 
     def _sample(self, toks: list[int]) -> Sample:
@@ -197,9 +202,10 @@ class Scheduler:
     decode step of every row (samples the next tokens; the benchmarks time it)."""
 
     def __init__(self, eng: TransformersEngine, prompts: list[list[int]], params: SamplingParams,
-                 seed: int | list[int], progress: ProgressHook | None = None):
+                 seed: int | list[int], progress: ProgressHook | None = None, on_done: DoneHook | None = None):
         self.eng, self.model, self.prompts, self.params = eng, eng.model, prompts, params
-        self.progress = progress
+        self.progress, self.on_done = progress, on_done
+        self.running = [params.n] * len(prompts)  # samples of a prompt not yet finished
         self.tokens = self.finished = 0  # generated so far in this call (reported to ``progress``)
         self.device = next(self.model.parameters()).device
         self.stops = set(eng.stop_ids)
@@ -306,6 +312,11 @@ class Scheduler:
             self.results[row.sample] = row.out
             self.rows[r] = None
             self.finished += 1
+            n = self.params.n
+            i = row.sample // n
+            self.running[i] -= 1
+            if not self.running[i] and self.on_done is not None:
+                self.on_done(i, [self.eng._sample(self.results[i * n + j]) for j in range(n)])
 
     # ---------------------------------------------------------------- the buffer's layout
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ssb.engine import ProgressHook, Sample, SamplingParams, request_seeds
+from ssb.engine import DoneHook, ProgressHook, Sample, SamplingParams, request_seeds
 from ssb.errors import SsbError
 
 
@@ -72,7 +72,7 @@ class VLLMEngine:
             repetition_penalty=1.0, skip_special_tokens=True)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | list[int],
-                 progress: ProgressHook | None = None) -> list[list[Sample]]:
+                 progress: ProgressHook | None = None, on_done: DoneHook | None = None) -> list[list[Sample]]:
         if not prompts:
             return []
         seeds = request_seeds(prompts, params.n, seed)
@@ -82,7 +82,10 @@ class VLLMEngine:
         flat = [self._sample(o.outputs[0]) for o in outs]
         if progress is not None:  # one call, at the end: vLLM generates the whole call at once
             progress(sum(len(s.token_ids) for s in flat), len(flat))
-        return [flat[i * params.n: (i + 1) * params.n] for i in range(len(prompts))]
+        out = [flat[i * params.n: (i + 1) * params.n] for i in range(len(prompts))]
+        for i, samples in enumerate(out if on_done is not None else ()):  # at the end: vLLM returns the call whole
+            on_done(i, samples)
+        return out
 
     def _sample(self, c) -> Sample:
         ids = list(c.token_ids)
