@@ -130,3 +130,16 @@ def test_gguf_converted_once_then_loaded_from_safetensors(tmp_path, monkeypatch)
     ids2, second = logits()
     assert ids1 == ids2 and torch.equal(first, second)
     assert [p.name for p in (tmp_path / "models").iterdir() if p.is_dir()] == [d.name]  # converted once
+
+
+def test_a_gguf_model_without_the_gguf_package_says_how_to_install_it(tmp_path, monkeypatch):
+    from ssb.errors import SsbError
+
+    monkeypatch.setenv("SSB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "w.gguf").write_bytes(b"gguf bytes")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    cfg = ModelConfig(name_or_path=str(tmp_path), gguf_file="w.gguf", device="cpu")
+    with pytest.raises(SsbError, match=r"needs the gguf package: pip install 'ssb\[gguf\]'"):
+        gguf_cache_dir(cfg, torch.float32)
+    assert not [p for p in (tmp_path / "cache" / "models").iterdir() if ".tmp-" in p.name]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -294,6 +295,9 @@ def _convert_gguf(cfg: ModelConfig, dtype: torch.dtype, out: Path) -> None:
     """Dequantise the GGUF model and its tokenizer through transformers and save both to ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if importlib.util.find_spec("gguf") is None:  # transformers' own message names neither the package nor the fix
+        raise SsbError(f"reading the GGUF model '{cfg.gguf_file}' needs the gguf package: pip install 'ssb[gguf]' "
+                       "(or pip install 'gguf>=0.10')")
     path, kw = model_path(cfg), source_kwargs(cfg)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
