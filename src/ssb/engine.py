@@ -175,8 +175,8 @@ class TransformersEngine:
             return []
         if any(not p for p in prompts):
             raise ValueError("empty prompt")
-        toks = Scheduler(self, prompts, params, seed, progress, on_done).run()
-        return [[self._sample(toks[i * params.n + j]) for j in range(params.n)] for i in range(len(prompts))]
+        done = Scheduler(self, prompts, params, seed, progress, on_done).run()
+        return [done[i * params.n: (i + 1) * params.n] for i in range(len(prompts))]
 
     def _sample(self, toks: list[int]) -> Sample:
         if toks and toks[-1] in self.stop_ids:
@@ -215,7 +215,7 @@ class Scheduler:
         self.qpos = 0
         self.prefilled: dict[int, tuple[list, torch.Tensor]] = {}  # prompt -> (per-layer (k, v), last logits)
         self.left = {i: params.n for i in range(len(prompts))}  # samples of a prompt not yet given a row
-        self.results: list[list[int] | None] = [None] * (len(prompts) * params.n)
+        self.results: list[Sample | None] = [None] * (len(prompts) * params.n)  # decoded once, as each finishes
         self.rows: list[_Row | None] = [None] * min(eng.max_batch_size, len(self.queue))
         self.udtype = torch.float32 if self.device.type == "mps" else torch.float64
         self.buffer = KVBuffer(self.model, len(self.rows), self.device, eng._static_step(self.device),
@@ -224,7 +224,7 @@ class Scheduler:
     def _captured(self):
         self.eng.captures += 1
 
-    def run(self) -> list[list[int]]:
+    def run(self) -> list[Sample]:
         while True:
             self._admit()
             if all(row is None for row in self.rows):
@@ -309,14 +309,14 @@ class Scheduler:
         row.length += 1
         self.tokens += 1
         if tok in self.stops or len(row.out) >= self.params.max_new_tokens:
-            self.results[row.sample] = row.out
+            self.results[row.sample] = self.eng._sample(row.out)
             self.rows[r] = None
             self.finished += 1
             n = self.params.n
             i = row.sample // n
             self.running[i] -= 1
             if not self.running[i] and self.on_done is not None:
-                self.on_done(i, [self.eng._sample(self.results[i * n + j]) for j in range(n)])
+                self.on_done(i, self.results[i * n: (i + 1) * n])
 
     # ---------------------------------------------------------------- the buffer's layout
 
