@@ -3,7 +3,7 @@
 # takes more than one working session on a few cores: run it, save its small files into the repository after each
 # finished step, and restore them on a fresh machine to continue instead of redoing.
 #
-#   bash benchmarks/testbed_cpu.sh run     [RUN_DIR]          # ssb compare, every run; rerun to continue
+#   bash benchmarks/testbed_cpu.sh run     [RUN_DIR [KEY=VALUE ...]]  # ssb compare, every run; rerun to continue
 #   bash benchmarks/testbed_cpu.sh save    [RUN_DIR] [DEST]   # RUN_DIR's small files -> DEST (to commit)
 #   bash benchmarks/testbed_cpu.sh restore [DEST] [RUN_DIR]   # DEST -> RUN_DIR, ready for `run`
 #
@@ -19,9 +19,9 @@ cd "$(dirname "$0")/.."
 cmd=${1:?usage: testbed_cpu.sh run|save|restore ...}
 case "$cmd" in
   run)
-    run=${2:-runs/testbed-cpu}
+    run=${2:-runs/testbed-cpu}; shift $(( $# > 1 ? 2 : 1 ))
     ssb compare --config configs/testbed-cpu.yaml --run-dir "$run" --runs "${RUNS:-base,ssb,grpo,sft,rft,onpolicy}" \
-      model.name_or_path="${MODEL:-testbed}" ;;
+      model.name_or_path="${MODEL:-testbed}" "$@" ;;
   save)
     run=${2:-runs/testbed-cpu}; dest=${3:-benchmarks/testbed-cpu-2026-12-02}
     rm -rf "$dest" && mkdir -p "$dest"

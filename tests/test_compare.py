@@ -12,6 +12,7 @@ import yaml
 from conftest import small_overrides
 from ssb import compare
 from ssb.cli import main
+from ssb.configio import load_config
 from ssb.errors import SsbError
 from ssb.rows import read_rows
 
@@ -68,6 +69,16 @@ def test_grpo_gets_ssb_training_cost_and_problems(compared):
     assert cfg["grpo"]["max_cpu_seconds"] == pytest.approx(cost["cpu_seconds"]) and cfg["grpo"]["max_seconds"] is None
     rolled = json.loads((root / "ssb" / "rollout" / "manifest.json").read_text())["counts"]["problems"]
     assert cfg["rollout"]["data"]["limit"] == rolled < 48
+
+
+def test_a_grpo_budget_given_to_compare_is_kept(compared):
+    root, over = compared
+    for budget in ("grpo.max_cpu_seconds=123.0", "grpo.max_seconds=45.0"):
+        extra = compare.grpo_overrides(load_config(None, [*over, budget]), root / "ssb")
+        assert not any(e.startswith(("grpo.max_seconds", "grpo.max_cpu_seconds")) for e in extra)
+        assert extra[0].startswith("rollout.data=")
+    measured = compare.grpo_overrides(load_config(None, over), root / "ssb")
+    assert measured[0].startswith("grpo.max_cpu_seconds=")
 
 
 def test_report_has_paired_differences_and_cost_plot(compared):

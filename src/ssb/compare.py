@@ -72,10 +72,13 @@ def grpo_overrides(cfg: Config, ssb_dir) -> list[str]:
     """GRPO at SSB's cost, as overrides: the budget (:func:`training_cost`: SSB's training GPU-seconds where it used
     GPUs, else its CPU-seconds, which other work sharing the cores does not inflate as it does wall seconds; wall
     seconds for manifests that predate CPU-seconds) and the problems SSB rolled out (the first ``counts.problems``
-    of ``rollout.data``)."""
-    budget = training_cost(ssb_dir)
+    of ``rollout.data``). A budget the user set (``grpo.max_seconds`` or ``grpo.max_cpu_seconds``, e.g. SSB's cost
+    measured by hand where its manifests undercount it) is kept instead of the measured one."""
     problems = read_json(Path(ssb_dir) / "rollout" / MANIFEST)["counts"]["problems"]
     data = {**to_dict(cfg.rollout.data), "limit": problems}
+    if cfg.grpo.max_seconds is not None or cfg.grpo.max_cpu_seconds is not None:
+        return [f"rollout.data={json.dumps(data)}"]
+    budget = training_cost(ssb_dir)
     if budget["gpu_seconds"] or not budget["cpu_seconds"]:
         limit = f"grpo.max_seconds={max(budget['device_seconds'], 1e-3)}"
     else:
