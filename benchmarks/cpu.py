@@ -30,7 +30,8 @@ import torch
 
 from ssb.config import DatasetConfig, DistillConfig, ModelConfig
 from ssb.data import load_problems
-from ssb.engine import SamplingParams, Scheduler, TransformersEngine
+from ssb.engine import SamplingParams
+from ssb.engine.transformers_engine import Scheduler, TransformersEngine
 from ssb.grading import extract_answer, grade
 from ssb.losses import chunked_distill_loss
 from ssb.models import load_model, load_tokenizer, lora_config, native_cpu_bf16, render_chat, stop_token_ids

@@ -1,7 +1,7 @@
 """Generation throughput: the same prompts and lengths through
 (a) one-at-a-time ``generate`` (the authors' way: one sequence per call),
 (b) padded batched ``generate`` (left padding, ``num_return_sequences=K``),
-(c) ssb's embedded engine (:class:`ssb.engine.TransformersEngine`),
+(c) ssb's embedded engine (:class:`ssb.engine.transformers_engine.TransformersEngine`),
 (d) optionally transformers' continuous batching ``generate_batch`` (``--generate-batch``),
 on a random-weight Qwen2-shaped model, for two workloads:
 
@@ -25,8 +25,10 @@ import time
 
 import torch
 
-from ssb.engine import SamplingParams, Scheduler, TransformersEngine
-from ssb.kv_buffer import KVBuffer
+from ssb.engine import SamplingParams
+
+from ssb.engine.transformers_engine import Scheduler, TransformersEngine
+from ssb.engine.kv_buffer import KVBuffer
 
 PRESETS = {
     "cpu-small": dict(model=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,

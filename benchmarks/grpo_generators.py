@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from ssb import grpo
+from ssb.stages import grpo
 from ssb.configio import load_config
 from ssb.rows import read_rows
 

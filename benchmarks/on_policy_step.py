@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import small_overrides  # noqa: E402
 
-from ssb import curate, distill, rollout, teach  # noqa: E402
+from ssb.stages import curate, distill, rollout, teach  # noqa: E402
 from ssb.configio import load_config, to_dict  # noqa: E402
 from ssb.data import BUILTIN_DIR  # noqa: E402
 from ssb.rows import read_rows  # noqa: E402

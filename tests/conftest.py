@@ -79,7 +79,7 @@ def small_overrides(model_dir: Path, data_dir: Path) -> list[str]:
 def taught(tiny_model_dir, data_dir, tmp_path_factory):
     """(config, run dir) with real rollout -> curate -> teach outputs on the tiny model (a few seconds); tests copy
     the stages out (:func:`copy_taught`) before writing anything."""
-    from ssb import curate, rollout, teach
+    from ssb.stages import curate, rollout, teach
     from ssb.configio import load_config
 
     d = tmp_path_factory.mktemp("taught")
@@ -99,7 +99,7 @@ def copy_taught(src: Path, dst: Path) -> Path:
 
 
 def train_killed_at(call: int):
-    """A stand-in for ``ssb.distill.train`` whose ``call``-th step raises KeyboardInterrupt (a simulated kill)."""
+    """A stand-in for ``ssb.stages.distill.train`` whose ``call``-th step raises KeyboardInterrupt (a simulated kill)."""
     import ssb.train
 
     orig, calls = ssb.train.train, {"n": 0}

@@ -7,9 +7,9 @@ import shutil
 import torch
 import torch.nn.functional as F
 
-from ssb import teach
+from ssb.stages import teach
 from ssb.configio import load_config
-from ssb.distill import attach_lora, batch_loss, build_examples, collate, rollout_targets
+from ssb.stages.distill import attach_lora, batch_loss, build_examples, collate, rollout_targets
 from ssb.models import load_tokenizer
 from ssb.rows import read_rows
 from test_pipeline import run  # noqa: F401  (the module-scoped pipeline fixture)

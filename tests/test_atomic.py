@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from ssb import curate
+from ssb.stages import curate
 from ssb.atomic import publishing, write_text, writing
 from ssb.errors import SsbError
 from ssb.rows import append_rows, write_json, write_rows

@@ -1,6 +1,6 @@
 import random
 
-from ssb.curate import choose_pair
+from ssb.stages.curate import choose_pair
 
 
 def test_most_common_wrong_answer_is_chosen():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ssb.config import DistillConfig
 from conftest import copy_taught
-from ssb.distill import align, attach_lora, batch_loss, build_examples, collate
+from ssb.stages.distill import align, attach_lora, batch_loss, build_examples, collate
 
 
 def test_alignment_student_and_teacher_predict_the_same_reply_token():
@@ -102,7 +102,7 @@ def _distill_cfg(base, *extra):
 def test_distill_stage_trains_with_decreasing_loss(taught, tmp_path, monkeypatch, teacher):
     from peft import PeftModel
 
-    from ssb import distill
+    from ssb.stages import distill
     from ssb.rows import read_rows
 
     base_cfg, src = taught
@@ -146,7 +146,7 @@ def _check_cache_matches_base_model(cfg, d, info):
 
 
 def test_distill_refuses_a_cache_built_at_another_temperature(taught, tmp_path, monkeypatch):
-    from ssb import distill
+    from ssb.stages import distill
     from ssb.errors import SsbError
     from ssb.teacher_cache import TopkCacheWriter
 

@@ -9,7 +9,9 @@ import shutil
 import pytest
 import torch
 
-from ssb import models, rollout
+from ssb import models
+
+from ssb.stages import rollout
 from ssb.config import ModelConfig
 from ssb.configio import load_config
 from ssb.models import load_model, native_cpu_bf16, resolve_dtype

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from ssb.config import EngineConfig, ModelConfig
-from ssb.engine import SamplingParams, TransformersEngine, pick_tokens
-from ssb.generation import make_engine
+from ssb.engine import SamplingParams
+from ssb.engine.transformers_engine import TransformersEngine, pick_tokens
+from ssb.engine import make_engine
 from ssb.errors import SsbError
 from ssb.models import render_chat
 from ssb.prompts import student_messages
@@ -119,7 +120,7 @@ def test_on_done_reports_every_prompt_once_with_its_samples(hf_engine):
 def test_refilled_small_batch_equals_one_big_batch(hf_engine, tiny_model_dir, monkeypatch):
     """max_batch_size=5 (and 2) rows for 6 prompts x 3 samples: rows are refilled many times and the KV buffer is
     relaid; samples must equal those of one wide batch."""
-    from ssb.kv_buffer import KVBuffer
+    from ssb.engine.kv_buffer import KVBuffer
 
     calls = []
     real = KVBuffer.relayout
@@ -146,7 +147,7 @@ def test_fixed_shape_step_equals_the_eager_one(tiny_model_dir, monkeypatch):
     """The CUDA-graph decode step (static KV buffer written at a device index, mask as a tensor, grouped-query
     attention over the whole buffer), run here without a graph: same samples as the eager step, through
     refills, in-place re-layouts and reallocations."""
-    from ssb import kv_buffer as mod
+    from ssb.engine import kv_buffer as mod
 
     calls = []
     real = mod.KVBuffer.fixed_logits
@@ -266,7 +267,7 @@ def _prefill_bytes(engine, prompts) -> int:
     """Bytes allocated by one prefill forward of ``prompts`` (every op's own allocations, summed)."""
     from torch.profiler import profile
 
-    from ssb.engine import Scheduler
+    from ssb.engine.transformers_engine import Scheduler
 
     with torch.inference_mode(), profile(profile_memory=True) as prof:
         Scheduler(engine, prompts, SamplingParams(1, 0.0, 0, 1.0, 4), 0)._prefill(0)

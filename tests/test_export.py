@@ -17,7 +17,7 @@ from ssb.rows import read_json, read_rows
 @pytest.fixture(scope="module")
 def compared(taught, tmp_path_factory):
     """ROOT/base (evaluated, no adapter) and ROOT/ssb (distilled + evaluated), laid out as ssb compare does."""
-    from ssb import distill, evaluate
+    from ssb.stages import distill, evaluate
     from ssb.configio import load_config
 
     cfg, src = taught

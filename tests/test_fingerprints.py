@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 
-from ssb import curate, distill, evaluate, grpo, rollout, teach
+from ssb.stages import STAGES, curate, distill, evaluate, grpo, rollout, teach
 from ssb.config import Config, DatasetConfig
 from ssb.configio import load_config
 from ssb.reads import UndeclaredConfigRead, get_path
@@ -72,10 +72,9 @@ def with_field(cfg: Config, key: str) -> Config:
 def fingerprints(cfg: Config, run_dir) -> dict[str, str]:
     fp = {"rollout": rollout.stage_for(cfg, run_dir).fingerprint,
           "rollout-waves": rollout.stage_for(cfg, run_dir, waves=True).fingerprint,
-          "grpo": grpo.stage_for(cfg, run_dir).fingerprint}
-    fp["curate"] = curate.make_stage(cfg, run_dir, fp["rollout"]).fingerprint
-    fp["teach"] = teach.make_stage(cfg, run_dir, fp["curate"]).fingerprint
-    fp["distill"] = distill.make_stage(cfg, run_dir, fp[distill.upstream(cfg)]).fingerprint
+          "grpo": STAGES["grpo"].stage(cfg, run_dir).fingerprint}
+    for name in ("curate", "teach", "distill"):
+        fp[name] = STAGES[name].stage(cfg, run_dir, up=fp[STAGES[name].upstream(cfg)[0]]).fingerprint
     fp["evaluate"] = "/".join(s.fingerprint for _, s in evaluate.stages_for(cfg, run_dir,
                                                                           adapter=("adapter", fp["distill"])))
     return fp
@@ -86,7 +85,7 @@ def expected(cfg: Config, key: str) -> set[str]:
     and every stage after one of those."""
     direct = {s for s, r in READS.items() if r.covers(key)} | ({"evaluate"} if key == "evaluate.benchmarks" else set())
     out = set(direct)
-    for stage, up in (("curate", "rollout"), ("teach", "curate"), ("distill", distill.upstream(cfg)),
+    for stage, up in (("curate", "rollout"), ("teach", "curate"), ("distill", STAGES["distill"].upstream(cfg)[0]),
                       ("evaluate", "distill")):
         if up in out:
             out.add(stage)

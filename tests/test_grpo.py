@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("trl")
 
-from ssb import evaluate, grpo  # noqa: E402
+from ssb.stages import evaluate, grpo  # noqa: E402
 from ssb.cli import main  # noqa: E402
 from ssb.configio import load_config  # noqa: E402
 from ssb.rows import read_rows  # noqa: E402
@@ -92,8 +92,8 @@ def test_rerun_does_no_work_and_changed_config_is_an_error(run, tiny_model_dir, 
     def boom(*a, **k):
         raise AssertionError("a finished grpo stage loaded a model")
 
-    monkeypatch.setattr("ssb.grpo.load_model", boom)
-    monkeypatch.setattr("ssb.grpo.load_tokenizer", boom)
+    monkeypatch.setattr("ssb.stages.grpo.load_model", boom)
+    monkeypatch.setattr("ssb.stages.grpo.load_tokenizer", boom)
     capsys.readouterr()
     assert main(["grpo", "--run-dir", str(run), *_overrides(tiny_model_dir)]) == 0
     assert "(already done)" in capsys.readouterr().err
@@ -267,7 +267,7 @@ def test_a_run_killed_after_its_last_checkpoint_finishes_without_training(tiny_m
     def boom(*a, **k):
         raise AssertionError("loaded a model to finish a run whose training was over")
 
-    monkeypatch.setattr("ssb.grpo.load_model", boom)
+    monkeypatch.setattr("ssb.stages.grpo.load_model", boom)
     m = grpo.run(cfg, tmp_path)
     assert m["stopped_by"] == "tokens" and m["counts"]["steps"] == 1 and m["resumed_from_step"] == 1
     assert (tmp_path / "grpo" / "adapter" / "adapter_model.safetensors").is_file()

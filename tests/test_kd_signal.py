@@ -61,7 +61,7 @@ def test_summary_shares_and_per_example_means():
 def test_ssb_signal_on_a_run_directory_and_with_an_untrained_adapter(taught, tmp_path, capsys):
     from peft import get_peft_model
 
-    from ssb.distill import training_rows
+    from ssb.stages.distill import training_rows
     from ssb.models import load_model, lora_config
 
     cfg, src = taught

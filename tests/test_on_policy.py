@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import copy_taught
-from ssb import distill, on_policy
+from ssb.stages import distill, on_policy
 from ssb.config import DistillConfig
 from ssb.configio import load_config, to_dict
-from ssb.distill import align, attach_lora, batch_loss, collate
-from ssb.engine import SamplingParams, TransformersEngine
+from ssb.stages.distill import align, attach_lora, batch_loss, collate
+from ssb.engine import SamplingParams
+from ssb.engine.transformers_engine import TransformersEngine
 from ssb.errors import SsbError
 from ssb.models import render_chat
 from ssb.rows import read_rows
@@ -210,7 +211,7 @@ def test_on_policy_killed_then_resumed_ends_at_the_same_weights(taught, tmp_path
     ref, crash = copy_taught(src, tmp_path / "ref"), copy_taught(src, tmp_path / "crash")
     distill.run(cfg, ref)
     with monkeypatch.context() as m:
-        m.setattr("ssb.distill.train", train_killed_at(4))
+        m.setattr("ssb.stages.distill.train", train_killed_at(4))
         with pytest.raises(KeyboardInterrupt):
             distill.run(cfg, crash)
     assert (crash / "distill" / "checkpoint" / "state.json").exists()

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import small_overrides
-from ssb import curate, distill, evaluate, rollout, teach
+from ssb.stages import curate, distill, evaluate, rollout, teach
 from ssb.configio import load_config
-from ssb.engine import TransformersEngine
+from ssb.engine.transformers_engine import TransformersEngine
 from ssb.errors import SsbError
 from ssb.rows import read_rows
 
@@ -121,8 +121,8 @@ def forbid_model_loading(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a finished stage loaded a model")
 
-    for target in ("ssb.rollout.make_engine", "ssb.teach.make_engine", "ssb.evaluate.make_engine",
-                   "ssb.distill.load_model", "ssb.models.load_model"):
+    for target in ("ssb.stages.rollout.make_engine", "ssb.stages.teach.make_engine", "ssb.stages.evaluate.make_engine",
+                   "ssb.stages.distill.load_model", "ssb.models.load_model"):
         monkeypatch.setattr(target, boom)
 
 

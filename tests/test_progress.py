@@ -55,8 +55,8 @@ def test_bar_before_any_token():
 
 
 def test_progress_module_is_light():
-    code = ("import sys; import ssb.progress, ssb.train, ssb.distill; "
-            "bad = [m for m in ('ssb.engine', 'ssb.common', 'ssb.kv_buffer', 'ssb._static_decode') "
+    code = ("import sys; import ssb.progress, ssb.train, ssb.stages.distill; "
+            "bad = [m for m in ('ssb.engine', 'ssb.stages.generate', 'ssb.engine.kv_buffer', 'ssb.engine.fixed_step') "
             "if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -87,7 +87,7 @@ class FakeEngine:
 
 
 def test_generate_rows_shows_tokens_per_second(tmp_path, capsys):
-    from ssb.common import generate_rows
+    from ssb.stages.generate import generate_rows
     from ssb.engine import SamplingParams
     from ssb.rows import read_rows
     from ssb.rundir import Stage

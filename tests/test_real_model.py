@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ssb import curate, distill, evaluate, rollout, teach
+from ssb.stages import curate, distill, evaluate, rollout, teach
 from ssb.configio import load_config
 from ssb.rundir import file_record
 from ssb.rows import read_json, read_rows, write_json, write_rows

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, small_overrides, train_killed_at
-from ssb import distill, rollout, waves
+from ssb.stages import distill, rollout, waves
 from ssb.cli import main
 from ssb.configio import dump_yaml, load_config
 from ssb.errors import SsbError
@@ -202,7 +202,7 @@ def test_a_later_stage_refused_is_refused_before_an_earlier_one_runs(tmp_path, c
     run_dir = tmp_path / "r"
     _finished(run_dir, "rollout", {"rollouts.jsonl": _rollouts()})
     Stage(run_dir, "teach", "another").begin()  # teach started with another configuration
-    monkeypatch.setattr("ssb.curate.select", lambda *a, **k: pytest.fail("curate ran"))
+    monkeypatch.setattr("ssb.stages.curate.select", lambda *a, **k: pytest.fail("curate ran"))
     err = _one_line_error(*_cli(capsys, "run", "--run-dir", run_dir, "--stages", "curate,teach", *over))
     assert str(run_dir / "teach") in err and "--force" in err
     assert not (run_dir / "curate").exists() and not (run_dir / "config.yaml").exists()

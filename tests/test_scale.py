@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import small_overrides, train_killed_at
-from ssb import curate, distill, rollout, teach
+from ssb.stages import curate, distill, rollout, teach
 from ssb.configio import load_config
 from ssb.rows import read_rows
 
@@ -98,7 +98,7 @@ def test_distill_killed_then_resumed_ends_at_the_same_weights(base, tmp_path, mo
             return step_loss(idx)
         return orig_train(model, spec, stage_dir, counted, norm_of, *hooks, **kw)
 
-    monkeypatch.setattr("ssb.distill.train", counting_train)
+    monkeypatch.setattr("ssb.stages.distill.train", counting_train)
     with pytest.raises(KeyboardInterrupt):  # killed during step 4; the last checkpoint is at step 2
         distill.run(cfg, crash)
     assert (crash / "distill" / "checkpoint" / "state.json").exists()
@@ -169,7 +169,7 @@ def test_fsdp_distill_resumes_a_single_process_checkpoint(base, tmp_path, monkey
     shutil.copytree(runs[1], ref)
     distill.run(cfg, ref)
 
-    monkeypatch.setattr("ssb.distill.train", train_killed_at(3))
+    monkeypatch.setattr("ssb.stages.distill.train", train_killed_at(3))
     with pytest.raises(KeyboardInterrupt):
         distill.run(cfg, runs[1])
     assert (runs[1] / "distill" / "checkpoint" / "state.json").exists()

@@ -27,7 +27,7 @@ def _scalars(log_dir):
 
 
 def test_distill_logs_its_curve_to_tensorboard(taught, tmp_path):
-    from ssb import distill
+    from ssb.stages import distill
     from ssb.configio import load_config
 
     cfg, src = taught
@@ -50,7 +50,7 @@ def test_distill_logs_its_curve_to_tensorboard(taught, tmp_path):
 
 
 def test_grpo_logs_its_curve_to_tensorboard(tiny_model_dir, data_dir, tmp_path):
-    from ssb import grpo
+    from ssb.stages import grpo
     from ssb.configio import load_config
 
     cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "model.device=cpu", f"data_dir={data_dir}",

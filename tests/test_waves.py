@@ -1,4 +1,4 @@
-"""Budgeted generation (ssb.waves): rollout -> curate -> teach in waves until teach.max_examples examples exist.
+"""Budgeted generation (ssb.stages.waves): rollout -> curate -> teach in waves until teach.max_examples examples exist.
 The examples must not depend on the wave sizes or on an interruption; far fewer problems are rolled out."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import small_overrides
-from ssb import teach, waves
+from ssb.stages import teach, waves
 from ssb.cli import main
 from ssb.configio import load_config
 from ssb.rows import read_rows

@@ -29,8 +29,8 @@ Two halves:
   ``benchmark-unavailable`` an evaluation benchmark that cannot be loaded (the evaluate stage would fail on it).
 
 - **The command** (:func:`audit_prompts`): loads the tokenizer (and the model's config, never its weights), renders
-  for the first problems what each stage renders (the student prompt through :func:`ssb.distill.build_examples`,
-  the teacher prompt as :mod:`ssb.teach` does, or under ``distill.targets=on_policy`` as ``distill.hint`` picks it,
+  for the first problems what each stage renders (the student prompt through :func:`ssb.stages.distill.build_examples`,
+  the teacher prompt as :mod:`ssb.stages.teach` does, or under ``distill.targets=on_policy`` as ``distill.hint`` picks it,
   the evaluation prompt of each benchmark), prints text and ids, runs the checks and returns the exit status: 1 if
   any finding is an error, else 0.
 """
@@ -500,15 +500,15 @@ class _Audit:
 
     def render(self, it: dict) -> _Problem:
         """What the stages render for ``it``: the student's prompt and the reply targets as distill builds them
-        (:func:`ssb.distill.build_examples`), the teacher's prompt as teach renders it (:mod:`ssb.teach`), as
+        (:func:`ssb.stages.distill.build_examples`), the teacher's prompt as teach renders it (:mod:`ssb.stages.teach`), as
         stored or now."""
-        from ssb.distill import build_examples
+        from ssb.stages.distill import build_examples
         from ssb.models import render_chat
         from ssb.prompts import pair_messages, student_messages
 
         tc = self.cfg.teach
         reply, targets_from = self._reply(it)
-        rendered = None  # the teacher prompt as teach renders it from the attempts (ssb.teach.Teacher.prompt)
+        rendered = None  # the teacher prompt as teach renders it from the attempts (ssb.stages.teach.Teacher.prompt)
         if "correct" in it:
             rendered = render_chat(self.tok, pair_messages(it["question"], it, tc.context, tc.prompt))
         stored = it.get("teacher_prompt_ids")
@@ -529,9 +529,9 @@ class _Audit:
 
     def _hinted_prompt(self, it: dict, hint: str) -> tuple[list[int], str]:
         """On-policy, ``distill.hint`` correct or reference: (the teacher's prompt as distill renders it with
-        :func:`ssb.on_policy.teacher_prompt`, its title). Raises :class:`ssb.errors.SsbError` where distill would:
+        :func:`ssb.stages.on_policy.teacher_prompt`, its title). Raises :class:`ssb.errors.SsbError` where distill would:
         no correct attempt, no reference solution."""
-        from ssb.on_policy import teacher_prompt
+        from ssb.stages.on_policy import teacher_prompt
 
         row = {"id": it["id"], "question": it["question"], "answer": it["answer"]}
         if hint == "correct":
@@ -584,7 +584,7 @@ class _Audit:
         """Show and check the first problem of each benchmark as evaluate renders it; ``question``: the first
         training problem's, whose rollout prompt the evaluation prompts should share a template with."""
         from ssb.data import load_problems
-        from ssb.evaluate import label
+        from ssb.stages.evaluate import label
         from ssb.models import render_chat
         from ssb.prompts import student_messages
 

@@ -25,7 +25,7 @@ from ssb import dist
 from ssb.errors import SsbError
 from ssb.pipeline import run_stages
 from ssb.lock import locked
-from ssb.rundir import PIPELINE
+from ssb.stages import PIPELINE
 
 STAGES = PIPELINE
 

@@ -10,7 +10,7 @@ On one model, one grader and one evaluation harness it runs, each in its own run
 | ``grpo`` | RL at equal cost | ``ssb grpo`` on the problems SSB rolled out, stopped when its cost reaches SSB's training cost (rollout + curate + teach + distill: GPU-seconds, or CPU-seconds on a CPU), then evaluate |
 | ``sft`` | is the soft target needed? | cross-entropy on the teacher's replies: ``distill.kd_weight=0 distill.ce_weight=1`` |
 | ``rft`` | is the teacher needed? | cross-entropy on the student's own correct rollouts: ``distill.targets=rollouts`` + the above |
-| ``onpolicy`` | on-policy self-distillation | the student samples, the hinted teacher scores its tokens: ``distill.targets=on_policy`` on SSB's questions and hinted prompts (:mod:`ssb.on_policy`) |
+| ``onpolicy`` | on-policy self-distillation | the student samples, the hinted teacher scores its tokens: ``distill.targets=on_policy`` on SSB's questions and hinted prompts (:mod:`ssb.stages.on_policy`) |
 
 ``sft``, ``rft`` and ``onpolicy`` reuse SSB's finished upstream stages through relative symbolic links (``R/sft/teach ->
 ../ssb/teach``), not copies: the work is done and paid for once, and ``ssb report`` marks reused stages. The budget
@@ -39,6 +39,7 @@ from ssb.errors import SsbError
 from ssb.lock import locked
 from ssb.rundir import MANIFEST
 from ssb.rows import read_json
+from ssb.stages import STAGES, TRAINING as STAGE_TRAINING
 
 RUNS = ("base", "ssb", "grpo", "sft", "rft", "onpolicy")
 SSB_UPSTREAM = {"sft": ("rollout", "curate", "teach"), "rft": ("rollout", "curate"),
@@ -52,7 +53,7 @@ OVERRIDES = {
     "rft": ["distill.targets=rollouts", "distill.kd_weight=0", "distill.ce_weight=1"],
     "onpolicy": ["distill.targets=on_policy"],
 }
-TRAINING = ("rollout", "curate", "teach", "distill")
+TRAINING = tuple(s for s in STAGE_TRAINING if STAGES[s].in_run)  # SSB's training stages: its cost
 STEPS = {"base": ["evaluate"], "ssb": ["rollout", "curate", "teach", "distill", "evaluate"],
          "grpo": ["grpo", "evaluate"], "sft": ["distill", "evaluate"], "rft": ["distill", "evaluate"],
          "onpolicy": ["distill", "evaluate"]}

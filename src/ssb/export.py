@@ -223,7 +223,7 @@ def export_model(cfg: Config, run_dir, out, adapter_only: bool = False, base_dir
     """Export ``run_dir``'s trained model into ``out`` (see the module docstring); returns ``out``."""
     import torch
 
-    from ssb.evaluate import resolve_adapter
+    from ssb.stages.evaluate import resolve_adapter
     from ssb.models import dtype_name, load_model, load_tokenizer, resolve_dtype
     from ssb.configio import dump_yaml
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ssb.config import Config
-from ssb.distill import build_examples, collate, training_rows
+from ssb.stages.distill import build_examples, collate, training_rows
 from ssb.errors import SsbError
 from ssb.losses import LOG_FLOOR
 from ssb.models import load_model, load_tokenizer, model_identity, resolve_device, stop_token_ids

@@ -12,12 +12,7 @@ from ssb.config import Config
 from ssb.configio import dump_yaml
 from ssb.rows import read_json
 from ssb.rundir import MANIFEST, flush_deferred, write_on_begin
-
-
-def _stage_module(name: str):
-    import importlib
-
-    return importlib.import_module(f"ssb.{name}")
+from ssb.stages import STAGES, rollout
 
 
 def _summary(name: str, result: dict, run_dir: Path) -> str:
@@ -29,17 +24,18 @@ def _summary(name: str, result: dict, run_dir: Path) -> str:
 
 
 def _run_stage(name: str, cfg: Config, run_dir: Path, force: bool):
-    """Run one stage; under torchrun, stages that do not shard their work (curate, grpo) run on rank 0 alone."""
-    module = _stage_module(name)
-    if name in ("curate", "grpo") and dist.world() > 1:
+    """Run one stage; under torchrun, stages that do not shard their work (``solo``: curate, grpo) run on rank 0
+    alone."""
+    spec = STAGES[name]
+    if spec.solo and dist.world() > 1:
         if dist.is_main():
             with dist.solo():
-                result = module.run(cfg, run_dir, force=force)
+                result = spec.run(cfg, run_dir, force=force)
         else:
             result = None
         dist.barrier()
-        return result or read_json(run_dir / name / "manifest.json")
-    return module.run(cfg, run_dir, force=force)
+        return result or read_json(run_dir / name / MANIFEST)
+    return spec.run(cfg, run_dir, force=force)
 
 
 def _manifest_fp(run_dir: Path, name: str) -> str | None:
@@ -52,30 +48,23 @@ def check_stages(cfg: Config, run_dir: Path, stages, waves: bool = False) -> Non
     configuration. A stage's fingerprint is computed from the fingerprint its upstream stage will have (if that
     runs in this command too) or has (its manifest); a stage whose upstream is not there yet is checked when it
     runs (and then refused for that)."""
-    from ssb import curate, distill, evaluate, grpo, rollout, teach
-
     fps: dict[str, str | None] = {}
 
     def fp_of(name: str) -> str | None:
         return fps[name] if name in fps else _manifest_fp(run_dir, name)
 
     for name in stages:
-        if name == "rollout":
+        spec = STAGES[name]
+        up = next((u for u in spec.upstream(cfg) if fp_of(u) is not None), None)
+        if name == "evaluate":  # its upstream, if any, is the adapter `auto` picks: the one this command makes
+            from ssb.stages import evaluate
+
+            adapter = (str(run_dir / up / "adapter"), fp_of(up)) if up else None
+            checked = [stage for _, stage in evaluate.stages_for(cfg, run_dir, adapter=adapter)]
+        elif name == "rollout":
             checked = [rollout.stage_for(cfg, run_dir, waves=waves)]
-        elif name in ("curate", "teach", "distill"):
-            module = {"curate": curate, "teach": teach, "distill": distill}[name]
-            up = fp_of(module.upstream(cfg))
-            checked = [] if up is None else [module.make_stage(cfg, run_dir, up)]
-        elif name == "grpo":
-            checked = [grpo.stage_for(cfg, run_dir)]
-        else:  # evaluate: the adapter `auto` picks is the one this command makes, if it makes one
-            adapter = None
-            if cfg.evaluate.adapter == "auto":
-                for src in ("distill", "grpo"):
-                    if fp_of(src) is not None:
-                        adapter = (str(run_dir / src / "adapter"), fp_of(src))
-                        break
-            checked = [s for _, s in evaluate.stages_for(cfg, run_dir, adapter=adapter)]
+        else:  # a stage whose upstream is not there yet is checked when it runs
+            checked = [spec.stage(cfg, run_dir, up=fp_of(up))] if up or not spec.upstream(cfg) else []
         for stage in checked:
             stage.check()
         fps[name] = checked[0].fingerprint if checked else None
@@ -84,7 +73,7 @@ def check_stages(cfg: Config, run_dir: Path, stages, waves: bool = False) -> Non
 def run_stages(cfg: Config, run_dir: Path, stages, force: bool = False, budgeted: bool = False,
                save_config: bool = False) -> None:
     """Run ``stages`` in order. ``budgeted`` (``ssb run`` with ``rollout.budget=waves``): rollout, curate and teach,
-    when all three are asked for, run together in waves (:mod:`ssb.waves`). ``save_config``: write
+    when all three are asked for, run together in waves (:mod:`ssb.stages.waves`). ``save_config``: write
     ``RUN_DIR/config.yaml`` once a stage begins (or at the end, if none had to)."""
     waves = budgeted and cfg.rollout.budget == "waves" and {"rollout", "curate", "teach"} <= set(stages)
     if not force:
@@ -105,7 +94,7 @@ def _run_in_order(cfg: Config, run_dir: Path, stages, force: bool, waves: bool) 
         if waves and name in ("curate", "teach"):
             result = read_json(run_dir / name / "manifest.json")
         elif waves and name == "rollout":
-            from ssb import waves as waves_module
+            from ssb.stages import waves as waves_module
 
             waves_module.run(cfg, run_dir, force=force)
             result = read_json(run_dir / name / "manifest.json")

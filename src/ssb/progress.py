@@ -3,7 +3,7 @@ while a generation call is still running.
 
 A generation call can take minutes on a GPU (a batch of long chains of thought), so a bar that moves only when a
 call returns looks frozen. :class:`GenerationBar` hands the engine a hook (``engine.generate(..., progress=hook)``,
-see :mod:`ssb.engine`) that the engine calls with cumulative ``(tokens, finished)`` counts of the running call;
+see :mod:`ssb.engine.transformers_engine`) that the engine calls with cumulative ``(tokens, finished)`` counts of the running call;
 the bar redraws at most every ``interval`` seconds with the tokens generated, tok/s, finished samples of the call
 out of its total, and an ETA (tqdm's, from the fraction of finished samples credited to the call's items).
 

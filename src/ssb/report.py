@@ -32,10 +32,10 @@ from ssb.metrics import changed_answers, paired_bootstrap, per_problem_answers, 
 from ssb.plots import plot_accuracy, plot_cost, plot_lengths, plot_loss, plot_reward
 from ssb.rows import read_json, read_rows
 from ssb.run_results import Bench, Run
-from ssb.rundir import MANIFEST, PIPELINE
+from ssb.rundir import MANIFEST
+from ssb.stages import STAGES as _REGISTRY, TRAINING
 
-STAGES = (*PIPELINE, "grpo")  # grpo: the RL baseline (ssb grpo)
-TRAINING = ("rollout", "curate", "teach", "distill", "grpo")  # what producing the model cost (not evaluate)
+STAGES = tuple(_REGISTRY)  # a run's stages, ssb run's and grpo (the RL baseline)
 N_BOOT, SEED = 1000, 0  # of the paired bootstrap
 
 

@@ -55,12 +55,11 @@ from ssb.lock import locked
 from ssb.rows import parse_rows, read_json, write_json
 
 __all__ = [  # the run directory's API (rows are ssb.rows', the lock ssb.lock's)
-    "PIPELINE", "MANIFEST", "STARTED", "COST", "BOOKKEEPING", "Stage", "locking", "require_done",
+    "MANIFEST", "STARTED", "COST", "BOOKKEEPING", "Stage", "locking", "require_done",
     "read_upstream", "verify_upstream", "file_record", "write_on_begin", "flush_deferred", "batches", "versions",
     "gpus_in_use", "git_commit",
 ]
 
-PIPELINE = ("rollout", "curate", "teach", "distill", "evaluate")  # the stages of `ssb run`, in order
 MANIFEST = "manifest.json"
 STARTED = "started.json"
 COST = "cost.json"

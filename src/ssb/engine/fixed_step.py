@@ -1,4 +1,4 @@
-"""The fixed-shape decode step of :class:`ssb.engine.TransformersEngine` and its CUDA graph.
+"""The fixed-shape decode step of :class:`ssb.engine.transformers_engine.TransformersEngine` and its CUDA graph.
 
 Every step has the same shapes: ``rows`` one-token queries against the whole KV buffer of ``cap`` columns (a
 multiple of 64). The new key/value column is written with ``index_copy_`` at a *device* index; tokens, positions,
@@ -10,7 +10,7 @@ import; switched in only while the step runs or is captured): SDPA with the quer
 query-length axis, so grouped-query attention needs no ``repeat_kv``. Nothing in the step reads a host value, so
 it can be captured once in a ``torch.cuda.CUDAGraph`` and replayed while the buffers stay the same tensors:
 compaction and room-making move columns inside them (in place); only a reallocation (more columns, or fewer rows)
-needs a new capture. The buffers, their layers (``StaticLayer``) and their moves are :mod:`ssb.kv_buffer`'s.
+needs a new capture. The buffers, their layers (``StaticLayer``) and their moves are :mod:`ssb.engine.kv_buffer`'s.
 """
 
 from __future__ import annotations

@@ -24,46 +24,28 @@ from __future__ import annotations
 import torch
 
 from ssb import dist
-from ssb.common import batch_seed
+from ssb.stages.generate import batch_seed
 from ssb.config import Config
 from ssb.reads import Reads
 from ssb.engine import SamplingParams
-from ssb.generation import make_engine
+from ssb.engine import make_engine
 from ssb.errors import SsbError
 from ssb.grading import extract_answer, grade
 from ssb.models import load_tokenizer, render_chat
 from ssb.progress import GenerationBar
 from ssb.prompts import pair_messages
 from ssb.rows import append_rows, merge_parts, own_part, read_with_parts, write_rows
-from ssb.rundir import Stage, batches, locking, read_upstream, require_done
+from ssb.stages import entry
+from ssb.rundir import Stage, batches, read_upstream
 
 
 # the config fields this stage reads (ssb.reads.Reads); curate.strict: the teacher's replies are graded as curated
 READS = Reads("teach", result=("model", "seed", "teach", "curate.strict", "engine.backend"), how=("engine",))
 
 
-def upstream(cfg: Config) -> str:
-    return "curate"
-
-
-def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
-    up = require_done(run_dir, "curate")["fingerprint"]
-    return make_stage(cfg, run_dir, up, force)
-
-
-def make_stage(cfg: Config, run_dir, curate_fp: str, force: bool = False) -> Stage:
-    return Stage(run_dir, "teach", READS.fingerprint(cfg, curate_fp), {**READS.values(cfg), "curate": curate_fp},
-                 force)
-
-
-@locking
-def run(cfg: Config, run_dir, force: bool = False) -> dict:
-    cfg = READS.view(cfg)
-    stage = stage_for(cfg, run_dir, force)
-    stage.discard_if_forced()
-    if stage.is_done():
-        return stage.manifest
-    pairs = read_upstream(run_dir, "curate", "pairs.jsonl")
+@entry("teach")
+def run(cfg: Config, stage: Stage) -> dict:
+    pairs = read_upstream(stage.run_dir, "curate", "pairs.jsonl")
     if not pairs:
         raise SsbError("curation kept 0 pairs (see curate/stats.json): nothing for the teacher to work on; "
                        "roll out more problems or samples")

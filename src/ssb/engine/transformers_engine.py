@@ -1,8 +1,4 @@
-"""Generation engines: one small interface for rollouts, the teacher, evaluation (and the GRPO baseline).
-
-An engine takes prompts as token ids (already rendered through the chat template by the caller, so every stage
-tokenises prompts the same way), samples ``n`` continuations per prompt, and returns for each its token ids *as
-sampled* (stop token included when the model stopped), the decoded text, and why it finished.
+"""The embedded engine (``engine.backend=transformers``, the default) behind :class:`ssb.engine.Engine`.
 
 ``TransformersEngine`` is the embedded default (no extra dependency). It runs its own continuous-batching loop
 over the plain transformers model:
@@ -12,7 +8,7 @@ over the plain transformers model:
 - up to ``max_batch_size`` rows decode together; a row that finishes is refilled with a waiting sample at the next
   step, so no row idles until the longest finishes, and idle rows are dropped once nothing waits;
 - the KV cache is a preallocated buffer written in place (no per-step concatenation), compacted when its
-  leading columns are dead (:mod:`ssb.kv_buffer`); bf16 on GPU comes from the model's dtype;
+  leading columns are dead (:mod:`ssb.engine.kv_buffer`); bf16 on GPU comes from the model's dtype;
 - every sample draws its randomness from its own stream, seeded by (call seed, prompt tokens, occurrence of that
   prompt in the call, sample index) and consumed one uniform per token (inverse-CDF sampling). A prompt's
   samples therefore do not depend on which other prompts share the call or in what order, and a call is
@@ -25,14 +21,14 @@ over the plain transformers model:
   (stop tokens included; at the end, the sum of the samples' ``len(token_ids)``) and samples finished, out of
   ``len(prompts) * params.n``. The hook must be cheap (``ssb.progress.GenerationBar.hook`` redraws on a timer).
 - ``generate(..., on_done=hook)`` calls ``hook(i, samples)`` once per prompt as soon as its ``n`` samples have all
-  finished, so a caller saves results while one long call keeps every row busy (:func:`ssb.common.generate_rows`).
+  finished, so a caller saves results while one long call keeps every row busy (:func:`ssb.stages.generate.generate_rows`).
 
 A call is a :class:`Scheduler`: it queues the samples, prefills and admits them into rows (one record per busy
 row: its sample, first KV column, length, uniforms and tokens), steps and samples; the rows' keys and values, the
-column clock they share and every move of them are a :class:`ssb.kv_buffer.KVBuffer`.
+column clock they share and every move of them are a :class:`ssb.engine.kv_buffer.KVBuffer`.
 
 On CUDA (``cuda_graphs=True``, models with full attention only) a decode step is a fixed-shape computation over the
-whole buffer (``ssb._static_decode``), captured once in a CUDA graph and replayed; compaction moves columns inside
+whole buffer (``ssb.engine.fixed_step``), captured once in a CUDA graph and replayed; compaction moves columns inside
 the same buffer, so only a reallocation (more columns, fewer rows) captures again. Sampling and bookkeeping stay
 outside the graph. On an H100 that takes a batch-256 step of a 3B model from ~100 ms (eager: launch overhead) to
 ~11 ms, against a 1.8 ms weight-read roofline (benchmarks/RESULTS.md). Elsewhere steps run eagerly.
@@ -40,76 +36,20 @@ outside the graph. On an H100 that takes a batch-256 step of a 3B model from ~10
 Why not ``model.generate_batch`` (transformers' continuous batching with paged attention, present in v5): it
 seeds one global RNG per manager and samples for whatever batch its background thread has assembled, so a
 sample depends on its batch-mates and on scheduling timing - not reproducible per request, which resumable
-stages need. ``engine.backend=vllm`` (``ssb.vllm_engine``) is the fast path for big GPU runs.
+stages need. ``engine.backend=vllm`` (``ssb.engine.vllm_engine``) is the fast path for big GPU runs.
 """
 
 from __future__ import annotations
 
-import hashlib
 from array import array
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
 
 import torch
 from transformers.cache_utils import DynamicCache
 
-from ssb._static_decode import supports_fixed_step, with_cache
-from ssb.kv_buffer import KVBuffer
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    n: int = 1
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    max_new_tokens: int = 512
-
-
-@dataclass
-class Sample:
-    token_ids: list[int]  # as sampled; ends with the stop token when finish_reason == "stop"
-    text: str  # decoded reply without special tokens
-    finish_reason: str  # "stop" | "length"
-
-
-ProgressHook = Callable[[int, int], None]  # (tokens generated, samples finished) so far in the call
-DoneHook = Callable[[int, list["Sample"]], None]  # (prompt index, its n samples) once all of them have finished
-
-
-class Engine(Protocol):
-    tokenizer: object
-
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | list[int],
-                 progress: ProgressHook | None = None, on_done: DoneHook | None = None) -> list[list[Sample]]:
-        """``len(prompts)`` lists of ``params.n`` samples each, in prompt order; ``seed``: one per call or one per
-        prompt (:func:`request_seeds`). ``progress``, if given, is called with the call's cumulative (tokens
-        generated, samples finished) as generation advances (an engine may call it only once, at the end), its last
-        call giving the totals. ``on_done(i, samples)``, if given, is called once per prompt as soon as its samples
-        have all finished (an engine may call it for every prompt at the end), so a caller can save results while a
-        long call goes on."""
-
-
-def sample_seed(seed: int, prompt: list[int], occurrence: int, j: int) -> int:
-    """The seed of sample ``j`` of the ``occurrence``-th copy of ``prompt`` in a call (shared with vLLM)."""
-    h = hashlib.blake2b(f"{seed}:{occurrence}:{j}:".encode() + array("q", prompt).tobytes(), digest_size=8)
-    return int.from_bytes(h.digest(), "little") >> 1
-
-
-def request_seeds(prompts: list[list[int]], n: int, seed: int | list[int]) -> list[list[int]]:
-    """Per prompt, the seeds of its ``n`` samples. ``seed`` is one call seed (repeated prompts are told apart by
-    their occurrence in the call) or one seed per prompt (then a prompt's samples depend on nothing else in the
-    call: the stages use this so that results do not depend on how work is cut into batches or waves)."""
-    if not isinstance(seed, int):
-        if len(seed) != len(prompts):
-            raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts")
-        return [[sample_seed(s, p, 0, j) for j in range(n)] for p, s in zip(prompts, seed)]
-    seen: dict[tuple, int] = {}
-    out = []
-    for p in prompts:
-        occ = seen[tuple(p)] = seen.get(tuple(p), -1) + 1
-        out.append([sample_seed(seed, p, occ, j) for j in range(n)])
-    return out
+from ssb.engine import DoneHook, ProgressHook, Sample, SamplingParams, request_seeds
+from ssb.engine.fixed_step import supports_fixed_step, with_cache
+from ssb.engine.kv_buffer import KVBuffer
 
 
 def pick_tokens(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -198,7 +138,7 @@ class _Row:
 
 class Scheduler:
     """One ``generate`` call: a queue of samples (sorted by prompt length) fed into a fixed set of rows of a
-    :class:`ssb.kv_buffer.KVBuffer`. ``rows[r]`` is the sample in row ``r`` (``None``: idle); ``step()`` is one
+    :class:`ssb.engine.kv_buffer.KVBuffer`. ``rows[r]`` is the sample in row ``r`` (``None``: idle); ``step()`` is one
     decode step of every row (samples the next tokens; the benchmarks time it)."""
 
     def __init__(self, eng: TransformersEngine, prompts: list[list[int]], params: SamplingParams,

@@ -2,11 +2,11 @@
 
 SSB trains the student on the *teacher's* sampled reply (off-policy). Here, at every optimizer step, the current
 student - the base model plus the adapter being trained, in this process, sampled through ssb's engine
-(:class:`ssb.engine.TransformersEngine`, eval mode, no dropout, eager steps) - samples ``distill.samples`` replies
+(:class:`ssb.engine.transformers_engine.TransformersEngine`, eval mode, no dropout, eager steps) - samples ``distill.samples`` replies
 per question of the step's batch from the bare student prompt. The teacher, the same model with the adapter disabled,
 reads the hinted prompt followed by the *student's* reply, and the loss is the distill stage's chunked divergence
 (``distill.loss``: forward KL, reverse KL or JSD(β), full vocabulary through the lm_head) over the student's tokens,
-aligned exactly as for SSB (:func:`ssb.distill.align`). There are no separate inference weights to keep in sync:
+aligned exactly as for SSB (:func:`ssb.stages.distill.align`). There are no separate inference weights to keep in sync:
 the sampler *is* the model being trained.
 
 The questions are those of ``teach/examples.jsonl`` (the problems SSB trains on, in the same order and epochs), so
@@ -33,8 +33,9 @@ import torch
 
 from ssb import dist
 from ssb.choices import HINTS
-from ssb.common import batch_seed
-from ssb.engine import SamplingParams, TransformersEngine
+from ssb.stages.generate import batch_seed
+from ssb.engine import SamplingParams
+from ssb.engine.transformers_engine import TransformersEngine
 from ssb.errors import SsbError
 from ssb.data import load_problems
 from ssb.models import render_chat
@@ -87,7 +88,7 @@ class OnPolicySampler:
     """Samples a step's replies from the model being trained and turns them into distill examples.
 
     ``model``: the peft model (base + adapter) in training; it is put in eval mode while sampling. ``make_example``
-    builds a training example from (student prompt, teacher prompt, reply): :func:`ssb.distill.align`.
+    builds a training example from (student prompt, teacher prompt, reply): :func:`ssb.stages.distill.align`.
     """
 
     def __init__(self, model, tokenizer, stop_ids: list[int], qs: list[Question], dc, seed: int, max_new_tokens: int,

@@ -22,7 +22,7 @@ neither in training nor in the cache build.
 
 Ablations are switches of this stage, not separate code: SFT is ``kd_weight=0 ce_weight=1`` (cross-entropy on the
 teacher's replies); RFT is ``targets=rollouts kd_weight=0 ce_weight=1`` (the student's own correct rollouts).
-On-policy distillation is ``targets=on_policy`` (:mod:`ssb.on_policy`): the same questions and teacher, but at every
+On-policy distillation is ``targets=on_policy`` (:mod:`ssb.stages.on_policy`): the same questions and teacher, but at every
 step the student samples the replies it is trained on (through :func:`train`'s ``before_step`` hook).
 
 Training (:mod:`ssb.train`) runs under torchrun with any number of processes and the same loss curve, and
@@ -59,7 +59,8 @@ from ssb.models import (load_model, load_tokenizer, lora_config, render_chat, re
                         stop_token_ids)
 from ssb.progress import progress
 from ssb.prompts import student_messages
-from ssb.rundir import Stage, batches, locking, read_upstream, require_done
+from ssb.stages import entry
+from ssb.rundir import Stage, batches, read_upstream
 from ssb.tracking import check_available, open_tracker
 from ssb.train import CKPT, TrainSpec, full_tensor, train, trainable_state
 from ssb.teacher_cache import TopkCacheReader, TopkCacheWriter, bytes_per_token, check_existing
@@ -157,21 +158,6 @@ def rollout_targets(run_dir, max_examples: int, seed: int) -> list[dict]:
     return out
 
 
-def upstream(cfg: Config) -> str:
-    """The stage distill reads: teach (the teacher's replies, or on-policy the same questions) or, for RFT, curate
-    (and rollout through it)."""
-    return "curate" if cfg.distill.targets == "rollouts" else "teach"
-
-
-def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
-    return make_stage(cfg, run_dir, require_done(run_dir, upstream(cfg))["fingerprint"], force)
-
-
-def make_stage(cfg: Config, run_dir, up: str, force: bool = False) -> Stage:
-    """``up``: the fingerprint of the stage read (:func:`upstream`)."""
-    return Stage(run_dir, "distill", READS.fingerprint(cfg, up), {**READS.values(cfg), "upstream": up}, force)
-
-
 def attach_lora(model, dc, seed: int):
     """``model`` with a fresh LoRA adapter as ``dc`` sets it (r, alpha, dropout, target modules), its initial weights
     drawn from ``seed``."""
@@ -211,14 +197,9 @@ def _load(cfg: Config, fsdp: bool):
     return device, load_model(cfg.model, device=device)
 
 
-@locking
-def run(cfg: Config, run_dir, force: bool = False) -> dict:
-    cfg = READS.view(cfg)
-    stage = stage_for(cfg, run_dir, force)
-    stage.discard_if_forced()
-    if stage.is_done():
-        return stage.manifest
-    dc = cfg.distill
+@entry("distill")
+def run(cfg: Config, stage: Stage) -> dict:
+    run_dir, dc = stage.run_dir, cfg.distill
     rows = training_rows(cfg, run_dir)
     fsdp = dc.fsdp and dist.world() > 1
     _check_setup(dc, fsdp)
@@ -237,7 +218,7 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     examples = build_examples(rows, tokenizer, stop_ids, dc.paper_student_format)
     teacher_prompts = None
     if dc.targets == "on_policy":
-        from ssb import on_policy  # with the generation engine: imported only for targets=on_policy
+        from ssb.stages import on_policy  # with the generation engine: imported only for targets=on_policy
 
         teacher_prompts = on_policy.hinted_prompts(cfg, run_dir, rows, tokenizer)
     stage.begin()  # inputs read and checked, model loaded: from here on the stage counts as started

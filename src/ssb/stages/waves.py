@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import contextlib
 
-from ssb import curate, dist, rollout, teach
+from ssb.stages import STAGES, curate, rollout, teach
+
+from ssb import dist
 from ssb.config import Config
-from ssb.generation import make_engine
+from ssb.engine import make_engine
 from ssb.errors import SsbError
 from ssb.rows import append_rows, read_rows
 from ssb.rundir import locking, read_upstream
@@ -52,8 +54,8 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
     """Run (or resume, or skip if finished) rollout, curate and teach under the budget; returns the teach manifest."""
     cfg = rollout.WAVES_READS.view(cfg)  # the three stages' fields: rollout's fingerprint covers them all
     r_stage = rollout.stage_for(cfg, run_dir, force, waves=True)
-    c_stage = curate.make_stage(cfg, run_dir, r_stage.fingerprint, force)
-    t_stage = teach.make_stage(cfg, run_dir, c_stage.fingerprint, force)
+    c_stage = STAGES["curate"].stage(cfg, run_dir, up=r_stage.fingerprint, force=force)
+    t_stage = STAGES["teach"].stage(cfg, run_dir, up=c_stage.fingerprint, force=force)
     for stage in (r_stage, c_stage, t_stage):
         stage.discard_if_forced()
     r_done, c_done, t_done = r_stage.is_done(), c_stage.is_done(), t_stage.is_done()

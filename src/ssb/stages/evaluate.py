@@ -12,12 +12,12 @@ import re
 from pathlib import Path
 
 from ssb import dist
-from ssb.common import generate_rows
+from ssb.stages.generate import generate_rows
 from ssb.config import Config, DatasetConfig
 from ssb.reads import Reads, fingerprint
 from ssb.data import load_problems
 from ssb.engine import SamplingParams
-from ssb.generation import make_engine
+from ssb.engine import make_engine
 from ssb.errors import SsbError
 from ssb.grading import extract_answer, grade, grade_answer
 from ssb.metrics import summarize

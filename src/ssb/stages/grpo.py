@@ -33,7 +33,7 @@ manifest), its adapter is published without loading the model. Resumes are exact
 
 Generators (``grpo.generator``); all sample from the current LoRA policy (adapter on, weights of this step):
 
-- ``ssb`` (default): ssb's own :class:`~ssb.engine.TransformersEngine`, the generator of SSB's rollout / teach /
+- ``ssb`` (default): ssb's own :class:`~ssb.engine.transformers_engine.TransformersEngine`, the generator of SSB's rollout / teach /
   evaluate stages, plugged in as TRL's ``rollout_func``: each prompt prefilled once for its ``num_generations``
   samples, continuous batching over a preallocated KV cache, CUDA-graph decode steps on GPU (``engine.*``
   settings). Samples are seeded by (seed, step), so a resumed step samples what it would have. Same generator for
@@ -74,14 +74,16 @@ from ssb import usage
 from ssb.config import Config
 from ssb.reads import Reads
 from ssb.data import load_problems
-from ssb.engine import SamplingParams, TransformersEngine
+from ssb.engine import SamplingParams
+from ssb.engine.transformers_engine import TransformersEngine
 from ssb.errors import SsbError
 from ssb.grading import grade, has_box
 from ssb.models import load_model, load_tokenizer, lora_config, render_chat, resolve_device, stop_token_ids
 from ssb.prompts import student_messages
 from ssb.rows import append_rows, read_json, read_rows, write_json, write_rows
 from ssb.tracking import check_available, offline_by_default, tracker_dir
-from ssb.rundir import Stage, gpus_in_use, locking
+from ssb.stages import entry
+from ssb.rundir import Stage, gpus_in_use
 
 LOG = "train_log.jsonl"
 TRL_DIR = ".trl"  # TRL's output_dir: its checkpoints, removed when the stage finishes
@@ -95,10 +97,6 @@ READS = Reads("grpo", result=("model", "seed", "rollout.data", "grpo", "distill.
               how=("data_dir", "grpo.save_every", "grpo.report_to", "engine"))
 # TRL log key -> train_log.jsonl key (everything else TRL logs is kept under its own name)
 _RENAME = {"learning_rate": "lr", "completions/mean_length": "completion_length"}
-
-
-def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
-    return Stage(run_dir, "grpo", READS.fingerprint(cfg), READS.values(cfg), force)
 
 
 def _text(completion) -> str:
@@ -156,7 +154,7 @@ def _step_seed(seed: int, step: int) -> int:
 
 
 def ssb_rollout_func(cfg: Config, tokenizer, stop_ids: list[int]):
-    """A TRL ``rollout_func`` that samples with :class:`ssb.engine.TransformersEngine` from the trainer's current
+    """A TRL ``rollout_func`` that samples with :class:`ssb.engine.transformers_engine.TransformersEngine` from the trainer's current
     model (the LoRA policy, adapter on, eval mode, no gradient checkpointing while it generates).
 
     TRL hands it the generation batch's prompts with each prompt repeated ``num_generations`` times in a row; each
@@ -262,15 +260,10 @@ def _publish_adapter(stage: Stage, save) -> None:
         save(tmp)
 
 
-@locking
-def run(cfg: Config, run_dir, force: bool = False, callbacks: list | None = None) -> dict:
+@entry("grpo")
+def run(cfg: Config, stage: Stage, callbacks: list | None = None) -> dict:
     """Train (or resume, or do nothing if finished). ``callbacks``: extra TrainerCallbacks (tests)."""
-    cfg = READS.view(cfg)
     t0, cpu0 = time.time(), usage.cpu_seconds()  # this process's budget clocks: from the start of the stage
-    stage = stage_for(cfg, run_dir, force)
-    stage.discard_if_forced()
-    if stage.is_done():
-        return stage.manifest
     gc = cfg.grpo
     _check_batch_shape(gc)
     _require_trl()

@@ -29,7 +29,8 @@ from ssb.config import Config
 from ssb.reads import Reads
 from ssb.grading import answer_key, extract_answer, grade, grade_answer
 from ssb.rows import write_json, write_rows
-from ssb.rundir import Stage, locking, read_upstream, require_done
+from ssb.stages import entry
+from ssb.rundir import Stage, read_upstream
 
 DROP_REASONS = ("no_answer", "no_correct", "no_incorrect")
 READS = Reads("curate", result=("seed", "curate"))  # the config fields this stage reads (ssb.reads.Reads)
@@ -60,28 +61,9 @@ def choose_pair(answers: list[str | None], correct: list[bool], rng: random.Rand
     return rng.choice(right), rng.choice([i for i in wrong if keys[i] == key])
 
 
-def upstream(cfg: Config) -> str:
-    return "rollout"
-
-
-def stage_for(cfg: Config, run_dir, force: bool = False) -> Stage:
-    up = require_done(run_dir, "rollout")["fingerprint"]
-    return make_stage(cfg, run_dir, up, force)
-
-
-def make_stage(cfg: Config, run_dir, rollout_fp: str, force: bool = False) -> Stage:
-    return Stage(run_dir, "curate", READS.fingerprint(cfg, rollout_fp), {**READS.values(cfg), "rollout": rollout_fp},
-                 force)
-
-
-@locking
-def run(cfg: Config, run_dir, force: bool = False) -> dict:
-    cfg = READS.view(cfg)
-    stage = stage_for(cfg, run_dir, force)
-    stage.discard_if_forced()
-    if stage.is_done():
-        return stage.manifest
-    rows = read_upstream(run_dir, "rollout", "rollouts.jsonl")
+@entry("curate")
+def run(cfg: Config, stage: Stage) -> dict:
+    rows = read_upstream(stage.run_dir, "rollout", "rollouts.jsonl")
     stage.begin()
     return write(stage, *select(rows, cfg, bar=True))
 

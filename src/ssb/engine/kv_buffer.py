@@ -1,9 +1,9 @@
-"""The KV buffer of one :class:`ssb.engine.TransformersEngine` call: a preallocated ``[rows, heads, capacity, dim]``
+"""The KV buffer of one :class:`ssb.engine.transformers_engine.TransformersEngine` call: a preallocated ``[rows, heads, capacity, dim]``
 key and value tensor per layer, written in place (no per-step concatenation), and the column clock they share.
 
 Columns are a clock shared by all rows: the next decode step writes column ``t`` in every row at once, so a row
 holds its tokens in columns ``[start, t)``: a prompt's KV is copied in to end at ``t`` (each row is left-padded to
-the clock) and every step appends a column. The rows' starts belong to the scheduler (:class:`ssb.engine.Scheduler`),
+the clock) and every step appends a column. The rows' starts belong to the scheduler (:class:`ssb.engine.transformers_engine.Scheduler`),
 which passes the first live column ``lo`` (the smallest start of a busy row) to the moves below; each returns the
 shift of the kept columns, which the scheduler adds to every start:
 
@@ -13,7 +13,7 @@ shift of the kept columns, which the scheduler adds to every start:
 - ``keep_rows``: only the busy rows are kept (the scheduler drops idle rows once nothing waits).
 
 A step (``step``) feeds one token per row and writes column ``t``. Eager steps append through :class:`_BufferLayer`
-views of the used columns. Fixed-shape steps (:mod:`ssb._static_decode`; CUDA, full-attention models) write the
+views of the used columns. Fixed-shape steps (:mod:`ssb.engine.fixed_step`; CUDA, full-attention models) write the
 device column of :class:`StaticLayer` and attend over the whole buffer, with a capacity rounded to a multiple of
 64; on CUDA the step is captured once in a CUDA graph and replayed. Their moves happen in place (same tensors, so
 the graph stays valid) unless the rows or the capacity change: that reallocates and resets the graph, which
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ssb._static_decode import CudaGraphStep, fixed_forward, round_capacity, with_cache
+from ssb.engine.fixed_step import CudaGraphStep, fixed_forward, round_capacity, with_cache
 
 
 def relayout_buffers(layer, lo: int, off: int, cap: int, rows: torch.Tensor | None = None,
@@ -186,7 +186,7 @@ class KVBuffer:
         return logits
 
     def fixed_logits(self, inp: torch.Tensor) -> torch.Tensor:
-        """The fixed-shape forward (:func:`ssb._static_decode.fixed_forward`): replayed from a CUDA graph on CUDA, run
+        """The fixed-shape forward (:func:`ssb.engine.fixed_step.fixed_forward`): replayed from a CUDA graph on CUDA, run
         directly elsewhere."""
         return self.graph(inp) if self.graph is not None else fixed_forward(self.model, self.cache, inp)
 

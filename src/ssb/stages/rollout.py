@@ -8,37 +8,34 @@ Output ``rollout/rollouts.jsonl``, one row per problem, in dataset order::
 
 from __future__ import annotations
 
-from ssb.common import generate_rows, sample_dict
+from ssb.stages.generate import generate_rows, sample_dict
 from ssb.config import Config
 from ssb.reads import Reads
 from ssb.data import load_problems
 from ssb.engine import SamplingParams
-from ssb.generation import make_engine
+from ssb.engine import make_engine
 from ssb.errors import SsbError
 from ssb.models import render_chat
 from ssb.prompts import student_messages
-from ssb.rundir import Stage, locking
+from ssb.stages import STAGES, entry
+from ssb.rundir import Stage
 
 FILE = "rollouts.jsonl"
 # The config fields this stage reads (see ssb.reads.Reads): the result ones make up its fingerprint.
 READS = Reads("rollout", result=("model", "seed", "rollout", "engine.backend"), how=("engine", "data_dir"))
-# Under ssb run's budget (ssb.waves) how far the rollout goes depends on curation and the teacher too.
+# Under ssb run's budget (ssb.stages.waves) how far the rollout goes depends on curation and the teacher too.
 WAVES_READS = Reads("rollout-waves", result=READS.result + ("curate", "teach"), how=READS.how)
 
 
 def stage_for(cfg: Config, run_dir, force: bool = False, waves: bool = False) -> Stage:
-    """The rollout stage, alone or under budgeted ``waves``."""
-    reads = WAVES_READS if waves else READS
-    return Stage(run_dir, "rollout", reads.fingerprint(cfg), {**reads.values(cfg), "waves": waves}, force)
+    """The rollout stage, alone or under budgeted ``waves`` (whose fingerprint also covers curate and teach)."""
+    if not waves:
+        return STAGES["rollout"].stage(cfg, run_dir, force=force)
+    return STAGES["rollout"].stage(cfg, run_dir, force=force, reads=WAVES_READS, waves=True)
 
 
-@locking
-def run(cfg: Config, run_dir, force: bool = False) -> dict:
-    cfg = READS.view(cfg)
-    stage = stage_for(cfg, run_dir, force)
-    stage.discard_if_forced()
-    if stage.is_done():
-        return stage.manifest
+@entry("rollout")
+def run(cfg: Config, stage: Stage) -> dict:
     problems = training_problems(cfg)
     rows, stats = generate(cfg, stage, problems)  # begins the stage once the engine has loaded
     return finish(stage, rows, stats)
@@ -53,7 +50,7 @@ def training_problems(cfg: Config) -> list:
 
 def generate(cfg: Config, stage: Stage, problems: list, engine_factory=None) -> tuple[list[dict], dict]:
     """Rows for ``problems`` (those already in the file are kept, the rest generated); see
-    :func:`ssb.common.generate_rows`."""
+    :func:`ssb.stages.generate.generate_rows`."""
     rc = cfg.rollout
     params = SamplingParams(rc.samples, rc.temperature, rc.top_k, rc.top_p, rc.max_new_tokens)
 

@@ -1,0 +1,118 @@
+"""The stages, in one place: what each reads, what it writes, which stage's fingerprint enters its own.
+
+Each stage owns ``RUN_DIR/<name>/`` and meets the others only through files there, finished by ``manifest.json``
+(:mod:`ssb.rundir`). Its module (``ssb.stages.<name>``) declares the config fields it reads (``READS``,
+:class:`ssb.reads.Reads`) and defines ``run(cfg, run_dir, force=False)``; :data:`STAGES` says the rest, and the
+pipeline, ``ssb compare``, the audit and the report iterate it instead of naming stages.
+
+The other modules here are the stages' shared parts: :mod:`ssb.stages.generate` (resumable, sharded generation of
+a stage's rows), :mod:`ssb.stages.waves` (rollout -> curate -> teach under ``ssb run``'s budget) and
+:mod:`ssb.stages.on_policy` (distill's on-policy targets).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ssb.rundir import Stage, locking, require_done
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage. ``inputs``: the upstream files it reads (``stage/file``); ``outputs``: what it writes into its
+    directory; ``upstream(cfg)``: the stages whose fingerprint enters its own under ``cfg`` (evaluate: the first
+    that finished, if any, is where its adapter comes from); ``solo``: under torchrun it runs on rank 0 alone;
+    ``training``: its cost is part of producing the model (all but evaluate); ``in_run``: a step of ``ssb run``
+    (all but grpo, the RL baseline, which ``ssb grpo`` runs)."""
+
+    name: str
+    summary: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    upstream: Callable[[Any], tuple[str, ...]] = lambda cfg: ()
+    solo: bool = False
+    training: bool = True
+    in_run: bool = True
+
+    @property
+    def module(self):
+        return importlib.import_module(f"ssb.stages.{self.name}")
+
+    @property
+    def reads(self):
+        """The config fields the stage reads (its module's ``READS``)."""
+        return self.module.READS
+
+    def upstream_fingerprint(self, cfg, run_dir) -> str | None:
+        """The fingerprint of the finished stage this one reads (from its manifest); None when it reads none."""
+        up = self.upstream(cfg)
+        return require_done(run_dir, up[0])["fingerprint"] if up else None
+
+    def stage(self, cfg, run_dir, up: str | None = None, force: bool = False, reads=None, **config) -> Stage:
+        """The :class:`ssb.rundir.Stage` of this stage under ``cfg``. Its fingerprint hashes the config fields it
+        reads (``reads``, default :attr:`reads`) and ``up``, the upstream fingerprint (read from the upstream
+        manifest when not given), which its manifest records under ``upstream``; ``config``: more to record."""
+        reads = reads or self.reads
+        if up is None and self.upstream(cfg):
+            up = self.upstream_fingerprint(cfg, run_dir)
+        values = {**reads.values(cfg), **config, **({"upstream": up} if up is not None else {})}
+        return Stage(run_dir, self.name, reads.fingerprint(cfg, *([up] if up is not None else [])), values, force)
+
+    def run(self, cfg, run_dir, force: bool = False) -> dict:
+        return self.module.run(cfg, run_dir, force=force)
+
+
+def entry(name: str):
+    """Decorator making a stage's body ``body(cfg, stage, **kw)`` its entry point ``run(cfg, run_dir, force=False,
+    **kw)``: it holds the run directory's lock, runs on the stage's view of the config, starts over under
+    ``force``, and returns the manifest of a stage already done without calling the body."""
+
+    def wrap(body):
+        @locking
+        @functools.wraps(body)
+        def run(cfg, run_dir, force: bool = False, **kw) -> dict:
+            spec = STAGES[name]
+            cfg = spec.reads.view(cfg)
+            stage = spec.stage(cfg, run_dir, force=force)
+            stage.discard_if_forced()
+            if stage.is_done():
+                return stage.manifest
+            return body(cfg, stage, **kw)
+
+        return run
+
+    return wrap
+
+
+def _distill_upstream(cfg) -> tuple[str, ...]:
+    return ("curate",) if cfg.distill.targets == "rollouts" else ("teach",)
+
+
+def _evaluate_upstream(cfg) -> tuple[str, ...]:
+    return ("distill", "grpo") if cfg.evaluate.adapter == "auto" else ()
+
+
+STAGES: dict[str, StageSpec] = {s.name: s for s in (
+    StageSpec("rollout", "K sampled replies per training problem (rollout.data) from the base model",
+              inputs=(), outputs=("rollouts.jsonl", "waves.jsonl")),
+    StageSpec("curate", "grade the replies; one right and the commonest wrong reply per usable problem",
+              inputs=("rollout/rollouts.jsonl",), outputs=("graded.jsonl", "pairs.jsonl", "stats.json"),
+              upstream=lambda cfg: ("rollout",), solo=True),
+    StageSpec("teach", "the base model, shown both replies, writes a standalone solution; correct ones are kept",
+              inputs=("curate/pairs.jsonl",), outputs=("attempts.jsonl", "examples.jsonl"),
+              upstream=lambda cfg: ("curate",)),
+    StageSpec("distill", "LoRA student on the bare question matches the hinted teacher's distribution (or SFT, RFT)",
+              inputs=("teach/examples.jsonl", "rollout/rollouts.jsonl", "curate/graded.jsonl"),
+              outputs=("adapter/", "train_log.jsonl"), upstream=_distill_upstream),
+    StageSpec("evaluate", "greedy pass@1 per benchmark, with this run's adapter (auto) or another",
+              inputs=("distill/adapter/", "grpo/adapter/"), outputs=("<benchmark>/samples.jsonl",
+                                                                     "<benchmark>/metrics.json"),
+              upstream=_evaluate_upstream, training=False),
+    StageSpec("grpo", "the RL baseline: TRL's GRPO with the same LoRA on the rollout problems, under a budget",
+              inputs=(), outputs=("adapter/", "train_log.jsonl"), solo=True, in_run=False),
+)}
+PIPELINE = tuple(name for name, spec in STAGES.items() if spec.in_run)  # the stages of `ssb run`, in order
+TRAINING = tuple(name for name, spec in STAGES.items() if spec.training)  # what producing a model costs
