@@ -12,17 +12,22 @@ from pathlib import Path
 
 import pytest
 
-import ssb._answer_timeout
 import ssb.grading
-from ssb._answer_timeout import MathVerifyWorker
+import ssb.grading.extract
+import ssb.grading.keys
+import ssb.grading.grader
+import ssb.grading.verify
+import ssb.grading.worker
+from ssb.grading.worker import MathVerifyWorker
 from ssb.grading import answer_key, extract_answer, grade, grade_answer
 
 CASES_PATH = Path(__file__).parent / "data" / "grading_cases.jsonl"
 CASES = [json.loads(line) for line in CASES_PATH.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def test_doctests():
-    result = doctest.testmod(ssb.grading)
+@pytest.mark.parametrize("module", [ssb.grading.extract, ssb.grading.grader, ssb.grading.keys])
+def test_doctests(module):
+    result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
 
 
@@ -306,7 +311,7 @@ def _verify_from_threads(worker, requests):
 def test_deadline_holds_per_call_under_threads(monkeypatch):
     """8 threads grading inputs that hit the deadline at once: every call returns within its own deadline (plus a
     small margin), waiting for a worker included. With one worker behind one lock, call k took k deadlines."""
-    monkeypatch.setattr(ssb._answer_timeout, "_BOOT", _FAKE_BOOT)
+    monkeypatch.setattr(ssb.grading.worker, "_BOOT", _FAKE_BOOT)
     timeout = 1.0
     worker = MathVerifyWorker(timeout_s=timeout)
     try:
@@ -323,7 +328,7 @@ def test_deadline_holds_per_call_under_threads(monkeypatch):
 
 def test_pool_serves_fast_calls_beside_slow_ones(monkeypatch):
     """Two hopeless inputs do not hold up six ordinary ones: those are answered by the other workers at once."""
-    monkeypatch.setattr(ssb._answer_timeout, "_BOOT", _FAKE_BOOT)
+    monkeypatch.setattr(ssb.grading.worker, "_BOOT", _FAKE_BOOT)
     timeout = 2.0
     worker = MathVerifyWorker(timeout_s=timeout)  # default pool: 4 workers
     try:
@@ -337,12 +342,12 @@ def test_pool_serves_fast_calls_beside_slow_ones(monkeypatch):
 
 def test_worker_busy_is_false_and_not_cached(monkeypatch):
     def busy(pairs):
-        raise ssb._answer_timeout.WorkerBusy("no math-verify worker free")
+        raise ssb.grading.worker.WorkerBusy("no math-verify worker free")
 
-    monkeypatch.setattr(ssb.grading, "VERDICTS", {})
-    monkeypatch.setattr(ssb.grading.VERIFIER, "verify", busy)
+    monkeypatch.setattr(ssb.grading.verify, "VERDICTS", {})
+    monkeypatch.setattr(ssb.grading.verify.VERIFIER, "verify", busy)
     assert grade(r"\boxed{\sqrt{8}}", r"2\sqrt{2}") is False
-    assert ssb.grading.VERDICTS == {}  # load is not a verdict: the next call asks again
+    assert ssb.grading.verify.VERDICTS == {}  # load is not a verdict: the next call asks again
     monkeypatch.undo()
     assert grade(r"\boxed{\sqrt{8}}", r"2\sqrt{2}") is True
 
@@ -366,8 +371,8 @@ def test_fast_path_skips_math_verify_and_worker_failure_is_false(monkeypatch):
         calls.append(pairs)
         raise RuntimeError("math-verify worker could not be started")
 
-    monkeypatch.setattr(ssb.grading.VERIFIER, "verify", fake_verify)
-    monkeypatch.setattr(ssb.grading, "VERDICTS", {})
+    monkeypatch.setattr(ssb.grading.verify.VERIFIER, "verify", fake_verify)
+    monkeypatch.setattr(ssb.grading.verify, "VERDICTS", {})
     for response, gold, dataset in [(r"\boxed{1,000}", "1000", "gsm8k"), (r"\boxed{\$18.00}", "18", "gsm8k"),
                                     (r"\boxed{\dfrac12}", "0.5", "math"), (r"\boxed{x = 5}", "5", "math"),
                                     (r"\boxed{025}", "25", "aime"), (r"\boxed{90^\circ}", "90", "math500")]:
@@ -375,7 +380,7 @@ def test_fast_path_skips_math_verify_and_worker_failure_is_false(monkeypatch):
     assert grade(r"\boxed{18}", "81", "gsm8k") is False
     assert calls == []  # all decided without math-verify
     assert grade(r"\boxed{\sqrt{8}}", r"2\sqrt{2}") is False  # needs math-verify, which is unavailable: False
-    assert len(calls) == 1 and ssb.grading.VERDICTS == {}  # ... and the failure is not cached
+    assert len(calls) == 1 and ssb.grading.verify.VERDICTS == {}  # ... and the failure is not cached
 
 
 def test_a_mixed_number_and_its_improper_fraction_are_one_answer_not_a_hedge():
