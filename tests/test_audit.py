@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from ssb.audit import (ERROR, WARNING, TokenInfo, check_bos, check_context, check_generation_prompt,
-                       check_reply_targets, check_same_prompt, check_same_template, check_template, exit_status)
+from ssb.audit.checks import (ERROR, WARNING, TokenInfo, check_bos, check_context, check_generation_prompt,
+                              check_reply_targets, check_same_prompt, check_same_template, check_template, exit_status)
 from ssb.cli import main
 
 # a hand-made chat tokenizer: 1 <|im_start|>, 2 <|im_end|>, 0 <|endoftext|>, 3 <s> (BOS); 7 8 = "assistant\n"

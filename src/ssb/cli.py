@@ -142,7 +142,7 @@ def _dispatch(args) -> int:
             print(dump_yaml(resolve_config(args)), end="")
         return 0
     if args.command == "prompts":
-        from ssb.audit import audit_prompts
+        from ssb.audit.command import audit_prompts
 
         _quiet_libraries()
         return audit_prompts(resolve_config(args), args.run_dir, n=args.n, full=args.full)
