@@ -13,7 +13,7 @@ from ssb.config import DatasetConfig
 from ssb.configio import load_config
 from ssb.data import load_problems
 from ssb.engine import SamplingParams
-from ssb.engine import make_engine
+from ssb.engine.factory import make_engine
 from ssb.models import render_chat
 from ssb.prompts import student_messages
 

@@ -48,7 +48,7 @@ def test_the_environment_overrides_the_check(monkeypatch):
 
 
 def test_the_model_loads_in_the_resolved_dtype_and_says_so_once(tiny_model_dir, monkeypatch, capsys):
-    monkeypatch.setattr(models, "_ANNOUNCED", set())
+    monkeypatch.setattr(models, "ANNOUNCED", set())
     cfg = ModelConfig(name_or_path=str(tiny_model_dir), device="cpu")
     fake_cpu(monkeypatch, False, True)
     assert load_model(cfg).dtype == torch.bfloat16

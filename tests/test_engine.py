@@ -14,7 +14,7 @@ import torch
 from ssb.config import EngineConfig, ModelConfig
 from ssb.engine import SamplingParams
 from ssb.engine.transformers_engine import TransformersEngine, pick_tokens
-from ssb.engine import make_engine
+from ssb.engine.factory import make_engine
 from ssb.errors import SsbError
 from ssb.models import render_chat
 from ssb.prompts import student_messages
@@ -154,7 +154,7 @@ def test_fixed_shape_step_equals_the_eager_one(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(mod.KVBuffer, "fixed_logits", lambda self, inp: calls.append(1) or real(self, inp))
     eager = make_engine(_model_cfg(tiny_model_dir), engine_cfg=EngineConfig(max_batch_size=5))
     fixed = make_engine(_model_cfg(tiny_model_dir), engine_cfg=EngineConfig(max_batch_size=5))
-    monkeypatch.setattr(fixed, "_static_step", lambda device: True)
+    monkeypatch.setattr(fixed, "uses_fixed_step", lambda device: True)
     moves = []
     real_move = mod.StaticLayer.relayout
     monkeypatch.setattr(mod.StaticLayer, "relayout", lambda self, lo, off, cap, rows=None: moves.append(
@@ -220,7 +220,7 @@ def test_samples_are_the_recorded_ones(monkeypatch):
     want = json.loads(GOLDEN.read_text())
     eng = TransformersEngine(model, _StubTokenizer(), stops, max_batch_size=4)
     assert _golden_samples(eng, prompts) == want
-    monkeypatch.setattr(eng, "_static_step", lambda device: True)
+    monkeypatch.setattr(eng, "uses_fixed_step", lambda device: True)
     assert _golden_samples(eng, prompts) == want
 
 
@@ -270,7 +270,7 @@ def _prefill_bytes(engine, prompts) -> int:
     from ssb.engine.transformers_engine import Scheduler
 
     with torch.inference_mode(), profile(profile_memory=True) as prof:
-        Scheduler(engine, prompts, SamplingParams(1, 0.0, 0, 1.0, 4), 0)._prefill(0)
+        Scheduler(engine, prompts, SamplingParams(1, 0.0, 0, 1.0, 4), 0).prefill(0)
     return sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages())
 
 

@@ -52,7 +52,7 @@ def test_gguf_cache_dir_converts_once(tmp_path, monkeypatch, capsys):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "w.gguf").write_bytes(b"gguf bytes")
     calls = []
-    monkeypatch.setattr(models, "_convert_gguf", _fake_convert(calls))
+    monkeypatch.setattr(models, "convert_gguf", _fake_convert(calls))
     cfg = ModelConfig(name_or_path=str(tmp_path / "m"), gguf_file="w.gguf", device="cpu")
     d = gguf_cache_dir(cfg, torch.float32)
     sha = hashlib.sha256(b"gguf bytes").hexdigest()
@@ -79,7 +79,7 @@ def test_gguf_cache_dir_race_loser_discards_its_copy(tmp_path, monkeypatch):
         fake(cfg, dtype, final)
         (final / "model.safetensors").write_bytes(b"winner")
 
-    monkeypatch.setattr(models, "_convert_gguf", other_process_wins)
+    monkeypatch.setattr(models, "convert_gguf", other_process_wins)
     d = gguf_cache_dir(cfg, torch.float32)
     assert (d / "model.safetensors").read_bytes() == b"winner"
     assert sorted(p.name for p in d.parent.iterdir() if not p.name.startswith(".")) == sorted([GGUF_HASH_INDEX, d.name])
@@ -94,7 +94,7 @@ def test_gguf_cache_dir_replaces_a_stale_partial_dir(tmp_path, monkeypatch):
     stale.mkdir(parents=True)
     (stale / "config.json").write_text("{}")  # no weights: not a finished conversion
     calls = []
-    monkeypatch.setattr(models, "_convert_gguf", _fake_convert(calls))
+    monkeypatch.setattr(models, "convert_gguf", _fake_convert(calls))
     assert gguf_cache_dir(cfg, torch.float32) == stale and (stale / "model.safetensors").is_file() and calls
 
 
@@ -125,7 +125,7 @@ def test_gguf_converted_once_then_loaded_from_safetensors(tmp_path, monkeypatch)
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
     monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", no_gguf)
-    monkeypatch.setattr(models, "_convert_gguf", no_gguf)
+    monkeypatch.setattr(models, "convert_gguf", no_gguf)
     monkeypatch.setattr(models.hashlib, "sha256", no_gguf)  # the hash comes from the index
     ids2, second = logits()
     assert ids1 == ids2 and torch.equal(first, second)

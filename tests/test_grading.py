@@ -311,7 +311,7 @@ def _verify_from_threads(worker, requests):
 def test_deadline_holds_per_call_under_threads(monkeypatch):
     """8 threads grading inputs that hit the deadline at once: every call returns within its own deadline (plus a
     small margin), waiting for a worker included. With one worker behind one lock, call k took k deadlines."""
-    monkeypatch.setattr(ssb.grading.worker, "_BOOT", _FAKE_BOOT)
+    monkeypatch.setattr(ssb.grading.worker, "BOOT", _FAKE_BOOT)
     timeout = 1.0
     worker = MathVerifyWorker(timeout_s=timeout)
     try:
@@ -328,7 +328,7 @@ def test_deadline_holds_per_call_under_threads(monkeypatch):
 
 def test_pool_serves_fast_calls_beside_slow_ones(monkeypatch):
     """Two hopeless inputs do not hold up six ordinary ones: those are answered by the other workers at once."""
-    monkeypatch.setattr(ssb.grading.worker, "_BOOT", _FAKE_BOOT)
+    monkeypatch.setattr(ssb.grading.worker, "BOOT", _FAKE_BOOT)
     timeout = 2.0
     worker = MathVerifyWorker(timeout_s=timeout)  # default pool: 4 workers
     try:

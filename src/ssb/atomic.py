@@ -1,5 +1,9 @@
 """Atomic writes: a file or a directory appears at its path whole, or not at all.
 
+Three ways, one scheme: :func:`writing` (a file, replaced), :func:`publishing` (a directory, replaced: an adapter,
+a checkpoint, an export) and :func:`publish_once` (a shared cache directory several processes may build at once:
+the first finished copy stays).
+
 Both are written under a temp name beside the target, ``.<name>.<pid>.tmp`` (per process: torchrun ranks may write
 the same file), flushed to disk, and renamed over the target in one step. If anything fails on the way (a full
 disk, say), the temp is removed and the error names the path that was being written:
@@ -10,9 +14,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 from ssb.errors import SsbError
 
@@ -74,3 +79,27 @@ def publishing(out: Path) -> Iterator[Path]:
         if isinstance(e, OSError):
             raise write_error(out, e) from e
         raise
+
+
+def publish_once(out: Path, build: Callable[[Path], None], done: Callable[[Path], bool]) -> Path:
+    """Build a cache directory with ``build(tmp)`` in a temp beside ``out`` and rename it into place, unless another
+    process finished ``out`` first (``done(out)``: then its copy stays and this one is dropped); an unfinished
+    leftover at ``out`` is replaced. The temp is removed whatever happens. Returns ``out``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not done(out):  # not a finished copy from another process: a stale leftover
+                shutil.rmtree(out, ignore_errors=True)
+                try:
+                    os.rename(tmp, out)
+                except OSError:
+                    if not done(out):
+                        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the race loser's copy, or a failed build
+    return out

@@ -115,13 +115,6 @@ class ModelConfig:
     attn_implementation: str | None = _f(None, "Attention kernel (sdpa, flash_attention_2, eager); None = default.")
     trust_remote_code: bool = _f(False, "Run model code from the hub. Off: only enable for repositories you trust.")
 
-    def identity(self) -> dict:
-        """What stage fingerprints record of the model (:func:`ssb.models.model_identity`): ``dtype: auto`` resolved,
-        and a local GGUF file by its content, not by where it lies."""
-        from ssb.models import model_identity
-
-        return model_identity(self)
-
 
 @dataclass
 class RolloutConfig:

@@ -16,13 +16,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ssb.atomic import publish_once, write_text
 from ssb.config import ModelConfig
 from ssb.errors import SsbError
 
@@ -64,7 +63,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def model_identity(cfg: ModelConfig) -> dict:
-    """What a stage's fingerprint records of ``model`` (:meth:`ssb.config.ModelConfig.identity`): the fields as
+    """What a stage's fingerprint records of ``model`` (:meth:`ssb.reads.Reads.values`): the fields as
     configured, with ``dtype: auto`` resolved on this machine, and for a local GGUF file its content (sha256) in place
     of where it lies (``name_or_path``, ``gguf_file``, ``revision``), so that a run directory restored on another
     machine continues wherever the same model file is."""
@@ -94,15 +93,15 @@ def _local_gguf(cfg: ModelConfig) -> Path | None:
     return None
 
 
-_ANNOUNCED: set = set()
+ANNOUNCED: set = set()
 
 
 def _announce(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
     """Say once per process which dtype the model runs in, and why when ``auto`` chose it."""
     key = (str(device), dtype)
-    if key in _ANNOUNCED:
+    if key in ANNOUNCED:
         return
-    _ANNOUNCED.add(key)
+    ANNOUNCED.add(key)
     why = ""
     if cfg.dtype == "auto":
         native = native_cpu_bf16() if device.type == "cpu" else None
@@ -174,15 +173,8 @@ def file_sha256(path: str | Path, index_file: str | Path) -> str:
     index[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
     try:
         index_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{index_file.name}.tmp-", dir=index_file.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(index, f, indent=1, sort_keys=True)
-            os.replace(tmp, index_file)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    except OSError:
+        write_text(index_file, json.dumps(index, indent=1, sort_keys=True))
+    except (OSError, SsbError):
         pass
     return digest
 
@@ -252,22 +244,7 @@ def gguf_cache_dir(cfg: ModelConfig, dtype: torch.dtype | None = None) -> Path:
         if is_converted(out):  # another process converted it while we waited
             return out
         print(f"ssb: converting GGUF {src} once to {out}", file=sys.stderr, flush=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=models))
-        try:
-            _convert_gguf(cfg, dtype, tmp)
-            try:
-                os.rename(tmp, out)
-            except OSError:
-                if not is_converted(out):  # not a finished copy from another process: a stale leftover
-                    shutil.rmtree(out, ignore_errors=True)
-                    try:
-                        os.rename(tmp, out)
-                    except OSError:
-                        if not is_converted(out):
-                            raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # the race loser's copy, or a failed conversion
-    return out
+        return publish_once(out, lambda tmp: convert_gguf(cfg, dtype, tmp), is_converted)
 
 
 @contextlib.contextmanager
@@ -291,7 +268,7 @@ def _file_lock(path: Path):
             f.close()
 
 
-def _convert_gguf(cfg: ModelConfig, dtype: torch.dtype, out: Path) -> None:
+def convert_gguf(cfg: ModelConfig, dtype: torch.dtype, out: Path) -> None:
     """Dequantise the GGUF model and its tokenizer through transformers and save both to ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ssb.config import ModelConfig
 from ssb.configio import to_dict
 
 
@@ -53,11 +54,17 @@ class Reads:
 
     def values(self, cfg: Any) -> dict[str, Any]:
         """The ``result`` fields as nested plain data (``{"teach": {"max_examples": 256}, ...}``), without the
-        ``how`` fields inside them; a section with an ``identity()`` (the model) as what that returns."""
+        ``how`` fields inside them; the model as :func:`ssb.models.model_identity` gives it (its dtype resolved, a local
+        GGUF file by its content)."""
         out: dict[str, Any] = {}
         for path in self.result:
             field = get_path(cfg, path)
-            field = field.identity() if hasattr(field, "identity") else to_dict(field)  # the model: what it is
+            if isinstance(field, ModelConfig):  # the model: what it is (ssb.models.model_identity)
+                from ssb.models import model_identity  # here: fingerprints need torch only for the model's dtype
+
+                field = model_identity(field)
+            else:
+                field = to_dict(field)
             value = json.loads(json.dumps(field, default=str))
             for h in self.how:
                 if h.startswith(path + "."):

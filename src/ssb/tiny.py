@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
+from ssb.atomic import publish_once
 from ssb.prompts import TEACHER_PROMPTS, student_messages, teacher_messages
 
 TINY_MODEL_NAME = "ssb-tiny-arith"
@@ -231,16 +230,4 @@ def ensure_tiny_model(out_dir: str | Path | None = None) -> Path:
     out = Path(out_dir) if out_dir is not None else default_cache_dir()
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        build_tiny_model(tmp)
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process won the race (or a stale dir without a model is in the way)
-            if not (out / "config.json").is_file():
-                shutil.rmtree(out, ignore_errors=True)
-                os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return publish_once(out, build_tiny_model, lambda d: (d / "config.json").is_file())

@@ -104,16 +104,7 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
         if not sharded:
             _sync_grads(params)
         stats = dist.all_reduce_sum(stats)
-        norm_val = full_tensor(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm if spec.max_grad_norm > 0
-                                                        else math.inf))
-        finite = bool(torch.isfinite(norm_val))  # the same on every rank: gradients are summed first
-        if finite:
-            opt.step()
-        else:  # a non-finite gradient would turn every weight into NaN: skip the update, keep the schedule
-            skipped.append(step + 1)
-            _check_divergence(skipped, step + 1)
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        norm_val, finite = _update(params, opt, sched, spec.max_grad_norm, skipped, step + 1)
         step += 1
         trained += int(stats[1])
         if dist.is_main():
@@ -196,6 +187,21 @@ def _placed_like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     if isinstance(ref, DTensor):
         return distribute_tensor(full.to(ref.device_mesh.device_type), ref.device_mesh, ref.placements)
     return full.to(ref.device)
+
+
+def _update(params, opt, sched, max_grad_norm: float, skipped: list[int], step: int) -> tuple[torch.Tensor, bool]:
+    """Clip and apply the summed gradients of (1-based) ``step``; returns (their norm, whether it was finite). A
+    non-finite gradient would turn every weight into NaN: that update is skipped (``skipped``), the schedule kept."""
+    norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf))
+    finite = bool(torch.isfinite(norm))  # the same on every rank: gradients are summed first
+    if finite:
+        opt.step()
+    else:
+        skipped.append(step)
+        _check_divergence(skipped, step)
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return norm, finite
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

@@ -7,8 +7,8 @@ sampled* (stop token included when the model stopped), the decoded text, and why
 The parts:
 
 - this module: the interface (:class:`SamplingParams`, :class:`Sample`, :class:`Engine`, the per-sample seeds that
-  make results independent of batching) and :func:`make_engine`, the factory that ``engine.backend`` chooses
-  through (it imports each backend only when asked for);
+  make results independent of batching);
+- :mod:`ssb.engine.factory`: :func:`~ssb.engine.factory.make_engine`, the engine ``engine.backend`` names;
 - :mod:`ssb.engine.transformers_engine`: the embedded continuous-batching engine over a plain transformers model
   (the default; no extra dependency);
 - :mod:`ssb.engine.kv_buffer`: its preallocated KV cache and every move of it;
@@ -77,21 +77,3 @@ def request_seeds(prompts: list[list[int]], n: int, seed: int | list[int]) -> li
         occ = seen[tuple(p)] = seen.get(tuple(p), -1) + 1
         out.append([sample_seed(seed, p, occ, j) for j in range(n)])
     return out
-
-
-def make_engine(model_cfg, adapter=None, engine_cfg=None) -> Engine:
-    """The engine selected by ``engine_cfg.backend`` (default: the embedded transformers engine); with
-    ``adapter``, the peft adapter is merged (transformers) or served as a LoRA (vLLM)."""
-    if engine_cfg is not None and engine_cfg.backend == "vllm":
-        from ssb.engine.vllm_engine import VLLMEngine  # an optional extra: imported only when asked for
-
-        return VLLMEngine(model_cfg, engine_cfg, adapter=adapter)
-    from ssb.engine.transformers_engine import TransformersEngine
-    from ssb.models import load_model, load_tokenizer, stop_token_ids
-
-    tokenizer = load_tokenizer(model_cfg)
-    model = load_model(model_cfg, adapter=adapter, merge=adapter is not None)
-    kw = {} if engine_cfg is None else dict(max_batch_size=engine_cfg.max_batch_size,
-                                            prefill_tokens=engine_cfg.prefill_tokens,
-                                            cuda_graphs=engine_cfg.cuda_graphs)
-    return TransformersEngine(model, tokenizer, stop_token_ids(tokenizer, model), **kw)

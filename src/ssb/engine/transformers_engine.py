@@ -104,7 +104,7 @@ class TransformersEngine:
         self.captures = 0  # CUDA graphs captured so far (each decode-buffer allocation captures one)
         _contiguous_lm_head(model)
 
-    def _static_step(self, device: torch.device) -> bool:
+    def uses_fixed_step(self, device: torch.device) -> bool:
         """Whether decode steps use the fixed-shape step (captured in a CUDA graph on CUDA)."""
         return device.type == "cuda" and self.cuda_graphs and supports_fixed_step(self.model)
 
@@ -158,7 +158,7 @@ class Scheduler:
         self.results: list[Sample | None] = [None] * (len(prompts) * params.n)  # decoded once, as each finishes
         self.rows: list[_Row | None] = [None] * min(eng.max_batch_size, len(self.queue))
         self.udtype = torch.float32 if self.device.type == "mps" else torch.float64
-        self.buffer = KVBuffer(self.model, len(self.rows), self.device, eng._static_step(self.device),
+        self.buffer = KVBuffer(self.model, len(self.rows), self.device, eng.uses_fixed_step(self.device),
                                on_capture=self._captured)
 
     def _captured(self):
@@ -175,7 +175,7 @@ class Scheduler:
 
     # ---------------------------------------------------------------- prefill and admission
 
-    def _prefill(self, first: int):
+    def prefill(self, first: int):
         """Prefill the waiting prompts from queue position ``first`` on, up to the token budget."""
         todo, seen = [], set()
         for i, _ in self.queue[first:]:
@@ -212,7 +212,7 @@ class Scheduler:
             batch = self.queue[self.qpos: self.qpos + len(free)]
             for k in range(len(batch)):
                 if batch[k][0] not in self.prefilled:
-                    self._prefill(self.qpos + k)
+                    self.prefill(self.qpos + k)
             self.qpos += len(batch)
             self._make_room(max(len(self.prompts[i]) for i, _ in batch))
             rows = free[: len(batch)]

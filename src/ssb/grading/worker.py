@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 
-_BOOT = "import sys; sys.path.pop(0); import runpy; runpy.run_path(sys.argv[1], run_name='__ssb_mv_worker__')"
+BOOT = "import sys; sys.path.pop(0); import runpy; runpy.run_path(sys.argv[1], run_name='__ssb_mv_worker__')"
 _INNER_TIMEOUT_S = 2  # math-verify's own (signal) timeout per parse/verify inside the worker
 _BROKEN_RETRY_S = 30.0  # after a failed start, don't try again for this long
 
@@ -134,7 +134,7 @@ class MathVerifyWorker:
         proc = None
         try:
             popen = subprocess.Popen(
-                [sys.executable, "-c", _BOOT, os.path.abspath(__file__)],
+                [sys.executable, "-c", BOOT, os.path.abspath(__file__)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True,
             )
             proc = _Proc(popen)

@@ -17,7 +17,7 @@ from ssb.config import Config, DatasetConfig
 from ssb.reads import Reads, fingerprint
 from ssb.data import load_problems
 from ssb.engine import SamplingParams
-from ssb.engine import make_engine
+from ssb.engine.factory import make_engine
 from ssb.errors import SsbError
 from ssb.grading import extract_answer, grade, grade_answer
 from ssb.metrics import summarize

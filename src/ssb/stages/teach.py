@@ -28,7 +28,7 @@ from ssb.stages.generate import batch_seed
 from ssb.config import Config
 from ssb.reads import Reads
 from ssb.engine import SamplingParams
-from ssb.engine import make_engine
+from ssb.engine.factory import make_engine
 from ssb.errors import SsbError
 from ssb.grading import extract_answer, grade
 from ssb.models import load_tokenizer, render_chat

@@ -27,7 +27,7 @@ from ssb.stages import STAGES, curate, rollout, teach
 
 from ssb import dist
 from ssb.config import Config
-from ssb.engine import make_engine
+from ssb.engine.factory import make_engine
 from ssb.errors import SsbError
 from ssb.rows import append_rows, read_rows
 from ssb.rundir import locking, read_upstream
