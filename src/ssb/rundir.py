@@ -30,7 +30,9 @@ Layout and row schemas are documented in README.md ("Run directory"). The rules:
   counters (generated tokens, ...) in ``<stage>/cost.json`` (``cost.rank<r>.json`` for torchrun's other ranks),
   updated as it goes and when it stops; the manifest's ``wall_seconds``, ``gpu_seconds``, ``cpu_seconds`` and
   counters are sums over every attempt, so a resumed stage costs what all its processes cost together, and its
-  ``peak_rss_bytes`` / ``peak_gpu_bytes`` the highest any attempt reached (:mod:`ssb.usage`).
+  ``peak_rss_bytes`` / ``peak_gpu_bytes`` the highest any attempt reached (:mod:`ssb.usage`). The exception is
+  grpo, which records its own seconds, carried through its TRL checkpoints (:meth:`Stage.finish`'s extra keys).
+- **Which stages exist** and what each reads and writes: the registry, :data:`ssb.stages.STAGES`.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from ssb.errors import SsbError
 from ssb.lock import locked
 from ssb.rows import parse_rows, read_json, write_json
 
-__all__ = [  # the run directory's API (rows are ssb.rows', the lock ssb.lock's)
+__all__ = [  # the run directory's API (rows are ssb.rows', the lock ssb.lock's: import them from there)
     "MANIFEST", "STARTED", "COST", "BOOKKEEPING", "Stage", "locking", "require_done",
     "read_upstream", "verify_upstream", "file_record", "write_on_begin", "flush_deferred", "batches", "versions",
     "gpus_in_use", "git_commit",
