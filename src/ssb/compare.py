@@ -39,7 +39,7 @@ from ssb.errors import SsbError
 from ssb.lock import locked
 from ssb.rundir import MANIFEST
 from ssb.rows import read_json
-from ssb.stages import STAGES, TRAINING as STAGE_TRAINING
+from ssb.stages import PIPELINE, STAGES, TRAINING as STAGE_TRAINING
 
 RUNS = ("base", "ssb", "grpo", "sft", "rft", "onpolicy")
 SSB_UPSTREAM = {"sft": ("rollout", "curate", "teach"), "rft": ("rollout", "curate"),
@@ -54,7 +54,7 @@ OVERRIDES = {
     "onpolicy": ["distill.targets=on_policy"],
 }
 TRAINING = tuple(s for s in STAGE_TRAINING if STAGES[s].in_run)  # SSB's training stages: its cost
-STEPS = {"base": ["evaluate"], "ssb": ["rollout", "curate", "teach", "distill", "evaluate"],
+STEPS = {"base": ["evaluate"], "ssb": list(PIPELINE),
          "grpo": ["grpo", "evaluate"], "sft": ["distill", "evaluate"], "rft": ["distill", "evaluate"],
          "onpolicy": ["distill", "evaluate"]}
 
