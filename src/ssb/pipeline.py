@@ -64,7 +64,7 @@ def check_stages(cfg: Config, run_dir: Path, stages, waves: bool = False) -> Non
         elif name == "rollout":
             checked = [rollout.stage_for(cfg, run_dir, waves=waves)]
         else:  # a stage whose upstream is not there yet is checked when it runs
-            checked = [spec.stage(cfg, run_dir, up=fp_of(up))] if up or not spec.upstream(cfg) else []
+            checked = [spec.stage(cfg, run_dir, up=fp_of(up) if up else None)] if up or not spec.upstream(cfg) else []
         for stage in checked:
             stage.check()
         fps[name] = checked[0].fingerprint if checked else None
