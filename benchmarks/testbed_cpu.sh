@@ -12,8 +12,8 @@
 # restored stages are accepted wherever the same file lies) and RUNS=base,ssb,grpo,sft,rft,onpolicy.
 # What is saved: everything but weights (adapters, training checkpoints, GRPO's TRL checkpoints, the top-k teacher
 # cache), lock and temp files; JSONL over 1 MB gzipped (restore unpacks them byte for byte, as the manifests'
-# sha256 expect). A stage whose adapter was not kept is rerun by the next step that needs it: distill is seeded and
-# deterministic, so its train_log.jsonl must match the saved one.
+# sha256 expect). A distill whose adapter was not kept is rerun by the evaluation that needs it (seeded and
+# deterministic: it prints whether its train_log.jsonl reproduces the saved loss curve).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cmd=${1:?usage: testbed_cpu.sh run|save|restore ...}

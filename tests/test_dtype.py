@@ -14,6 +14,7 @@ from ssb import models
 from ssb.stages import rollout
 from ssb.config import ModelConfig
 from ssb.configio import load_config
+from ssb.errors import SsbError
 from ssb.models import load_model, native_cpu_bf16, resolve_dtype
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -71,6 +72,11 @@ def test_stages_record_the_resolved_dtype(tiny_model_dir, tmp_path, monkeypatch)
     assert native.fingerprint != emulated.fingerprint
     pinned = load_config(None, [f"model.name_or_path={tiny_model_dir}", "model.device=cpu", "model.dtype=float32"])
     assert rollout.stage_for(pinned, tmp_path).fingerprint == emulated.fingerprint
+    native.begin()
+    native.finish({})
+    with pytest.raises(SsbError, match=r"different configuration .*: model\.dtype: bfloat16 then, float32 now; "
+                                       r"model\.dtype auto is bf16 only on a CPU that multiplies bf16 natively"):
+        emulated.check()
 
 
 def test_a_gguf_model_is_fingerprinted_by_its_content_not_its_path(tmp_path, monkeypatch):

@@ -117,6 +117,28 @@ def test_evaluate_files_and_metrics(run):
         assert set(s) >= {"text", "answer", "correct", "strict_correct", "n_tokens", "finish_reason"}
 
 
+def test_a_saved_run_without_its_adapter_reruns_distill_with_the_same_loss_curve(run, tmp_path, capsys):
+    cfg, d = run
+    import shutil
+
+    from ssb.stages import curve_agreement
+
+    for s in ("rollout", "curate", "teach", "distill"):  # as benchmarks/testbed_cpu.sh saves a run: no weights
+        shutil.copytree(d / s, tmp_path / s, ignore=shutil.ignore_patterns("adapter") if s == "distill" else None)
+    evaluate.run(cfg, tmp_path)
+
+    losses = [[r["loss"] for r in read_rows(x / "distill" / "train_log.jsonl")] for x in (d, tmp_path)]
+    assert losses[0] == losses[1] and len(losses[0]) > 0
+    assert "reproduces the saved loss curve" in capsys.readouterr().err
+    assert (tmp_path / "evaluate" / "arith" / "samples.jsonl").read_bytes() == \
+        (d / "evaluate" / "arith" / "samples.jsonl").read_bytes()  # the same adapter: the same greedy replies
+    assert "NOT" in curve_agreement([1.0, 2.0], [1.0, 2.1]) and "WARNING" in curve_agreement([1.0], [1.0, 2.0])
+    (tmp_path / "distill" / "adapter" / "adapter_config.json").unlink()  # some weights there: not rerun, refused
+    shutil.rmtree(tmp_path / "evaluate")
+    with pytest.raises(SsbError, match="adapter_config.json: missing"):
+        evaluate.run(cfg, tmp_path)
+
+
 def forbid_model_loading(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a finished stage loaded a model")

@@ -342,6 +342,24 @@ def test_each_stage_records_its_own_cpu_time_and_peak_memory(tmp_path):
     assert m1["peak_gpu_bytes"] == 0
 
 
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc_trim")
+def test_release_memory_gives_freed_heap_back_to_the_system():
+    code = """
+from ssb.usage import release_memory
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) * 1024
+blocks = [bytes([i % 251]) * 65536 for i in range(4000)]  # 256 MB of heap: below glibc's mmap threshold
+keep = blocks[-1]  # the top of the heap stays in use, so free() alone cannot shrink it
+del blocks
+freed = rss()
+release_memory()
+print(freed, rss())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    freed, released = map(int, out.split())
+    assert freed > 200 << 20 and released < freed - (150 << 20)
+
+
 def test_time_lent_to_another_stage_is_not_counted_as_cpu_time_either(tmp_path):
     host, guest = Stage(tmp_path, "host", "h"), Stage(tmp_path, "guest", "g")
     host.begin()

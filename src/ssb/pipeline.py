@@ -13,6 +13,7 @@ from ssb.configio import dump_yaml
 from ssb.rows import read_json
 from ssb.rundir import MANIFEST, flush_deferred, write_on_begin
 from ssb.stages import STAGES, rollout
+from ssb.usage import release_memory
 
 
 def _summary(name: str, result: dict, run_dir: Path) -> str:
@@ -100,6 +101,7 @@ def _run_in_order(cfg: Config, run_dir: Path, stages, force: bool, waves: bool) 
             result = read_json(run_dir / name / "manifest.json")
         else:
             result = _run_stage(name, cfg, run_dir, force)
+        release_memory()  # what the stage freed goes back to the system before the next one loads its model
         if not dist.is_main():
             continue
         note = " (already done)" if name in done_before else ""

@@ -28,6 +28,11 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+def plain(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (dataclasses as dicts, tuples as lists, anything else as its text)."""
+    return json.loads(json.dumps(obj, default=_jsonable))
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Atomic (:func:`ssb.atomic.write_text`). Dataclasses (configs) are written as mappings."""
     write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")

@@ -5,10 +5,17 @@ the cores, as wall seconds do, so they tell a contended stage from a slow one. P
 high-water mark (Linux ``VmHWM``), reset when a stage begins so that each stage in one process has its own peak
 (what earlier stages left allocated is included), and the CUDA allocator's peak where a GPU is in use. Off Linux the
 peak RSS is the process's lifetime peak (``ru_maxrss``), not reset.
+
+Between stages of one process (``ssb run``, ``ssb compare``) :func:`release_memory` hands what a finished stage
+freed back to the system: glibc keeps freed heap memory for reuse, and after a distill that retention plus the
+next stage's model and KV buffer pushed the testbed's evaluation past 24 GB.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import resource
 import sys
 import time
@@ -49,3 +56,15 @@ def reset_peaks() -> None:
         pass
     if peak_gpu_bytes():
         sys.modules["torch"].cuda.reset_peak_memory_stats()
+
+
+def release_memory() -> None:
+    """Collect unreachable objects, then (glibc) return freed heap pages to the system with ``malloc_trim(0)``.
+    Measured on a LoRA forward + backward of SmolLM2-135M in fp32: 1.42 GB resident after the objects were gone,
+    0.37 GB after the trim (0.22 GB before the work)."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+            pass

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
+from ssb.rows import read_rows
 from ssb.rundir import Stage, locking, require_done
+from ssb.usage import release_memory
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,8 @@ class StageSpec:
     directory; ``upstream(cfg)``: the stages whose fingerprint enters its own under ``cfg`` (evaluate: the first
     that finished, if any, is where its adapter comes from); ``solo``: under torchrun it runs on rank 0 alone;
     ``training``: its cost is part of producing the model (all but evaluate); ``in_run``: a step of ``ssb run``
-    (all but grpo, the RL baseline, which ``ssb grpo`` runs)."""
+    (all but grpo, the RL baseline, which ``ssb grpo`` runs); ``reproducible``: seeded and deterministic, so a
+    finished run whose weights were not kept is rerun to get them back (:func:`restore_weights`)."""
 
     name: str
     summary: str
@@ -36,6 +41,7 @@ class StageSpec:
     solo: bool = False
     training: bool = True
     in_run: bool = True
+    reproducible: bool = False
 
     @property
     def module(self):
@@ -106,7 +112,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
               upstream=lambda cfg: ("curate",)),
     StageSpec("distill", "LoRA student on the bare question matches the hinted teacher's distribution (or SFT, RFT)",
               inputs=("teach/examples.jsonl", "rollout/rollouts.jsonl", "curate/graded.jsonl"),
-              outputs=("adapter/", "train_log.jsonl"), upstream=_distill_upstream),
+              outputs=("adapter/", "train_log.jsonl"), upstream=_distill_upstream, reproducible=True),
     StageSpec("evaluate", "greedy pass@1 per benchmark, with this run's adapter (auto) or another",
               inputs=("distill/adapter/", "grpo/adapter/"), outputs=("<benchmark>/samples.jsonl",
                                                                      "<benchmark>/metrics.json"),
@@ -114,5 +120,38 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("grpo", "the RL baseline: TRL's GRPO with the same LoRA on the rollout problems, under a budget",
               inputs=(), outputs=("adapter/", "train_log.jsonl"), solo=True, in_run=False),
 )}
+
+
+def restore_weights(cfg, run_dir, name: str) -> None:
+    """Rerun finished stage ``name`` when it is ``reproducible`` and none of the ``adapter/`` files its manifest
+    lists is there (a saved run keeps no weights: ``benchmarks/testbed_cpu.sh save``), then compare its new loss
+    curve with the logged one and say how far they differ. ``cfg``: the whole config (the stage takes its own
+    view). Anything else (some adapter files there, a stage that is not reproducible) is left to the checks of
+    :func:`ssb.rundir.verify_upstream`."""
+    spec, stage_dir = STAGES[name], Path(run_dir) / name
+    weights = [f for f in require_done(run_dir, name).get("files") or {} if f.startswith("adapter/")]
+    if not spec.reproducible or not weights or any((stage_dir / f).exists() for f in weights):
+        return
+    log = stage_dir / "train_log.jsonl"
+    before = [row["loss"] for row in read_rows(log)] if log.exists() else []
+    print(f"{name}: finished, but its adapter was not kept (saved runs keep no weights); rerunning it, seeded, to "
+          f"get it back", file=sys.stderr, flush=True)
+    spec.run(cfg, run_dir, force=True)
+    release_memory()
+    after = [row["loss"] for row in read_rows(log)]
+    print(f"{name}: {curve_agreement(before, after)}", file=sys.stderr, flush=True)
+
+
+def curve_agreement(before: list[float], after: list[float]) -> str:
+    """One line saying whether a rerun's per-step losses (``after``) reproduce the logged ones (``before``)."""
+    if not before:
+        return f"rerun: {len(after)} steps; no earlier loss curve to compare with"
+    if len(before) != len(after):
+        return f"WARNING: the rerun logged {len(after)} steps, the saved run {len(before)}: not the same training"
+    gap = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(after, before))
+    verdict = "reproduces" if gap <= 1e-3 else "WARNING: does NOT reproduce"
+    return f"the rerun {verdict} the saved loss curve ({len(after)} steps, largest relative difference {gap:.2e})"
+
+
 PIPELINE = tuple(name for name, spec in STAGES.items() if spec.in_run)  # the stages of `ssb run`, in order
 TRAINING = tuple(name for name, spec in STAGES.items() if spec.training)  # what producing a model costs

@@ -25,6 +25,7 @@ from ssb.models import render_chat
 from ssb.prompts import student_messages
 from ssb.rows import read_json, write_json
 from ssb.rundir import MANIFEST, Stage, locking, verify_upstream
+from ssb.stages import restore_weights
 
 # The config fields this stage reads (ssb.reads.Reads). Each benchmark's fingerprint has its one benchmark and the
 # resolved adapter (its fingerprint, or path) instead of the lists in evaluate.benchmarks and evaluate.adapter.
@@ -74,7 +75,7 @@ def stages_for(cfg: Config, run_dir, force: bool = False, adapter: tuple | None 
 @locking
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
     """Evaluate every configured benchmark; returns {label: metrics}."""
-    cfg = READS.view(cfg)
+    whole, cfg = cfg, READS.view(cfg)
     adapter, adapter_fp = resolve_adapter(cfg, run_dir)
     ec = cfg.evaluate
     params = SamplingParams(ec.samples, ec.temperature, ec.top_k, ec.top_p, ec.max_new_tokens)
@@ -93,6 +94,7 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
             results[name] = read_json(stage.path("metrics.json"))
             continue
         if not checked and cfg.evaluate.adapter == "auto" and adapter is not None:  # run_dir/<distill|grpo>/adapter
+            restore_weights(whole, run_dir, Path(adapter).parent.name)
             verify_upstream(run_dir, Path(adapter).parent.name, "adapter/")
             checked = True
         problems = load_problems(ds, cfg.data_dir)
