@@ -12,7 +12,7 @@ from ssb.config import Config
 from ssb.configio import dump_yaml
 from ssb.rows import read_json
 from ssb.rundir import MANIFEST, flush_deferred, write_on_begin
-from ssb.stages import STAGES, rollout
+from ssb.stages import STAGES
 from ssb.usage import release_memory
 
 
@@ -57,15 +57,7 @@ def check_stages(cfg: Config, run_dir: Path, stages, waves: bool = False) -> Non
     for name in stages:
         spec = STAGES[name]
         up = next((u for u in spec.upstream(cfg) if fp_of(u) is not None), None)
-        if name == "evaluate":  # its upstream, if any, is the adapter `auto` picks: the one this command makes
-            from ssb.stages import evaluate
-
-            adapter = (str(run_dir / up / "adapter"), fp_of(up)) if up else None
-            checked = [stage for _, stage in evaluate.stages_for(cfg, run_dir, adapter=adapter)]
-        elif name == "rollout":
-            checked = [rollout.stage_for(cfg, run_dir, waves=waves)]
-        else:  # a stage whose upstream is not there yet is checked when it runs
-            checked = [spec.stage(cfg, run_dir, up=fp_of(up) if up else None)] if up or not spec.upstream(cfg) else []
+        checked = spec.stages(cfg, run_dir, (up, fp_of(up)) if up else None, waves)
         for stage in checked:
             stage.check()
         fps[name] = checked[0].fingerprint if checked else None

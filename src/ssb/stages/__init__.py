@@ -31,7 +31,9 @@ class StageSpec:
     that finished, if any, is where its adapter comes from); ``solo``: under torchrun it runs on rank 0 alone;
     ``training``: its cost is part of producing the model (all but evaluate); ``in_run``: a step of ``ssb run``
     (all but grpo, the RL baseline, which ``ssb grpo`` runs); ``reproducible``: seeded and deterministic, so a
-    finished run whose weights were not kept is rerun to get them back (:func:`restore_weights`)."""
+    finished run whose weights were not kept is rerun to get them back (:func:`restore_weights`); ``split``: how
+    its :class:`ssb.rundir.Stage` objects are made where that is not one per config (rollout under budgeted
+    waves, evaluate one per benchmark): ``split(cfg, run_dir, up, waves)`` as :meth:`stages`."""
 
     name: str
     summary: str
@@ -42,6 +44,7 @@ class StageSpec:
     training: bool = True
     in_run: bool = True
     reproducible: bool = False
+    split: Callable[..., list] | None = None
 
     @property
     def module(self):
@@ -66,6 +69,17 @@ class StageSpec:
             up = self.upstream_fingerprint(cfg, run_dir)
         values = {**reads.values(cfg), **config, **({"upstream": up} if up is not None else {})}
         return Stage(run_dir, self.name, reads.fingerprint(cfg, *([up] if up is not None else [])), values, force)
+
+    def stages(self, cfg, run_dir, up: tuple[str, str] | None, waves: bool = False) -> list[Stage]:
+        """This stage's :class:`ssb.rundir.Stage` objects under ``cfg``, for the checks before a command starts;
+        ``up``: (the upstream stage it will read, that stage's fingerprint), None if none has finished or will
+        run first; ``waves``: rollout, curate and teach run as budgeted waves. Empty when the stage needs an
+        upstream that is not there yet (it is checked when it runs)."""
+        if self.split is not None:
+            return self.split(cfg, run_dir, up, waves)
+        if up is None and self.upstream(cfg):
+            return []
+        return [self.stage(cfg, run_dir, up=up[1] if up else None)]
 
     def run(self, cfg, run_dir, force: bool = False) -> dict:
         return self.module.run(cfg, run_dir, force=force)
@@ -101,9 +115,14 @@ def _evaluate_upstream(cfg) -> tuple[str, ...]:
     return ("distill", "grpo") if cfg.evaluate.adapter == "auto" else ()
 
 
+def _split(name: str) -> Callable[..., list]:
+    """The ``split`` of stage ``name``: its module's ``split_stages`` (imported when called)."""
+    return lambda *args: importlib.import_module(f"ssb.stages.{name}").split_stages(*args)
+
+
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("rollout", "K sampled replies per training problem (rollout.data) from the base model",
-              inputs=(), outputs=("rollouts.jsonl", "waves.jsonl")),
+              inputs=(), outputs=("rollouts.jsonl", "waves.jsonl"), split=_split("rollout")),
     StageSpec("curate", "grade the replies; one right and the commonest wrong reply per usable problem",
               inputs=("rollout/rollouts.jsonl",), outputs=("graded.jsonl", "pairs.jsonl", "stats.json"),
               upstream=lambda cfg: ("rollout",), solo=True),
@@ -116,7 +135,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("evaluate", "greedy pass@1 per benchmark, with this run's adapter (auto) or another",
               inputs=("distill/adapter/", "grpo/adapter/"), outputs=("<benchmark>/samples.jsonl",
                                                                      "<benchmark>/metrics.json"),
-              upstream=_evaluate_upstream, training=False),
+              upstream=_evaluate_upstream, training=False, split=_split("evaluate")),
     StageSpec("grpo", "the RL baseline: TRL's GRPO with the same LoRA on the rollout problems, under a budget",
               inputs=(), outputs=("adapter/", "train_log.jsonl"), solo=True, in_run=False),
 )}

@@ -72,6 +72,13 @@ def stages_for(cfg: Config, run_dir, force: bool = False, adapter: tuple | None 
     return out
 
 
+def split_stages(cfg: Config, run_dir, up: tuple[str, str] | None, waves: bool) -> list[Stage]:
+    """:meth:`ssb.stages.StageSpec.stages` of evaluate: one per benchmark, with the adapter of ``up`` (the stage
+    whose adapter ``auto`` picks, and its fingerprint), or none."""
+    adapter = (str(Path(run_dir) / up[0] / "adapter"), up[1]) if up else None
+    return [stage for _, stage in stages_for(cfg, run_dir, adapter=adapter)]
+
+
 @locking
 def run(cfg: Config, run_dir, force: bool = False) -> dict:
     """Evaluate every configured benchmark; returns {label: metrics}."""

@@ -34,6 +34,11 @@ def stage_for(cfg: Config, run_dir, force: bool = False, waves: bool = False) ->
     return STAGES["rollout"].stage(cfg, run_dir, force=force, reads=WAVES_READS, waves=True)
 
 
+def split_stages(cfg: Config, run_dir, up, waves: bool) -> list[Stage]:
+    """:meth:`ssb.stages.StageSpec.stages` of rollout (it has no upstream)."""
+    return [stage_for(cfg, run_dir, waves=waves)]
+
+
 @entry("rollout")
 def run(cfg: Config, stage: Stage) -> dict:
     problems = training_problems(cfg)
