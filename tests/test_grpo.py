@@ -204,6 +204,40 @@ def test_ssb_generator_groups_copies_and_keeps_order(tiny_model_dir):
     assert rollout(prompts, trainer)["completion_ids"] != out["completion_ids"]
 
 
+def test_sampling_from_a_merged_copy_leaves_the_policy_untouched(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ssb.models import lora_config, stop_token_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = _cfg(tiny_model_dir, "grpo.max_new_tokens=6")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_config(cfg.distill))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # a trained adapter: a delta that changes the outputs
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    merged = grpo.merged_copy(model)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    assert torch.allclose(merged(ids).logits, model(ids).logits, atol=1e-5)
+    with model.disable_adapter():
+        assert not torch.allclose(model(ids).logits, merged(ids).logits, atol=1e-3)  # the delta is in the copy
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing merged in place
+    trainer = SimpleNamespace(model_wrapped=model, accelerator=Accelerator(cpu=True),
+                              state=SimpleNamespace(global_step=0), args=SimpleNamespace(gradient_checkpointing_kwargs=None))
+    prompts = [[{"role": "user", "content": "1 + 2 = ?"}]] * 2
+    for flag in ("true", "false"):
+        flagged = _cfg(tiny_model_dir, "grpo.max_new_tokens=6", f"grpo.sample_merged={flag}")
+        out = grpo.ssb_rollout_func(flagged, tok, stop_token_ids(tok, model))(prompts, trainer)
+        assert len(out["completion_ids"]) == 2 and all(0 < len(c) <= 6 for c in out["completion_ids"])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_token_and_time_budgets_stop_early_and_say_why(tiny_model_dir, tmp_path):
     m = grpo.run(_cfg(tiny_model_dir, "grpo.steps=5", "grpo.max_generated_tokens=1"), tmp_path / "tokens")
     assert m["stopped_by"] == "tokens" and m["counts"]["steps"] == 1

@@ -313,6 +313,11 @@ class GrpoConfig:
                         "default: one padded model.generate call per step), paged (TRL's "
                         "use_transformers_continuous_batching: transformers' generate_batch with a paged KV cache; "
                         "meant for GPU, runs but is slow on CPU).", ("ssb", "generate", "paged"))
+    sample_merged: bool = _f(True, "ssb generator: sample each step from a merged copy of the policy (a copy of the "
+                             "base weights with the LoRA delta added, in the model's dtype; the training model is "
+                             "never merged in place, where bf16 merge + unmerge would drift) instead of the LoRA "
+                             "layers unmerged: one matrix product per linear layer. Costs one model copy of "
+                             "memory while sampling; false samples through the adapter as before.")
     report_to: str = _f("none", "TRL's report_to: also log GRPO's curves (loss, reward, lr, completion length) to "
                         "this tracker; tensorboard writes RUN_DIR/grpo/tracker/. Not part of the stage's "
                         "fingerprint.", TRACKERS)

@@ -37,7 +37,8 @@ Generators (``grpo.generator``); all sample from the current LoRA policy (adapte
   evaluate stages, plugged in as TRL's ``rollout_func``: each prompt prefilled once for its ``num_generations``
   samples, continuous batching over a preallocated KV cache, CUDA-graph decode steps on GPU (``engine.*``
   settings). Samples are seeded by (seed, step), so a resumed step samples what it would have. Same generator for
-  both methods, hence a fair comparison at equal GPU-seconds; runs on CPU.
+  both methods, hence a fair comparison at equal GPU-seconds; runs on CPU. Each step it samples from a merged copy
+  of the policy (``grpo.sample_merged``: base weights + LoRA delta, one matrix product per linear layer).
 - ``generate``: TRL's default, one left-padded ``model.generate`` call per step (every sequence decodes until the
   longest finishes; dropout, if any, stays on while sampling).
 - ``paged``: TRL's ``use_transformers_continuous_batching``, i.e. transformers' ``generate_batch`` (paged attention,
@@ -59,6 +60,7 @@ How this differs from textbook GRPO (DeepSeekMath), i.e. TRL's defaults, which w
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -181,15 +183,29 @@ def ssb_rollout_func(cfg: Config, tokenizer, stop_ids: list[int]):
             was_training = model.training
             model.eval()
             try:
-                engine = TransformersEngine(model, tokenizer, stop_ids, max_batch_size=ec.max_batch_size,
+                policy = merged_copy(model) if gc.sample_merged else model
+                engine = TransformersEngine(policy, tokenizer, stop_ids, max_batch_size=ec.max_batch_size,
                                             prefill_tokens=ec.prefill_tokens, cuda_graphs=ec.cuda_graphs)
                 samples = engine.generate(unique, params, _step_seed(cfg.seed, trainer.state.global_step))
+                del engine, policy
             finally:
                 model.train(was_training)
         return {"prompt_ids": ids, "completion_ids": [s.token_ids for group in samples for s in group],
                 "logprobs": None}
 
     return rollout
+
+
+def merged_copy(model):
+    """A plain model equal to peft ``model`` with its LoRA deltas added to copies of the base weights (in their
+    dtype), for sampling: ``merge_and_unload`` on a deep copy, so the model being trained is untouched. A model
+    without an adapter is returned as it is."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return model
+    with torch.no_grad():
+        return copy.deepcopy(model).merge_and_unload()
 
 
 def _budget_callback(gc, t0: float, cpu0: float, carried: dict, stats: dict):

@@ -1,0 +1,70 @@
+"""GRPO's sampling on a CPU: the LoRA policy unmerged (each linear layer: the base product plus the adapter's two
+small ones, in fp32) against a merged copy (``grpo.sample_merged``: one product per layer), with ssb's engine, side
+by side in one run, on the same prompts and seed. The adapter is LoRA r=32 on every linear layer (the testbed
+config's) with random B (a trained adapter's delta, not the zero one peft starts with).
+
+    SSB_CACHE=... python benchmarks/merged_sampling.py --model testbed --data ../shared/data --prompts 4 --n 8 --new 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import time
+
+import torch
+from peft import get_peft_model
+
+from ssb.config import DatasetConfig, DistillConfig, ModelConfig
+from ssb.data import load_problems
+from ssb.engine import SamplingParams
+from ssb.engine.transformers_engine import TransformersEngine
+from ssb.models import load_model, load_tokenizer, lora_config, native_cpu_bf16, render_chat, stop_token_ids
+from ssb.prompts import student_messages
+from ssb.rundir import machine
+from ssb.stages.grpo import merged_copy
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="testbed", help="directory holding model.gguf (fetch.sh DIR)")
+    ap.add_argument("--gguf", default="model.gguf")
+    ap.add_argument("--data", default="../shared/data", help="data directory (GSM8K train)")
+    ap.add_argument("--prompts", type=int, default=4, help="prompts per step (grpo.batch_size)")
+    ap.add_argument("--n", type=int, default=8, help="completions per prompt (grpo.num_generations)")
+    ap.add_argument("--new", type=int, default=256, help="new tokens at most per completion")
+    args = ap.parse_args()
+    print(f"# {datetime.date.today()} {machine()} native bf16: {native_cpu_bf16()}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    cfg = ModelConfig(name_or_path=args.model, gguf_file=args.gguf, device="cpu")
+    tok, base = load_tokenizer(cfg), load_model(cfg)
+    print(f"# model dtype {base.dtype}")
+    policy = get_peft_model(base, lora_config(DistillConfig()))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    policy.eval()
+    rows = load_problems(DatasetConfig(name="gsm8k", split="train", limit=args.prompts), args.data)
+    prompts = [render_chat(tok, student_messages(r.question)) for r in rows]
+    params = SamplingParams(args.n, 0.8, 50, 1.0, args.new)
+    stops = stop_token_ids(tok, base)
+    rates = {}
+    for name in ("unmerged", "merged", "unmerged"):  # unmerged twice: the first call also warms the machine up
+        t0 = time.perf_counter()
+        model = merged_copy(policy) if name == "merged" else policy
+        t_copy = time.perf_counter() - t0
+        engine = TransformersEngine(model, tok, stops, max_batch_size=256)
+        with torch.no_grad():
+            samples = engine.generate(prompts, params, 0)
+        dt = time.perf_counter() - t0
+        tokens = sum(len(s.token_ids) for group in samples for s in group)
+        rates[name] = tokens / dt
+        print(f"{name:9s} copy+merge {t_copy:6.1f} s  total {dt:7.1f} s  {tokens:6d} tokens  {tokens / dt:7.1f} tok/s")
+        del engine, model
+    print(f"merged / unmerged (second unmerged run): {rates['merged'] / rates['unmerged']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
