@@ -54,6 +54,7 @@ from ssb import dist, usage
 from ssb.atomic import write_text
 from ssb.errors import SsbError
 from ssb.lock import locked
+from ssb.reads import config_differences
 from ssb.rows import parse_rows, plain, read_json, write_json
 
 __all__ = [  # the run directory's API (rows are ssb.rows', the lock ssb.lock's: import them from there)
@@ -231,28 +232,6 @@ def flush_deferred(run_dir: Path) -> None:
     item = _DEFERRED.pop(str(Path(run_dir).resolve()), None)
     if item is not None and dist.is_main():
         write_text(*item)
-
-
-def config_differences(saved: Any, now: Any) -> list[str]:
-    """What differs between a stage's recorded config (its manifest's ``config``) and this command's (both as
-    JSON reads them), one ``key: saved then, now now`` per field; empty when the stage recorded none."""
-    if not isinstance(saved, dict) or not isinstance(now, dict):
-        return []
-    out = []
-
-    def walk(a: Any, b: Any, key: str) -> None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b), key=str):
-                walk(a.get(k, "(absent)"), b.get(k, "(absent)"), f"{key}.{k}" if key else str(k))
-        elif a != b:
-            out.append(f"{key}: {a} then, {b} now")
-
-    walk(saved, now, "")
-    if "model.dtype: bfloat16 then, float32 now" in out:
-        out.append("model.dtype auto is bf16 only on a CPU that multiplies bf16 natively (AMX, AVX512-BF16); "
-                   "model.dtype=bfloat16 matches the saved stages here, slowly")
-    return [line + " (the stage this one reads was redone or configured differently)"
-            if line.startswith("upstream:") else line for line in out]
 
 
 class Stage:
