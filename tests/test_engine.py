@@ -215,13 +215,59 @@ def _golden_samples(eng, prompts) -> dict:
 
 def test_samples_are_the_recorded_ones(monkeypatch):
     """The exact token ids sampled for fixed seeds, recorded once (tests/data/engine_golden.json): a change to
-    the engine's scheduling or KV handling must not change a single sample, eager or fixed-shape step."""
+    the engine's scheduling or KV handling must not change a single sample: eager steps over the whole buffer, eager
+    steps attending per chunk of rows (chunks of 2 of the 4 rows, reordered by age as they go), fixed-shape steps."""
+    from ssb.engine import transformers_engine, windows
+
     model, prompts, stops = _golden_case()
     want = json.loads(GOLDEN.read_text())
-    eng = TransformersEngine(model, _StubTokenizer(), stops, max_batch_size=4)
+    eng = TransformersEngine(model, _StubTokenizer(), stops, max_batch_size=4, windows=False)
+    assert not eng.uses_windows(torch.device("cpu"))
     assert _golden_samples(eng, prompts) == want
+    reorders = []
+    keep = transformers_engine.Scheduler._keep
+    monkeypatch.setattr(transformers_engine.Scheduler, "_keep", lambda self, rows: reorders.append(
+        len(rows) == len(self.rows)) or keep(self, rows))
+    monkeypatch.setattr(windows, "CHUNK", 2)
+    monkeypatch.setattr(windows, "RESORT", 1.01)  # reorder at any gain: 4 rows seldom gain 1.25x
+    eng.windows = True
+    assert eng.uses_windows(torch.device("cpu"))
+    assert _golden_samples(eng, prompts) == want
+    assert any(reorders)  # rows were reordered by age, not only dropped
     monkeypatch.setattr(eng, "uses_fixed_step", lambda device: True)
     assert _golden_samples(eng, prompts) == want
+
+
+def test_chunk_windows_cost_and_reorder():
+    from ssb.engine import windows
+
+    starts = [0, 9, 8, 1, 9, 9]
+    assert windows.chunk_windows(starts, 2) == [(0, 2, 0), (2, 4, 1), (4, 6, 9)]
+    assert windows.window_cost(starts, 9, 2) == 2 * 10 + 2 * 9 + 2 * 1
+    assert windows.window_cost(starts, 9, 6) == 6 * 10
+    order = windows.resort_order(starts, 9, 2)  # sorted: chunks (0, 1), (8, 9), (9, 9): 20 + 4 + 2 pairs, not 40
+    assert order == [0, 3, 2, 1, 4, 5]
+    assert windows.resort_order([starts[r] for r in order], 9, 2) is None  # already sorted
+    assert windows.resort_order([0, 5, 2, 6], 9, 2) is None  # sorted costs 20 + 10 against 20 + 16: under 1.25x
+    assert windows.resort_order(starts, 9, 6) is None  # one chunk: order changes nothing
+
+
+def test_window_attention_equals_attention_over_the_whole_buffer():
+    """Per-chunk windows against a float64 reference over every column (grouped-query: 6 query heads, 2 KV heads)."""
+    from ssb.engine import windows
+
+    g = torch.Generator().manual_seed(0)
+    b, h, kvh, n, d = 7, 6, 2, 23, 8
+    q, k, v = (torch.randn(shape, generator=g, dtype=torch.float64) for shape in
+               ((b, h, 1, d), (b, kvh, n, d), (b, kvh, n, d)))
+    starts = torch.randint(0, n, (b,), generator=g).tolist()
+    mask = (torch.arange(n)[None] >= torch.tensor(starts)[:, None])[:, None, None]
+    out, _ = windows.window_attention(None, q, k, v, mask, scaling=0.3, windows=windows.chunk_windows(starts, 3))
+    kk, vv = k.repeat_interleave(h // kvh, 1), v.repeat_interleave(h // kvh, 1)
+    scores = (q @ kk.transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf"))
+    ref = (scores.softmax(-1) @ vv).transpose(1, 2)  # [b, 1, h, d]
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
 def test_greedy_equals_transformers_generate_alone(hf_engine):

@@ -49,13 +49,15 @@ def supports_fixed_step(model) -> bool:
 
 
 @contextlib.contextmanager
-def _decode_attention_on(model):
-    AttentionInterface.register(ATTENTION, _decode_attention)  # idempotent
+def attention_as(model, name: str, fn):
+    """Run ``model`` with ``fn`` registered as attention ``name`` and switched in for every module, for the duration of
+    the block (a forward, or a CUDA-graph capture); the model's own attention setting is restored after."""
+    AttentionInterface.register(name, fn)
     configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None),
                                                                            "_attn_implementation_internal")}
     saved = {k: c._attn_implementation_internal for k, c in configs.items()}
     for c in configs.values():
-        c._attn_implementation_internal = ATTENTION
+        c._attn_implementation_internal = name
     try:
         yield
     finally:
@@ -83,7 +85,7 @@ def fixed_forward(model, cache, inp: torch.Tensor) -> torch.Tensor:
         layer.col = col
     cols = torch.arange(cache.layers[0].kbuf.shape[2], device=inp.device)
     mask = ((cols >= inp[:, 2:3]) & (cols <= inp[:, 3:4]))[:, None, None]  # [rows, 1, 1, cap]
-    with _decode_attention_on(model):  # a 4D mask is taken as prepared: transformers builds none
+    with attention_as(model, ATTENTION, _decode_attention):  # a 4D mask is taken as prepared: transformers builds none
         out = model(input_ids=inp[:, :1], position_ids=inp[:, 1:2], attention_mask=mask, use_cache=True,
                     logits_to_keep=1, **with_cache(model, cache))
     return out.logits[:, -1]

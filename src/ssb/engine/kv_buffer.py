@@ -13,7 +13,8 @@ shift of the kept columns, which the scheduler adds to every start:
 - ``keep_rows``: only the busy rows are kept (the scheduler drops idle rows once nothing waits).
 
 A step (``step``) feeds one token per row and writes column ``t``. Eager steps append through :class:`_BufferLayer`
-views of the used columns. Fixed-shape steps (:mod:`ssb.engine.fixed_step`; CUDA, full-attention models) write the
+views of the used columns; on a CPU (full-attention models) each chunk of rows attends over its own columns only
+(:mod:`ssb.engine.windows`), and the scheduler reorders rows by start with ``keep_rows`` when that pays. Fixed-shape steps (:mod:`ssb.engine.fixed_step`; CUDA, full-attention models) write the
 device column of :class:`StaticLayer` and attend over the whole buffer, with a capacity rounded to a multiple of
 64; on CUDA the step is captured once in a CUDA graph and replayed. Their moves happen in place (same tensors, so
 the graph stays valid) unless the rows or the capacity change: that reallocates and resets the graph, which
@@ -22,10 +23,13 @@ captures again at the next step.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ssb.engine.fixed_step import CudaGraphStep, fixed_forward, round_capacity, with_cache
+from ssb.engine import windows
+from ssb.engine.fixed_step import CudaGraphStep, attention_as, fixed_forward, round_capacity, with_cache
 
 
 def relayout_buffers(layer, lo: int, off: int, cap: int, rows: torch.Tensor | None = None,
@@ -37,9 +41,9 @@ def relayout_buffers(layer, lo: int, off: int, cap: int, rows: torch.Tensor | No
         if in_place and rows is None and cap == old.shape[2]:
             old[:, :, off: off + layer.n - lo] = old[:, :, lo: layer.n].clone()
             continue
-        old = old if rows is None else old[rows]
-        new = old.new_zeros(old.shape[0], old.shape[1], cap, old.shape[3])
-        new[:, :, off: off + layer.n - lo] = old[:, :, lo: layer.n]
+        live = old[:, :, lo: layer.n] if rows is None else old[rows, :, lo: layer.n]  # only the live columns
+        new = old.new_zeros(live.shape[0], old.shape[1], cap, old.shape[3])
+        new[:, :, off: off + layer.n - lo] = live
         setattr(layer, name, new)
     layer.n = off + layer.n - lo
     layer._view()
@@ -98,10 +102,13 @@ class StaticLayer(DynamicLayer):
 
 class KVBuffer:
     """The KV layers of ``rows`` rows of ``model`` on ``device``, allocated at the first admission; ``static``:
-    fixed-shape steps (CUDA-graph captured on CUDA; ``on_capture()`` is called after each capture)."""
+    fixed-shape steps (CUDA-graph captured on CUDA; ``on_capture()`` is called after each capture); ``windowed``:
+    eager steps attend per chunk of rows over its own columns (:mod:`ssb.engine.windows`)."""
 
-    def __init__(self, model, rows: int, device: torch.device, static: bool, on_capture=None):
+    def __init__(self, model, rows: int, device: torch.device, static: bool, on_capture=None,
+                 windowed: bool = False):
         self.model, self.rows, self.device, self.static = model, rows, device, static
+        self.windowed = windowed and not static
         self.layers: list[_BufferLayer | StaticLayer] = []
         self.cache: Cache | None = None
         self.t = 0  # the column clock: the column the next step writes
@@ -165,7 +172,8 @@ class KVBuffer:
         return self.relayout(lo, 0, self.cap if window <= self.cap * 3 // 4 else 2 * self.cap)
 
     def keep_rows(self, rows: list[int], lo: int) -> int:
-        """Keep only ``rows`` (in that order) and the live columns ``[lo, t)``, moved to column 0."""
+        """Keep only ``rows`` (in that order: a subset, or all of them reordered) and the live columns ``[lo, t)``,
+        moved to column 0."""
         keep = torch.tensor(rows).to(self.device)
         return self.relayout(lo, 0, max(self.cap - lo, self.t - lo + 1), keep)
 
@@ -191,12 +199,17 @@ class KVBuffer:
         return self.graph(inp) if self.graph is not None else fixed_forward(self.model, self.cache, inp)
 
     def _eager_step(self, inputs: list[tuple[int, int, int]]) -> torch.Tensor:
-        ids = torch.tensor([[tok] for tok, _, _ in inputs])
-        pos = torch.tensor([[p] for _, p, _ in inputs])
-        start = torch.tensor([s for _, _, s in inputs])
-        mask = (torch.arange(self.t + 1)[None] >= start[:, None]).long()
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=pos.to(self.device), use_cache=True, logits_to_keep=1,
-                         **with_cache(self.model, self.cache))
+        ids = torch.tensor([[tok] for tok, _, _ in inputs]).to(self.device)
+        pos = torch.tensor([[p] for _, p, _ in inputs]).to(self.device)
+        starts = [s for _, _, s in inputs]
+        mask = torch.arange(self.t + 1)[None] >= torch.tensor(starts)[:, None]
+        kw = dict(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
+                  **with_cache(self.model, self.cache))
+        if self.windowed:  # a 4D mask is taken as prepared; each chunk of rows attends over its own columns
+            fn = functools.partial(windows.window_attention, windows=windows.chunk_windows(starts))
+            with attention_as(self.model, windows.NAME, fn):
+                out = self.model(attention_mask=mask[:, None, None].to(self.device), **kw)
+        else:
+            out = self.model(attention_mask=mask.long().to(self.device), **kw)
         self.t = self.layers[0].n
         return out.logits[:, -1]

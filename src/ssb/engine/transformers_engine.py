@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache
 
-from ssb.engine import DoneHook, ProgressHook, Sample, SamplingParams, request_seeds
+from ssb.engine import DoneHook, ProgressHook, Sample, SamplingParams, request_seeds, windows
 from ssb.engine.fixed_step import supports_fixed_step, with_cache
 from ssb.engine.kv_buffer import KVBuffer
 
@@ -95,18 +95,24 @@ def _contiguous_lm_head(model) -> None:
 
 class TransformersEngine:
     def __init__(self, model, tokenizer, stop_ids: list[int], max_batch_size: int = 256,
-                 prefill_tokens: int = 16384, cuda_graphs: bool = True):
+                 prefill_tokens: int = 16384, cuda_graphs: bool = True, windows: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.stop_ids = list(stop_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.max_batch_size, self.prefill_tokens, self.cuda_graphs = max_batch_size, prefill_tokens, cuda_graphs
+        self.windows = windows
         self.captures = 0  # CUDA graphs captured so far (each decode-buffer allocation captures one)
         _contiguous_lm_head(model)
 
     def uses_fixed_step(self, device: torch.device) -> bool:
         """Whether decode steps use the fixed-shape step (captured in a CUDA graph on CUDA)."""
         return device.type == "cuda" and self.cuda_graphs and supports_fixed_step(self.model)
+
+    def uses_windows(self, device: torch.device) -> bool:
+        """Whether eager decode steps attend per chunk of rows over its own KV columns (:mod:`ssb.engine.windows`):
+        on a CPU, for full-attention models."""
+        return device.type == "cpu" and self.windows and supports_fixed_step(self.model)
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | list[int],
@@ -159,7 +165,7 @@ class Scheduler:
         self.rows: list[_Row | None] = [None] * min(eng.max_batch_size, len(self.queue))
         self.udtype = torch.float32 if self.device.type == "mps" else torch.float64
         self.buffer = KVBuffer(self.model, len(self.rows), self.device, eng.uses_fixed_step(self.device),
-                               on_capture=self._captured)
+                               on_capture=self._captured, windowed=eng.uses_windows(self.device))
 
     def _captured(self):
         self.eng.captures += 1
@@ -270,13 +276,23 @@ class Scheduler:
                 row.start += by
 
     def _housekeep(self):
-        """Before a step: drop idle rows once nothing waits and at most half are busy, else compact if due."""
+        """Before a step: drop idle rows once nothing waits and at most half are busy, else reorder the rows by age
+        when windowed attention gains from it (:func:`ssb.engine.windows.resort_order`), else compact if due."""
         busy = [r for r, row in enumerate(self.rows) if row is not None]
+        t = self.buffer.t
+        order = windows.resort_order([row.start if row is not None else t for row in self.rows], t) \
+            if self.buffer.windowed else None
         if self.qpos >= len(self.queue) and len(busy) <= len(self.rows) // 2:
-            self._shift(self.buffer.keep_rows(busy, self._lo()))
-            self.rows = [self.rows[r] for r in busy]
+            self._keep(busy)
+        elif order is not None:
+            self._keep(order)
         else:
             self._shift(self.buffer.compact(self._lo()))
+
+    def _keep(self, rows: list[int]):
+        """Keep ``rows`` of the buffer, in that order."""
+        self._shift(self.buffer.keep_rows(rows, self._lo()))
+        self.rows = [self.rows[r] for r in rows]
 
     # ---------------------------------------------------------------- the step
 
