@@ -34,7 +34,7 @@ from ssb.losses import LOG_FLOOR
 from ssb.models import load_model, load_tokenizer, model_identity, resolve_device, stop_token_ids
 from ssb.progress import progress
 from ssb.rows import write_json, write_rows
-from ssb.rundir import machine, versions
+from ssb.provenance import machine, versions
 
 OUT_DIR = "signal"
 CHUNK = 256  # reply tokens per lm_head chunk: a few fp32 (tokens x vocabulary) passes each

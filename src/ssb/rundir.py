@@ -43,8 +43,6 @@ import hashlib
 import os
 import platform
 import shutil
-import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,64 +52,19 @@ from ssb import dist, usage
 from ssb.atomic import write_text
 from ssb.errors import SsbError
 from ssb.lock import locked
+from ssb.provenance import git_commit, gpus_in_use, machine, versions
 from ssb.reads import config_differences
 from ssb.rows import parse_rows, plain, read_json, write_json
 
-__all__ = [  # the run directory's API (rows are ssb.rows', the lock ssb.lock's: import them from there)
+__all__ = [  # the run directory's API (rows are ssb.rows', the lock ssb.lock's, provenance ssb.provenance's)
     "MANIFEST", "STARTED", "COST", "BOOKKEEPING", "Stage", "locking", "require_done",
-    "read_upstream", "verify_upstream", "file_record", "write_on_begin", "flush_deferred", "batches", "versions",
-    "gpus_in_use", "git_commit",
+    "read_upstream", "verify_upstream", "file_record", "write_on_begin", "flush_deferred", "batches",
 ]
 
 MANIFEST = "manifest.json"
 STARTED = "started.json"
 COST = "cost.json"
 BOOKKEEPING = (MANIFEST, STARTED)  # a stage's files that are not its outputs (also cost*.json and dotfiles)
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for mod in ("ssb", "torch", "transformers", "peft", "datasets", "math_verify", "vllm", "trl"):
-        m = sys.modules.get(mod)
-        if m is not None:
-            out[mod] = getattr(m, "__version__", "?")
-    return out
-
-
-@functools.lru_cache(maxsize=1)
-def machine() -> dict[str, Any]:
-    """The CPU a stage ran on, for its manifest: model name, cores, and the bf16 matrix flags that decide its speed
-    (and what ``model.dtype=auto`` resolves to on a CPU)."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    return {"cpu": name, "cores": os.cpu_count(), "cpu_bf16_flags": sorted(flags & {"amx_bf16", "avx512_bf16"})}
-
-
-def gpus_in_use() -> int:
-    """GPUs this process has initialised (0 on CPU): the multiplier of wall time in a stage's cost."""
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return 0
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun every rank is one GPU
-    return max(world, 1)
-
-
-def git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        return r.stdout.strip() or None if r.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 # ---------------------------------------------------------------------------------------------------- files

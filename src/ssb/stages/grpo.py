@@ -85,7 +85,8 @@ from ssb.prompts import student_messages
 from ssb.rows import append_rows, read_json, read_rows, write_json, write_rows
 from ssb.tracking import check_available, offline_by_default, tracker_dir
 from ssb.stages import entry
-from ssb.rundir import Stage, gpus_in_use
+from ssb.provenance import gpus_in_use
+from ssb.rundir import Stage
 
 LOG = "train_log.jsonl"
 TRL_DIR = ".trl"  # TRL's output_dir: its checkpoints, removed when the stage finishes
