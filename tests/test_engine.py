@@ -355,5 +355,17 @@ def test_vllm_prompt_topk_logprobs(tiny_model_dir):
             assert len(top) == 4 and [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
 
 
+def test_prefill_budget_defaults_by_device(hf_engine):
+    """engine.prefill_tokens=None (the default) is 2048 prompt tokens per forward on a CPU, 16384 on a GPU; a value
+    given is kept."""
+    from ssb.engine.transformers_engine import default_prefill_tokens
+
+    assert EngineConfig().prefill_tokens is None
+    assert hf_engine.prefill_tokens == default_prefill_tokens(torch.device("cpu")) == 2048
+    assert default_prefill_tokens(torch.device("cuda")) == 16384
+    eng = TransformersEngine(hf_engine.model, hf_engine.tokenizer, hf_engine.stop_ids, prefill_tokens=32)
+    assert eng.prefill_tokens == 32
+
+
 def test_engine_is_the_transformers_one_by_default(hf_engine):
     assert isinstance(hf_engine, TransformersEngine)

@@ -330,7 +330,9 @@ class EngineConfig:
     backend: str = _f("transformers", "Generation engine: the embedded transformers one (no extra dependency) or "
                       "vLLM (pip install ssb[vllm]).", ("transformers", "vllm"))
     max_batch_size: int = _f(256, "transformers: most sequences decoded at once (finished ones are refilled).", gt(0))
-    prefill_tokens: int = _f(16384, "transformers: prompt tokens (padding included) per prefill forward.", gt(0))
+    prefill_tokens: int | None = _f(None, "transformers: prompt tokens (padding included) per prefill forward (None = "
+                                    "16384 on a GPU, 2048 on a CPU, where big forwards are slower per token: "
+                                    "benchmarks/prefill_budget.py).", gt(0))
     cuda_graphs: bool = _f(True, "transformers, CUDA only: capture the fixed-shape decode step in a CUDA graph "
                            "(false = eager steps).")
     gpu_memory_utilization: float = _f(0.9, "vllm: fraction of GPU memory vLLM may use.", FRACTION)

@@ -93,14 +93,22 @@ def _contiguous_lm_head(model) -> None:
         head._ssb_contiguous_input = True
 
 
+def default_prefill_tokens(device: torch.device) -> int:
+    """Prompt tokens per prefill forward when ``engine.prefill_tokens`` is None: 2048 on a CPU (the testbed's prefill
+    ran 2.0x faster than at 16384: the elementwise passes over a big forward's activations miss the caches;
+    benchmarks/RESULTS.md), 16384 elsewhere."""
+    return 2048 if device.type == "cpu" else 16384
+
+
 class TransformersEngine:
     def __init__(self, model, tokenizer, stop_ids: list[int], max_batch_size: int = 256,
-                 prefill_tokens: int = 16384, cuda_graphs: bool = True, windows: bool = True):
+                 prefill_tokens: int | None = None, cuda_graphs: bool = True, windows: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.stop_ids = list(stop_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
-        self.max_batch_size, self.prefill_tokens, self.cuda_graphs = max_batch_size, prefill_tokens, cuda_graphs
+        self.max_batch_size, self.cuda_graphs = max_batch_size, cuda_graphs
+        self.prefill_tokens = prefill_tokens or default_prefill_tokens(next(model.parameters()).device)
         self.windows = windows
         self.captures = 0  # CUDA graphs captured so far (each decode-buffer allocation captures one)
         _contiguous_lm_head(model)
