@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=256)
     ap.add_argument("--rows", type=int, default=128)
     ap.add_argument("--new", type=int, default=1024)
+    ap.add_argument("--before", action="store_true", help="the first arm also prefills 16384 tokens per forward (the "
+                    "engine before this session: both changes against neither)")
     a = ap.parse_args()
     cfg = load_config("configs/testbed-cpu.yaml", [f"model.name_or_path={a.model}", f"engine.max_batch_size={a.rows}"])
     eng = make_engine(cfg.model, None, cfg.engine)
@@ -55,8 +57,10 @@ def main() -> None:
     KVBuffer.step = counted_step
     Scheduler._keep = lambda self, rows: keeps.append(len(rows)) or keep(self, rows)
     res = {}
+    default_prefill = eng.prefill_tokens
     for name, on in (("whole buffer", False), ("windows", True)):
         eng.windows = on
+        eng.prefill_tokens = 16384 if a.before and not on else default_prefill
         for x in (widths, lows, owns, keeps):
             x.clear()
         t0 = time.time()
@@ -64,7 +68,7 @@ def main() -> None:
         dt = time.time() - t0
         tok = sum(len(s[0].token_ids) for s in outs)
         res[name] = (dt, [s[0].token_ids for s in outs])
-        print(f"{name:>12}: {tok} tokens in {dt:.1f} s = {tok / dt:.1f} tok/s; {len(widths)} steps, attention "
+        print(f"{name:>12} (prefill {eng.prefill_tokens}): {tok} tokens in {dt:.1f} s = {tok / dt:.1f} tok/s; {len(widths)} steps, attention "
               f"width {sum(widths) / len(widths):.0f} columns per row (from the oldest row {sum(lows) / len(lows):.0f}, "
               f"each row's own {sum(owns) / len(owns):.0f}); rows kept/reordered {len(keeps)} times",
               flush=True)
