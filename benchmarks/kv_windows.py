@@ -59,7 +59,7 @@ def main() -> None:
     res = {}
     default_prefill = eng.prefill_tokens
     for name, on in (("whole buffer", False), ("windows", True)):
-        eng.windows = on
+        eng.windowed = on
         eng.prefill_tokens = 16384 if a.before and not on else default_prefill
         for x in (widths, lows, owns, keeps):
             x.clear()
@@ -68,10 +68,10 @@ def main() -> None:
         dt = time.time() - t0
         tok = sum(len(s[0].token_ids) for s in outs)
         res[name] = (dt, [s[0].token_ids for s in outs])
-        print(f"{name:>12} (prefill {eng.prefill_tokens}): {tok} tokens in {dt:.1f} s = {tok / dt:.1f} tok/s; {len(widths)} steps, attention "
-              f"width {sum(widths) / len(widths):.0f} columns per row (from the oldest row {sum(lows) / len(lows):.0f}, "
-              f"each row's own {sum(owns) / len(owns):.0f}); rows kept/reordered {len(keeps)} times",
-              flush=True)
+        print(f"{name:>12} (prefill {eng.prefill_tokens}): {tok} tokens in {dt:.1f} s = {tok / dt:.1f} tok/s; "
+              f"{len(widths)} steps, attention width {sum(widths) / len(widths):.0f} columns per row (from the oldest "
+              f"row {sum(lows) / len(lows):.0f}, each row's own {sum(owns) / len(owns):.0f}); rows kept/reordered "
+              f"{len(keeps)} times", flush=True)
     same = sum(x == y for x, y in zip(res["whole buffer"][1], res["windows"][1]))
     print(f"windows / whole buffer: {res['whole buffer'][0] / res['windows'][0]:.2f}x; identical replies "
           f"{same}/{len(prompts)}")

@@ -221,7 +221,7 @@ def test_samples_are_the_recorded_ones(monkeypatch):
 
     model, prompts, stops = _golden_case()
     want = json.loads(GOLDEN.read_text())
-    eng = TransformersEngine(model, _StubTokenizer(), stops, max_batch_size=4, windows=False)
+    eng = TransformersEngine(model, _StubTokenizer(), stops, max_batch_size=4, windowed=False)
     assert not eng.uses_windows(torch.device("cpu"))
     assert _golden_samples(eng, prompts) == want
     reorders = []
@@ -230,7 +230,7 @@ def test_samples_are_the_recorded_ones(monkeypatch):
         len(rows) == len(self.rows)) or keep(self, rows))
     monkeypatch.setattr(windows, "CHUNK", 2)
     monkeypatch.setattr(windows, "RESORT", 1.01)  # reorder at any gain: 4 rows seldom gain 1.25x
-    eng.windows = True
+    eng.windowed = True
     assert eng.uses_windows(torch.device("cpu"))
     assert _golden_samples(eng, prompts) == want
     assert any(reorders)  # rows were reordered by age, not only dropped

@@ -14,9 +14,10 @@ shift of the kept columns, which the scheduler adds to every start:
 
 A step (``step``) feeds one token per row and writes column ``t``. Eager steps append through :class:`_BufferLayer`
 views of the used columns; on a CPU (full-attention models) each chunk of rows attends over its own columns only
-(:mod:`ssb.engine.windows`), and the scheduler reorders rows by start with ``keep_rows`` when that pays. Fixed-shape steps (:mod:`ssb.engine.fixed_step`; CUDA, full-attention models) write the
-device column of :class:`StaticLayer` and attend over the whole buffer, with a capacity rounded to a multiple of
-64; on CUDA the step is captured once in a CUDA graph and replayed. Their moves happen in place (same tensors, so
+(:mod:`ssb.engine.windows`), and the scheduler reorders rows by start with ``keep_rows`` when that pays. Fixed-shape
+steps (:mod:`ssb.engine.fixed_step`; CUDA, full-attention models) write the device column of :class:`StaticLayer`
+and attend over the whole buffer, with a capacity rounded to a multiple of 64; on CUDA the step is captured once in
+a CUDA graph and replayed. Their moves happen in place (same tensors, so
 the graph stays valid) unless the rows or the capacity change: that reallocates and resets the graph, which
 captures again at the next step.
 """

@@ -102,14 +102,14 @@ def default_prefill_tokens(device: torch.device) -> int:
 
 class TransformersEngine:
     def __init__(self, model, tokenizer, stop_ids: list[int], max_batch_size: int = 256,
-                 prefill_tokens: int | None = None, cuda_graphs: bool = True, windows: bool = True):
+                 prefill_tokens: int | None = None, cuda_graphs: bool = True, windowed: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.stop_ids = list(stop_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.max_batch_size, self.cuda_graphs = max_batch_size, cuda_graphs
         self.prefill_tokens = prefill_tokens or default_prefill_tokens(next(model.parameters()).device)
-        self.windows = windows
+        self.windowed = windowed
         self.captures = 0  # CUDA graphs captured so far (each decode-buffer allocation captures one)
         _contiguous_lm_head(model)
 
@@ -120,7 +120,7 @@ class TransformersEngine:
     def uses_windows(self, device: torch.device) -> bool:
         """Whether eager decode steps attend per chunk of rows over its own KV columns (:mod:`ssb.engine.windows`):
         on a CPU, for full-attention models."""
-        return device.type == "cpu" and self.windows and supports_fixed_step(self.model)
+        return device.type == "cpu" and self.windowed and supports_fixed_step(self.model)
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | list[int],
