@@ -9,13 +9,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from ssb.config import DatasetConfig
-from ssb.configio import load_config
-from ssb.data import load_problems
 from ssb.engine import SamplingParams
-from ssb.engine.factory import make_engine
-from ssb.models import render_chat
-from ssb.prompts import student_messages
+
+from testbed_prompts import engine_and_prompts  # benchmarks/, beside this script
 
 
 def main() -> None:
@@ -26,10 +22,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=64, help="problems per call in the cut-up run (= rows)")
     ap.add_argument("--new", type=int, default=1024)
     a = ap.parse_args()
-    cfg = load_config("configs/testbed-cpu.yaml", [f"model.name_or_path={a.model}", f"engine.max_batch_size={a.chunk}"])
-    eng = make_engine(cfg.model, None, cfg.engine)
-    probs = load_problems(DatasetConfig(name="gsm8k", split="test", limit=a.problems), a.data)
-    prompts = [render_chat(eng.tokenizer, student_messages(p.question)) for p in probs]
+    eng, prompts = engine_and_prompts(a.model, a.data, a.problems, f"engine.max_batch_size={a.chunk}")
     params = SamplingParams(1, 0.0, 0, 1.0, a.new)
     seeds = list(range(len(prompts)))
     res = {}

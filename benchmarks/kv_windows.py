@@ -14,15 +14,11 @@ import time
 
 import torch
 
-from ssb.config import DatasetConfig
-from ssb.configio import load_config
-from ssb.data import load_problems
 from ssb.engine import SamplingParams, windows
-from ssb.engine.factory import make_engine
 from ssb.engine.kv_buffer import KVBuffer
 from ssb.engine.transformers_engine import Scheduler
-from ssb.models import render_chat
-from ssb.prompts import student_messages
+
+from testbed_prompts import engine_and_prompts  # benchmarks/, beside this script
 
 
 def main() -> None:
@@ -35,10 +31,7 @@ def main() -> None:
     ap.add_argument("--before", action="store_true", help="the first arm also prefills 16384 tokens per forward (the "
                     "engine before this session: both changes against neither)")
     a = ap.parse_args()
-    cfg = load_config("configs/testbed-cpu.yaml", [f"model.name_or_path={a.model}", f"engine.max_batch_size={a.rows}"])
-    eng = make_engine(cfg.model, None, cfg.engine)
-    probs = load_problems(DatasetConfig(name="gsm8k", split="test", limit=a.problems), a.data)
-    prompts = [render_chat(eng.tokenizer, student_messages(p.question)) for p in probs]
+    eng, prompts = engine_and_prompts(a.model, a.data, a.problems, f"engine.max_batch_size={a.rows}")
     params = SamplingParams(1, 0.0, 0, 1.0, a.new)
     print(f"{torch.__version__}, dtype {next(eng.model.parameters()).dtype}, {torch.get_num_threads()} threads, "
           f"{a.problems} problems, {a.rows} rows, <= {a.new} tokens, chunk {windows.CHUNK}", flush=True)

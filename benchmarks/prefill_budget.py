@@ -15,15 +15,11 @@ import time
 
 import torch
 
-from ssb.config import DatasetConfig
-from ssb.configio import load_config
-from ssb.data import load_problems
 from ssb.engine import SamplingParams
-from ssb.engine.factory import make_engine
 from ssb.engine.transformers_engine import Scheduler
-from ssb.models import render_chat
-from ssb.prompts import student_messages
 from ssb.provenance import machine
+
+from testbed_prompts import engine_and_prompts  # benchmarks/, beside this script
 
 
 def main() -> None:
@@ -33,10 +29,7 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=256)
     ap.add_argument("--budgets", default="16384,8192,4096,2048,1024")
     a = ap.parse_args()
-    cfg = load_config("configs/testbed-cpu.yaml", [f"model.name_or_path={a.model}"])
-    eng = make_engine(cfg.model, None, cfg.engine)
-    probs = load_problems(DatasetConfig(name="gsm8k", split="test", limit=a.problems), a.data)
-    prompts = [render_chat(eng.tokenizer, student_messages(p.question)) for p in probs]
+    eng, prompts = engine_and_prompts(a.model, a.data, a.problems)
     tokens = sum(map(len, prompts))
     print(f"{machine()}, torch {torch.__version__}, {next(eng.model.parameters()).dtype}, "
           f"{torch.get_num_threads()} threads; {len(prompts)} prompts, {tokens} tokens", flush=True)
