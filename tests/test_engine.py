@@ -238,6 +238,25 @@ def test_samples_are_the_recorded_ones(monkeypatch):
     assert _golden_samples(eng, prompts) == want
 
 
+def test_models_that_take_the_mask_as_given_keep_the_plain_step():
+    """Bloom computes attention itself (no attention interface to switch, ALiBi from a 2D mask): neither the windowed
+    nor the fixed-shape step applies, and greedy samples equal transformers' own generate, prompt by prompt."""
+    from transformers import AutoModelForCausalLM, BloomConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=96),
+                                             dtype=torch.float32).eval()
+    eng = TransformersEngine(model, _StubTokenizer(), [7], max_batch_size=3)
+    assert not eng.uses_windows(torch.device("cpu")) and not eng.uses_fixed_step(torch.device("cuda"))
+    prompts = [[5, 9, 11], [3, 4, 5, 6, 8, 10, 12, 14], [20, 21], [30, 31, 32, 33, 34]]
+    outs = eng.generate(prompts, SamplingParams(1, 0.0, 0, 1.0, 12), seed=0)
+    for p, samples in zip(prompts, outs):
+        ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             max_new_tokens=12, do_sample=False, eos_token_id=[7], pad_token_id=0)[0, len(p):].tolist()
+        cut = next((k + 1 for k, t in enumerate(ref) if t == 7), len(ref))
+        assert samples[0].token_ids == ref[:cut]
+
+
 def test_chunk_windows_cost_and_reorder():
     from ssb.engine import windows
 

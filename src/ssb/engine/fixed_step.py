@@ -41,9 +41,14 @@ def _decode_attention(module, query, key, value, attention_mask, scaling=None, d
 
 
 def supports_fixed_step(model) -> bool:
-    """Full attention everywhere: no sliding-window layers, no attention-logit soft-capping."""
+    """Attention through transformers' attention interface (so ours can be switched in; not e.g. Bloom, MPT,
+    GPT-Neo, which take the mask as given and would misread a prepared 4D one) and full attention everywhere: no
+    sliding-window layers, no attention-logit soft-capping. Also the condition of the CPU's windowed steps
+    (:mod:`ssb.engine.windows`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model: its base
     cfg = model.config.get_text_config()
-    return (set(getattr(cfg, "layer_types", None) or ["full_attention"]) == {"full_attention"}
+    return (getattr(type(base), "_supports_attention_backend", False)
+            and set(getattr(cfg, "layer_types", None) or ["full_attention"]) == {"full_attention"}
             and getattr(cfg, "sliding_window", None) is None
             and getattr(cfg, "attn_logit_softcapping", None) is None)
 
