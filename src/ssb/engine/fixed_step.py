@@ -21,8 +21,9 @@ import inspect
 import warnings
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
+
+from ssb.engine.windows import window_attention
 
 ATTENTION = "ssb_decode"
 COLUMNS = 64  # the KV capacity is rounded up to a multiple of this
@@ -33,11 +34,9 @@ def round_capacity(cap: int) -> int:
 
 
 def _decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """One query token per row: ``query`` [b, h, 1, d] against ``key``/``value`` [b, kvh, cap, d]."""
-    b, h, _, d = query.shape
-    out = F.scaled_dot_product_attention(query.reshape(b, key.shape[1], h // key.shape[1], d), key, value,
-                                         attn_mask=attention_mask, scale=scaling)
-    return out.reshape(b, 1, h, d), None
+    """One query token per row: ``query`` [b, h, 1, d] against the whole ``key``/``value`` [b, kvh, cap, d] (one
+    window over every row and column: :func:`ssb.engine.windows.window_attention`)."""
+    return window_attention(module, query, key, value, attention_mask, scaling, windows=[(0, query.shape[0], 0)])
 
 
 def supports_fixed_step(model) -> bool:

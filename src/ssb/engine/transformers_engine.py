@@ -287,15 +287,19 @@ class Scheduler:
         """Before a step: drop idle rows once nothing waits and at most half are busy, else reorder the rows by age
         when windowed attention gains from it (:func:`ssb.engine.windows.resort_order`), else compact if due."""
         busy = [r for r, row in enumerate(self.rows) if row is not None]
-        t = self.buffer.t
-        order = windows.resort_order([row.start if row is not None else t for row in self.rows], t) \
-            if self.buffer.windowed else None
         if self.qpos >= len(self.queue) and len(busy) <= len(self.rows) // 2:
             self._keep(busy)
-        elif order is not None:
+        elif (order := self._age_order()) is not None:
             self._keep(order)
         else:
             self._shift(self.buffer.compact(self._lo()))
+
+    def _age_order(self) -> list[int] | None:
+        """The rows sorted by age when windowed attention gains enough from it, else None."""
+        if not self.buffer.windowed:
+            return None
+        t = self.buffer.t
+        return windows.resort_order([row.start if row is not None else t for row in self.rows], t)
 
     def _keep(self, rows: list[int]):
         """Keep ``rows`` of the buffer, in that order."""

@@ -2,8 +2,9 @@
 
 The KV buffer's columns are a clock shared by all rows (:mod:`ssb.engine.kv_buffer`): a row's tokens lie in
 ``[start, t]``, and plain attention reads every column of the buffer for every row. In a long call some row is always
-old (a reply running to the token cap), so every row attends over its window, ~1,200 columns where the rows' own
-contexts average ~450; on a CPU that attention grows to a third of the step. Here the rows are cut into chunks of
+old (a reply running to the token cap), so every row attends over its window: on the testbed ~745 columns per row
+where the rows' own contexts average ~500 (benchmarks/RESULTS.md), and SDPA is ~20-40% of a CPU decode step at 256
+rows. Here the rows are cut into chunks of
 ``CHUNK`` neighbouring rows, and each chunk attends over the columns from its oldest row's start only: the columns
 cut off are masked for every row of the chunk, so each row attends to exactly the keys it attended to before.
 
