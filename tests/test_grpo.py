@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("trl")
 
-from ssb.stages import evaluate, grpo  # noqa: E402
+from ssb.stages import evaluate, grpo, grpo_budget  # noqa: E402
 from ssb.cli import main  # noqa: E402
 from ssb.configio import load_config  # noqa: E402
 from ssb.rows import read_rows  # noqa: E402
@@ -275,8 +275,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tiny_model_dir, tmp
     with pytest.raises(Interrupt):
         grpo.run(_cfg(tiny_model_dir, *extra), cut, callbacks=[_interrupt("on_log", 2)])
     assert [r["step"] for r in read_rows(cut / "grpo" / "train_log.jsonl")] == [1, 2]
-    assert grpo.last_checkpoint(cut / "grpo" / ".trl").name == "checkpoint-1"
-    first = json.loads((cut / "grpo" / ".trl" / "checkpoint-1" / grpo.COUNTERS).read_text())
+    assert grpo_budget.last_checkpoint(cut / "grpo" / ".trl").name == "checkpoint-1"
+    first = json.loads((cut / "grpo" / ".trl" / "checkpoint-1" / grpo_budget.COUNTERS).read_text())
     assert first["step"] == 1 and first["completions"] == 8 and first["generated_tokens"] > 0
 
     m = grpo.run(_cfg(tiny_model_dir, *extra), cut)

@@ -82,17 +82,14 @@ from ssb.errors import SsbError
 from ssb.grading import grade, has_box
 from ssb.models import load_model, load_tokenizer, lora_config, render_chat, resolve_device, stop_token_ids
 from ssb.prompts import student_messages
-from ssb.rows import append_rows, read_json, read_rows, write_json, write_rows
+from ssb.rows import append_rows, read_json, read_rows, write_rows
 from ssb.tracking import check_available, offline_by_default, tracker_dir
 from ssb.stages import entry
-from ssb.provenance import gpus_in_use
 from ssb.rundir import Stage
+from ssb.stages.grpo_budget import COUNTER_KEYS, COUNTERS, budget_callback, budget_spent, last_checkpoint
 
 LOG = "train_log.jsonl"
 TRL_DIR = ".trl"  # TRL's output_dir: its checkpoints, removed when the stage finishes
-COUNTERS = "ssb_counters.json"  # the budget counters, written into each checkpoint directory
-_COUNTER_KEYS = ("wall_seconds", "device_seconds", "gpu_seconds", "cpu_seconds", "completions", "correct",
-                 "generated_tokens")
 # The config fields this stage reads (ssb.reads.Reads): the same problems and LoRA as SSB's; how it checkpoints
 # and the engine knobs of its generator do not change what it trains
 READS = Reads("grpo", result=("model", "seed", "rollout.data", "grpo", "distill.lora_r", "distill.lora_alpha",
@@ -209,68 +206,6 @@ def merged_copy(model):
         return copy.deepcopy(model).merge_and_unload()
 
 
-def _budget_callback(gc, t0: float, cpu0: float, carried: dict, stats: dict):
-    """Counts this stage's cost (``carried`` from the checkpoint resumed + this process since ``t0``, its CPU time
-    since ``cpu0``), stops
-    training at a step end once a budget is spent, and writes the counters into every checkpoint it saves."""
-    from transformers import TrainerCallback
-
-    class Budget(TrainerCallback):
-        stopped_by: str | None = None
-
-        def totals(self) -> dict:
-            wall, gpus = time.time() - t0, gpus_in_use()
-            now = {"wall_seconds": wall, "device_seconds": wall * max(gpus, 1), "gpu_seconds": wall * gpus,
-                   "cpu_seconds": usage.cpu_seconds() - cpu0, "completions": stats.get("completions", 0),
-                   "correct": stats.get("correct", 0),
-                   "generated_tokens": stats.get("generated_tokens", 0)}
-            return {k: carried.get(k, 0) + now[k] for k in _COUNTER_KEYS}
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.stopped_by = _over_budget(gc, self.totals())
-            if self.stopped_by:
-                control.should_training_stop = True
-                control.should_save = args.save_strategy != "no"  # a crash before the manifest resumes here
-
-        def on_save(self, args, state, control, **kwargs):  # after the Trainer wrote checkpoint-<step>
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir():
-                write_json(ckpt / COUNTERS, {"step": state.global_step, "stopped_by": self.stopped_by,
-                                             **self.totals()})
-
-    return Budget()
-
-
-def last_checkpoint(trl_dir: Path) -> Path | None:
-    """The newest complete checkpoint (its counters are written last), or None."""
-    found = []
-    for p in Path(trl_dir).glob("checkpoint-*"):
-        step = p.name.split("-", 1)[1]
-        if step.isdigit() and (p / COUNTERS).is_file() and (p / "trainer_state.json").is_file():
-            found.append((int(step), p))
-    return max(found)[1] if found else None
-
-
-def _budget_spent(gc, counters: dict) -> str | None:
-    if counters.get("stopped_by"):
-        return counters["stopped_by"]
-    if counters["step"] >= gc.steps:
-        return "steps"
-    return _over_budget(gc, counters)
-
-
-def _over_budget(gc, totals: dict) -> str | None:
-    """Which budget the totals have reached: "seconds" (device-seconds), "cpu_seconds", "tokens" (generated), or
-    None."""
-    if gc.max_seconds is not None and totals["device_seconds"] >= gc.max_seconds:
-        return "seconds"
-    if gc.max_cpu_seconds is not None and totals.get("cpu_seconds", 0) >= gc.max_cpu_seconds:
-        return "cpu_seconds"
-    if gc.max_generated_tokens is not None and totals["generated_tokens"] >= gc.max_generated_tokens:
-        return "tokens"
-    return None
-
-
 def _publish_adapter(stage: Stage, save) -> None:
     """``save(tmp_dir)`` writes the adapter; it then replaces ``grpo/adapter`` in one rename."""
     with publishing(stage.path("adapter")) as tmp:
@@ -292,12 +227,12 @@ def run(cfg: Config, stage: Stage, callbacks: list | None = None) -> dict:
     stage.begin()
     ckpt, carried = _resume_point(stage)
     resumed_from = None if ckpt is None else carried["step"]
-    if ckpt is not None and (why := _budget_spent(gc, carried)):  # it had finished training: publish that state
+    if ckpt is not None and (why := budget_spent(gc, carried)):  # it had finished training: publish that state
         _publish_adapter(stage, lambda tmp: _copy_adapter(ckpt, tmp))
         return _finish(stage, len(problems), resumed_from, carried["step"], why, carried)
 
     stats: dict = {}
-    budget = _budget_callback(gc, t0, cpu0, carried, stats)
+    budget = budget_callback(gc, t0, cpu0, carried, stats)
     trainer = _trainer(cfg, stage, problems, tokenizer, reward_funcs(gc.format_reward, stats),
                        [_log_callback(stage.path(LOG), stage.heartbeat), budget, *(callbacks or [])])
     t_start = time.time()
@@ -337,7 +272,7 @@ def _resume_point(stage: Stage) -> tuple[Path | None, dict]:
     if ckpt is None:  # nothing to resume: start afresh
         shutil.rmtree(trl_dir, ignore_errors=True)
         log.unlink(missing_ok=True)
-        return None, dict.fromkeys(_COUNTER_KEYS, 0)
+        return None, dict.fromkeys(COUNTER_KEYS, 0)
     carried = read_json(ckpt / COUNTERS)
     write_rows(log, [r for r in read_rows(log, repair=True) if r["step"] <= carried["step"]])
     for p in trl_dir.glob("checkpoint-*"):  # incomplete ones newer than it
