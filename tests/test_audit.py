@@ -145,8 +145,8 @@ def test_smoke_config_renders_every_prompt_and_passes(cli):
     assert "tokenizer and config only, no weights" in out
     assert out.count("=== training problem") == 2 and "training problem 2 of 2: arith-1" in out
     assert "attempts and replies: PLACEHOLDERS" in out and "[PLACEHOLDER: a sampled attempt" in out
-    for title in ("student prompt (distill; rollout and evaluate render the same ids)", "teacher prompt (teach.prompt=",
-                  "reply targets (distill trains on these; PLACEHOLDER", "evaluate arith (arith-0)",
+    for title in ("student prompt (distill; rollout, evaluate and grpo render the same ids)",
+                  "teacher prompt (teach.prompt=", "reply targets (distill trains on these; PLACEHOLDER", "evaluate arith (arith-0)",
                   "evaluate gsm8k_test (gsm8k-0)"):
         assert title in out, title
     # text with the special tokens and newlines visible, and the ids
@@ -162,7 +162,10 @@ def test_paper_student_format_is_flagged_as_a_warning(cli):
     lines = _findings(out)
     assert {line.split()[1] for line in lines} == {"template-mismatch", "missing-end-of-turn", "prompt-mismatch"}
     assert all(line.startswith("WARNING") and "the authors' choice" in line for line in lines)
-    assert "rollout prompt (the base model is sampled on this" in out
+    assert "rollout prompt (the base model is sampled on this; evaluate and grpo render the same way)" in out
+    # which stage renders what comes from the registry
+    assert ("what each stage renders: rollout: sampled; teach: teacher; distill: student, teacher, targets; "
+            "evaluate: sampled; grpo: sampled") in out
 
 
 def _tokenizer_only_model(tiny_model_dir: Path, out: Path, template: str | None = None, bos: str | None = None) -> Path:

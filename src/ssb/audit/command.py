@@ -13,6 +13,8 @@ from ssb.audit.checks import (ERROR, WARNING, Finding, TokenInfo, check_bos, che
                               check_reply_targets, check_same_prompt, check_same_template, check_teacher_worst_case,
                               check_template, exit_status, skeleton)
 
+from ssb.stages import STAGES, rendering
+
 if TYPE_CHECKING:
     from ssb.config import Config
 
@@ -211,16 +213,21 @@ class _Audit:
                   f"teach.context={tc.context}, distill.paper_student_format={str(self.paper).lower()}, "
                   f"distill.targets={dc.targets}{self._hint_setting}")
         self.line(f"  attempts and replies: {source}")
+        self.line("  what each stage renders: " + "; ".join(f"{name}: {', '.join(spec.renders)}"
+                                                          for name, spec in STAGES.items() if spec.renders))
 
     def training_problem(self, k: int, total: int, it: dict, p: _Problem) -> None:
         """Show and check the ``k``-th training problem ``it`` (a row of :func:`_training_items`), rendered ``p``."""
         self.line(f"\n=== training problem {k + 1} of {total}: {it['id']} ===")
+        student, (first, *rest) = rendering("student"), rendering("sampled")
         if self.paper:
-            self.show("student prompt (distill; distill.paper_student_format: plain text, no chat template)",
-                      p.student)
-            self.show("rollout prompt (the base model is sampled on this; evaluate renders the same way)", p.sampled)
+            self.show(f"student prompt ({_listed(student)}; distill.paper_student_format: plain text, no chat "
+                      f"template)", p.student)
+            self.show(f"{first} prompt (the base model is sampled on this; {_listed(rest)} "
+                      f"render{'s' * (len(rest) == 1)} the same way)", p.sampled)
         else:
-            self.show("student prompt (distill; rollout and evaluate render the same ids)", p.student)
+            self.show(f"student prompt ({_listed(student)}; {_listed((first, *rest))} render the same ids)",
+                      p.student)
         self.show(f"teacher prompt ({p.teacher_from})", p.teacher)
         self.show(f"reply targets ({p.targets_from})", p.targets)
         self._check_problem(p)
@@ -369,6 +376,12 @@ class _Audit:
         errors, warnings = (sum(f.severity == s for f in self.findings) for s in (ERROR, WARNING))
         self.line(f"ssb prompts: {errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}")
         return exit_status(self.findings)
+
+
+def _listed(names) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    names = list(names)
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
 
 
 def _summarise(findings: list[Finding]) -> list[str]:

@@ -33,7 +33,8 @@ class StageSpec:
     (all but grpo, the RL baseline, which ``ssb grpo`` runs); ``reproducible``: seeded and deterministic, so a
     finished run whose weights were not kept is rerun to get them back (:func:`restore_weights`); ``split``: how
     its :class:`ssb.rundir.Stage` objects are made where that is not one per config (rollout under budgeted
-    waves, evaluate one per benchmark): ``split(cfg, run_dir, up, waves)`` as :meth:`stages`."""
+    waves, evaluate one per benchmark): ``split(cfg, run_dir, up, waves)`` as :meth:`stages`; ``renders``: the
+    token sequences it renders from a problem (:data:`RENDERS`), which ``ssb prompts`` shows and checks."""
 
     name: str
     summary: str
@@ -45,6 +46,7 @@ class StageSpec:
     in_run: bool = True
     reproducible: bool = False
     split: Callable[..., list] | None = None
+    renders: tuple[str, ...] = ()
 
     @property
     def module(self):
@@ -85,6 +87,19 @@ class StageSpec:
         return self.module.run(cfg, run_dir, force=force)
 
 
+RENDERS = {  # what a stage may render from a problem (StageSpec.renders), as `ssb prompts` names it
+    "sampled": "the chat prompt a model is sampled on: system prompt + bare question",
+    "student": "the student's training prompt (the sampled one, or plain text under distill.paper_student_format)",
+    "teacher": "the hinted prompt: the question and the attempts (or another hint)",
+    "targets": "the reply tokens trained on",
+}
+
+
+def rendering(kind: str) -> tuple[str, ...]:
+    """The stages that render ``kind`` (a key of :data:`RENDERS`), in registry order."""
+    return tuple(name for name, spec in STAGES.items() if kind in spec.renders)
+
+
 def entry(name: str):
     """Decorator making a stage's body ``body(cfg, stage, **kw)`` its entry point ``run(cfg, run_dir, force=False,
     **kw)``: it holds the run directory's lock, runs on the stage's view of the config, starts over under
@@ -122,22 +137,23 @@ def _split(name: str) -> Callable[..., list]:
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("rollout", "K sampled replies per training problem (rollout.data) from the base model",
-              inputs=(), outputs=("rollouts.jsonl", "waves.jsonl"), split=_split("rollout")),
+              inputs=(), outputs=("rollouts.jsonl", "waves.jsonl"), split=_split("rollout"), renders=("sampled",)),
     StageSpec("curate", "grade the replies; one right and the commonest wrong reply per usable problem",
               inputs=("rollout/rollouts.jsonl",), outputs=("graded.jsonl", "pairs.jsonl", "stats.json"),
               upstream=lambda cfg: ("rollout",), solo=True),
     StageSpec("teach", "the base model, shown both replies, writes a standalone solution; correct ones are kept",
               inputs=("curate/pairs.jsonl",), outputs=("attempts.jsonl", "examples.jsonl"),
-              upstream=lambda cfg: ("curate",)),
+              upstream=lambda cfg: ("curate",), renders=("teacher",)),
     StageSpec("distill", "LoRA student on the bare question matches the hinted teacher's distribution (or SFT, RFT)",
               inputs=("teach/examples.jsonl", "rollout/rollouts.jsonl", "curate/graded.jsonl"),
-              outputs=("adapter/", "train_log.jsonl"), upstream=_distill_upstream, reproducible=True),
+              outputs=("adapter/", "train_log.jsonl"), upstream=_distill_upstream, reproducible=True,
+              renders=("student", "teacher", "targets")),
     StageSpec("evaluate", "greedy pass@1 per benchmark, with this run's adapter (auto) or another",
               inputs=("distill/adapter/", "grpo/adapter/"), outputs=("<benchmark>/samples.jsonl",
                                                                      "<benchmark>/metrics.json"),
-              upstream=_evaluate_upstream, training=False, split=_split("evaluate")),
+              upstream=_evaluate_upstream, training=False, split=_split("evaluate"), renders=("sampled",)),
     StageSpec("grpo", "the RL baseline: TRL's GRPO with the same LoRA on the rollout problems, under a budget",
-              inputs=(), outputs=("adapter/", "train_log.jsonl"), solo=True, in_run=False),
+              inputs=(), outputs=("adapter/", "train_log.jsonl"), solo=True, in_run=False, renders=("sampled",)),
 )}
 
 
