@@ -36,7 +36,7 @@ from ssb.grading import extract_answer, grade
 from ssb.losses import chunked_distill_loss
 from ssb.models import load_model, load_tokenizer, lora_config, native_cpu_bf16, render_chat, stop_token_ids
 from ssb.prompts import student_messages
-from ssb.rundir import machine
+from ssb.provenance import machine
 
 
 def vm(key: str = "VmHWM") -> float:

@@ -1,9 +1,11 @@
-"""GRPO's sampling on a CPU: the LoRA policy unmerged (each linear layer: the base product plus the adapter's two
-small ones, in fp32) against a merged copy (``grpo.sample_merged``: one product per layer), with ssb's engine, side
-by side in one run, on the same prompts and seed. The adapter is LoRA r=32 on every linear layer (the testbed
-config's) with random B (a trained adapter's delta, not the zero one peft starts with).
+"""GRPO's and on-policy's sampling on a CPU: the LoRA policy unmerged (each linear layer: the base product plus the
+adapter's two small ones) against a merged copy (``grpo.sample_merged``, ``distill.sample_merged``: one product per
+layer), with ssb's engine, side by side in one run, on the same prompts and seed; also the in-place refresh that a
+copy kept across steps costs per step (:class:`ssb.engine.merged.MergedCopy`). The adapter is LoRA r=32 on every
+linear layer (the testbed config's) with random B (a trained adapter's delta, not the zero one peft starts with).
 
     SSB_CACHE=... python benchmarks/merged_sampling.py --model testbed --data ../shared/data --prompts 4 --n 8 --new 256
+    SSB_CACHE=... python benchmarks/merged_sampling.py --prompts 4 --n 1 --new 512   # an on-policy step's sampling
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from ssb.engine import SamplingParams
 from ssb.engine.transformers_engine import TransformersEngine
 from ssb.models import load_model, load_tokenizer, lora_config, native_cpu_bf16, render_chat, stop_token_ids
 from ssb.prompts import student_messages
-from ssb.rundir import machine
-from ssb.stages.grpo import merged_copy
+from ssb.provenance import machine
+from ssb.engine.merged import MergedCopy
 
 
 def main():
@@ -53,8 +55,14 @@ def main():
     rates = {}
     for name in ("unmerged", "merged", "unmerged"):  # unmerged twice: the first call also warms the machine up
         t0 = time.perf_counter()
-        model = merged_copy(policy) if name == "merged" else policy
+        copy = MergedCopy(policy)
+        model = copy.refresh() if name == "merged" else policy
         t_copy = time.perf_counter() - t0
+        if name == "merged":  # what every later step pays instead (on-policy keeps the copy across steps)
+            t1 = time.perf_counter()
+            copy.refresh()
+            print(f"# in-place refresh of the kept copy: {time.perf_counter() - t1:.2f} s")
+            t0 += time.perf_counter() - t1
         engine = TransformersEngine(model, tok, stops, max_batch_size=256)
         with torch.no_grad():
             samples = engine.generate(prompts, params, 0)

@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("trl")
 
 from ssb.stages import evaluate, grpo, grpo_budget  # noqa: E402
+from ssb.engine.merged import merged_copy  # noqa: E402
 from ssb.cli import main  # noqa: E402
 from ssb.configio import load_config  # noqa: E402
 from ssb.rows import read_rows  # noqa: E402
@@ -222,7 +223,7 @@ def test_sampling_from_a_merged_copy_leaves_the_policy_untouched(tiny_model_dir)
                 p.normal_(0, 0.05)  # a trained adapter: a delta that changes the outputs
     before = {n: p.clone() for n, p in model.named_parameters()}
     ids = torch.tensor([[1, 5, 9, 13, 2]])
-    merged = grpo.merged_copy(model)
+    merged = merged_copy(model)
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     assert torch.allclose(merged(ids).logits, model(ids).logits, atol=1e-5)
     with model.disable_adapter():

@@ -58,17 +58,18 @@ def _questions(tok, n=3):
 
 def _sampler(model, tok, qs, **dc):
     eot = tok.convert_tokens_to_ids("<|im_end|>")
-    dc = SimpleNamespace(**{"samples": 2, "sample_temperature": 1.0, "mix": 0.0, **dc})
+    dc = SimpleNamespace(**{"samples": 2, "sample_temperature": 1.0, "mix": 0.0, "sample_merged": True, **dc})
     return on_policy.OnPolicySampler(model, tok, [eot], qs, dc, seed=7, max_new_tokens=12, make_example=align)
 
 
-def test_in_process_student_samples_what_the_merged_adapter_samples(tiny_model_dir, student, tok):
+@pytest.mark.parametrize("merged", [True, False])
+def test_in_process_student_samples_what_the_merged_adapter_samples(tiny_model_dir, student, tok, merged):
     from ssb.config import ModelConfig
     from ssb.models import load_model
 
     model, path = student
     _, qs = _questions(tok)
-    sampler = _sampler(model, tok, qs)
+    sampler = _sampler(model, tok, qs, sample_merged=merged)
     model.train()
     sampler.before_step(5, [0, 1, 2])
     assert model.training  # sampling ran in eval mode and put the model back

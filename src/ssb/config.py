@@ -214,6 +214,12 @@ class DistillConfig:
     mix: float = _f(0.0, "targets=on_policy: fraction of training replies that are the teacher's verified reply "
                     "(off-policy, as SSB) instead of a fresh student sample, drawn per reply and step (GKD's 1-λ).",
                     between(0, 1))
+    sample_merged: bool = _f(True, "targets=on_policy: sample from a copy of the student with the adapter merged "
+                             "(one matrix product per linear layer; kept across steps and rewritten in place from "
+                             "the adapter before each step's sampling, so one model copy of memory) instead of "
+                             "through the unmerged LoRA layers. How the work runs, not what it computes: not part "
+                             "of the stage's fingerprint (in bf16 the two round differently, as other engine "
+                             "settings do).")
     save_every: int = _f(100, "Checkpoint adapter + optimizer + RNG + data position every N steps (0 = never); "
                          "an interrupted distill resumes from the last checkpoint.", ge(0))
     fsdp: bool = _f(False, "Shard the frozen base model and the LoRA weights across ranks with FSDP2 "

@@ -13,7 +13,9 @@ The parts:
   (the default; no extra dependency);
 - :mod:`ssb.engine.kv_buffer`: its preallocated KV cache and every move of it;
 - :mod:`ssb.engine.fixed_step`: its fixed-shape decode step and the CUDA graph that replays it;
-- :mod:`ssb.engine.vllm_engine`: the vLLM backend (an optional extra), seeded the same way.
+- :mod:`ssb.engine.windows`: its CPU decode attention, each chunk of rows over its own KV columns;
+- :mod:`ssb.engine.vllm_engine`: the vLLM backend (an optional extra), seeded the same way;
+- :mod:`ssb.engine.merged`: sampling a model in training (on-policy, GRPO) through a copy with its LoRA merged.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ CACHE_DIR, CACHE_DTYPE = "teacher_topk", "float16"
 # how: the engine's batch knobs, data_dir.
 READS = Reads("distill", result=("model", "seed", "distill", "teach.max_examples", "teach.prompt",
                                  "teach.max_new_tokens", "rollout.data"),
-              how=("distill.fsdp", "distill.report_to", "data_dir", "engine"))
+              how=("distill.fsdp", "distill.report_to", "distill.sample_merged", "data_dir", "engine"))
 
 
 @dataclass

@@ -60,7 +60,6 @@ How this differs from textbook GRPO (DeepSeekMath), i.e. TRL's defaults, which w
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -77,6 +76,7 @@ from ssb.config import Config
 from ssb.reads import Reads
 from ssb.data import load_problems
 from ssb.engine import SamplingParams
+from ssb.engine.merged import merged_copy
 from ssb.engine.transformers_engine import TransformersEngine
 from ssb.errors import SsbError
 from ssb.grading import grade, has_box
@@ -192,18 +192,6 @@ def ssb_rollout_func(cfg: Config, tokenizer, stop_ids: list[int]):
                 "logprobs": None}
 
     return rollout
-
-
-def merged_copy(model):
-    """A plain model equal to peft ``model`` with its LoRA deltas added to copies of the base weights (in their
-    dtype), for sampling: ``merge_and_unload`` on a deep copy, so the model being trained is untouched. A model
-    without an adapter is returned as it is."""
-    from peft import PeftModel
-
-    if not isinstance(model, PeftModel):
-        return model
-    with torch.no_grad():
-        return copy.deepcopy(model).merge_and_unload()
 
 
 def _publish_adapter(stage: Stage, save) -> None:

@@ -6,8 +6,9 @@ student - the base model plus the adapter being trained, in this process, sample
 per question of the step's batch from the bare student prompt. The teacher, the same model with the adapter disabled,
 reads the hinted prompt followed by the *student's* reply, and the loss is the distill stage's chunked divergence
 (``distill.loss``: forward KL, reverse KL or JSD(β), full vocabulary through the lm_head) over the student's tokens,
-aligned exactly as for SSB (:func:`ssb.stages.distill.align`). There are no separate inference weights to keep in sync:
-the sampler *is* the model being trained.
+aligned exactly as for SSB (:func:`ssb.stages.distill.align`). The sampler is the model being trained, as it is at
+that step: by default a copy of it with the adapter merged, its weights rewritten from the adapter before every
+step's sampling (``distill.sample_merged``, :class:`ssb.engine.merged.MergedCopy`), else the peft model itself.
 
 The questions are those of ``teach/examples.jsonl`` (the problems SSB trains on, in the same order and epochs), so
 the two modes differ only in whose reply is trained on. ``distill.hint`` picks the teacher's context:
@@ -35,6 +36,7 @@ from ssb import dist
 from ssb.choices import HINTS
 from ssb.stages.generate import batch_seed
 from ssb.engine import SamplingParams
+from ssb.engine.merged import MergedCopy
 from ssb.engine.transformers_engine import TransformersEngine
 from ssb.errors import SsbError
 from ssb.data import load_problems
@@ -94,7 +96,9 @@ class OnPolicySampler:
     def __init__(self, model, tokenizer, stop_ids: list[int], qs: list[Question], dc, seed: int, max_new_tokens: int,
                  make_example, engine_kw: dict | None = None, on_sampled=None):
         self.model, self.qs, self.dc, self.seed, self.make_example = model, qs, dc, seed, make_example
-        self.engine = TransformersEngine(model, tokenizer, stop_ids, **{**(engine_kw or {}), "cuda_graphs": False})
+        self.merged = MergedCopy(model) if dc.sample_merged else None
+        self._engine_args = (tokenizer, stop_ids, {**(engine_kw or {}), "cuda_graphs": False})
+        self.engine = None  # over the model, or over the merged copy once it exists
         self.params = SamplingParams(1, dc.sample_temperature, 0, 1.0, max_new_tokens)
         self.on_sampled = on_sampled  # called with the number of tokens sampled (the stage's cost ledger)
         self.examples: dict[int, list] = {}  # question index -> this step's examples (this rank's share)
@@ -132,6 +136,10 @@ class OnPolicySampler:
         was_training = self.model.training
         self.model.eval()  # no dropout while sampling; the engine runs under inference_mode
         try:
+            policy = self.merged.refresh() if self.merged is not None else self.model
+            if self.engine is None:
+                tokenizer, stop_ids, kw = self._engine_args
+                self.engine = TransformersEngine(policy, tokenizer, stop_ids, **kw)
             seeds = [batch_seed(self.seed, "on_policy", step, self.qs[i].id, j) for i, j in slots]
             outs = self.engine.generate([self.qs[i].student_prompt for i, _ in slots], self.params, seeds)
         finally:
