@@ -218,8 +218,9 @@ class DistillConfig:
                              "(one matrix product per linear layer; kept across steps and rewritten in place from "
                              "the adapter before each step's sampling, so one model copy of memory) instead of "
                              "through the unmerged LoRA layers. How the work runs, not what it computes: not part "
-                             "of the stage's fingerprint (in bf16 the two round differently, as other engine "
-                             "settings do).")
+                             "of the stage's fingerprint. In bf16 the merged weights round the delta to bf16 "
+                             "(a weight moves once its delta reaches half a bf16 step, as in TRL's weight sync to "
+                             "vLLM); unmerged, it is applied in fp32.")
     save_every: int = _f(100, "Checkpoint adapter + optimizer + RNG + data position every N steps (0 = never); "
                          "an interrupted distill resumes from the last checkpoint.", ge(0))
     fsdp: bool = _f(False, "Shard the frozen base model and the LoRA weights across ranks with FSDP2 "
