@@ -24,7 +24,8 @@ NOT_HASHED = {
     "rollout-waves": ENGINE_KNOBS | {"data_dir"},
     "curate": set(),
     "teach": ENGINE_KNOBS,
-    "distill": ENGINE_KNOBS | {"engine.backend", "data_dir", "distill.fsdp", "distill.report_to"},
+    "distill": ENGINE_KNOBS | {"engine.backend", "data_dir", "distill.fsdp", "distill.report_to",
+                               "distill.sample_merged"},
     "evaluate": ENGINE_KNOBS | {"data_dir", "evaluate.benchmarks", "evaluate.adapter"},
     "grpo": ENGINE_KNOBS | {"engine.backend", "data_dir", "grpo.save_every", "grpo.report_to"},
 }
