@@ -16,6 +16,7 @@ def _student(tiny_model_dir, dtype, **lora):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    torch.manual_seed(0)  # the adapter's initial A and the random B below
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype)
     cfg = lora_config(DistillConfig(lora_r=4, lora_alpha=8))
     model = get_peft_model(base, LoraConfig(**{**cfg.to_dict(), **lora}) if lora else cfg)
@@ -60,8 +61,9 @@ def test_refreshed_copy_equals_a_fresh_merge_after_each_step(tiny_model_dir, dty
         assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the model is untouched
         with torch.no_grad():
             assert not torch.equal(again(ids).logits, old)  # it follows the adapter
-            assert torch.allclose(again(ids).logits.float(), model(ids).logits.float(), atol=1e-4 if dtype ==
-                                  torch.float32 else 0.1)
+            exact = dtype == torch.float32  # bf16: logits of ~10 round at ~0.06, and the two paths round apart
+            assert torch.allclose(again(ids).logits.float(), model(ids).logits.float(), atol=1e-4 if exact else 0.25,
+                                  rtol=0 if exact else 0.02)
 
 
 def test_a_lora_variant_is_merged_afresh_every_time(tiny_model_dir):

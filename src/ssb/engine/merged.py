@@ -67,5 +67,6 @@ class MergedCopy:
 
 def _plain(layer) -> bool:
     """Whether peft merges ``layer``'s active adapters by adding ``get_delta_weight`` to the weight alone."""
-    return all(a in layer.lora_A and a not in getattr(layer, "lora_variant", {})
+    return all(a in layer.lora_A and a not in getattr(layer, "lora_variant", {})  # peft >= 0.15: DoRA and others
+               and not getattr(layer, "use_dora", {}).get(a, False)  # older peft: DoRA
                and not getattr(layer, "lora_bias", {}).get(a, False) for a in layer.active_adapters)
