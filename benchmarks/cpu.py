@@ -33,7 +33,7 @@ from ssb.data import load_problems
 from ssb.engine import SamplingParams
 from ssb.engine.transformers_engine import Scheduler, TransformersEngine
 from ssb.grading import extract_answer, grade
-from ssb.losses import chunked_distill_loss
+from ssb.chunked_losses import chunked_distill_loss
 from ssb.models import load_model, load_tokenizer, lora_config, native_cpu_bf16, render_chat, stop_token_ids
 from ssb.prompts import student_messages
 from ssb.provenance import machine

@@ -5,8 +5,8 @@ For each reply length N, three loss implementations run forward + backward w.r.t
 
 - ``naive``:   student and teacher logits materialised as full (N, V) tensors, then ``ssb.losses.distill_loss``
                (upcast to fp32 inside);
-- ``chunked``: ``ssb.losses.chunked_distill_loss`` (lm_head applied ``--chunk`` positions at a time, checkpointed);
-- ``topk``:    ``ssb.losses.chunked_topk_distill_loss`` against a k=64 cached teacher (``teacher_tempered=True``;
+- ``chunked``: ``ssb.chunked_losses.chunked_distill_loss`` (lm_head applied ``--chunk`` positions at a time, checkpointed);
+- ``topk``:    ``ssb.chunked_losses.chunked_topk_distill_loss`` against a k=64 cached teacher (``teacher_tempered=True``;
                the cache is built outside the timed region, as the distill stage does before training).
 
 Every case runs in a fresh subprocess so its peak is its own. Peak memory: on CUDA ``torch.cuda.max_memory_allocated``
@@ -36,7 +36,8 @@ from datetime import datetime, timezone
 import torch
 import torch.nn.functional as F
 
-from ssb.losses import chunked_distill_loss, chunked_topk_distill_loss, distill_loss, topk_teacher
+from ssb.chunked_losses import chunked_distill_loss, chunked_topk_distill_loss
+from ssb.losses import distill_loss, topk_teacher
 
 METHODS = ("naive", "chunked", "topk")
 LOSS_KW = dict(kind="forward_kl", temperature=2.0, scale_t2=True)

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ssb.losses import (LOG_FLOOR, LOSSES, chunked_distill_loss, chunked_topk_distill_loss, distill_loss,
-                        forward_kl_and_grad, topk_distill_loss, topk_teacher)
+from ssb.chunked_losses import chunked_distill_loss, chunked_topk_distill_loss
+from ssb.losses import LOG_FLOOR, LOSSES, distill_loss, forward_kl_and_grad, topk_distill_loss, topk_teacher
 
 N, V, H = 13, 37, 8
 
@@ -137,11 +137,11 @@ def test_written_out_with_ce_matches_float64_reference(kd_weight, weighted):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_ce_only_fast_path_matches_autograd(dtype, monkeypatch):
     """SFT and RFT (kd_weight 0, ce_weight 1, no teacher hidden states) take the written-out path too."""
-    import ssb.losses
+    import ssb.chunked_losses
 
     calls = []
-    real = ssb.losses.forward_kl_and_grad
-    monkeypatch.setattr(ssb.losses, "forward_kl_and_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = ssb.chunked_losses.forward_kl_and_grad
+    monkeypatch.setattr(ssb.chunked_losses, "forward_kl_and_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
     sh, _, w, b = _hidden(seed=35, bias=True)
     sh, w, b = sh.to(dtype), w.to(dtype), b.to(dtype)
     targets = torch.randint(0, V, (N,), generator=_gen(36))
@@ -166,11 +166,11 @@ def test_chunked_ce_only_fast_path_matches_autograd(dtype, monkeypatch):
 def test_chunked_forward_kl_fast_path_matches_autograd(chunk_size, dtype, monkeypatch):
     """chunked_distill_loss with a frozen lm_head, forward KL and no CE (the distill stage's default) takes the
     written-out gradient: the same loss and hidden-state gradient as autograd through the unchunked loss."""
-    import ssb.losses
+    import ssb.chunked_losses
 
     calls = []
-    real = ssb.losses.forward_kl_and_grad
-    monkeypatch.setattr(ssb.losses, "forward_kl_and_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = ssb.chunked_losses.forward_kl_and_grad
+    monkeypatch.setattr(ssb.chunked_losses, "forward_kl_and_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
     sh, th, w, b = _hidden(seed=32, bias=True)
     sh, th, w, b = sh.to(dtype), th.to(dtype), w.to(dtype), b.to(dtype)
     kw = dict(temperature=2.0, weights=_seq_weights(), kd_weight=0.9)
@@ -560,19 +560,18 @@ def test_chunked_without_grad():
 
 
 def test_kd_weight_scales_divergence_and_none_teacher_is_pure_ce():
-    import ssb.losses as L
     torch.manual_seed(0)
     s = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
     t = torch.randn(6, 11, dtype=torch.float64)
     y = torch.randint(0, 11, (6,))
-    full = L.distill_loss(s, t, ce_weight=0.0)
-    half = L.distill_loss(s, t, kd_weight=0.5, ce_weight=0.0)
+    full = distill_loss(s, t, ce_weight=0.0)
+    half = distill_loss(s, t, kd_weight=0.5, ce_weight=0.0)
     torch.testing.assert_close(half, 0.5 * full)
-    ce = L.distill_loss(s, None, kd_weight=0.0, ce_weight=1.0, targets=y)
+    ce = distill_loss(s, None, kd_weight=0.0, ce_weight=1.0, targets=y)
     torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(s, y, reduction="sum"))
     with pytest.raises(ValueError):
-        L.distill_loss(s, None, ce_weight=1.0, targets=y)
+        distill_loss(s, None, ce_weight=1.0, targets=y)
     h = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(11, 4, dtype=torch.float64)
-    chunked = L.chunked_distill_loss(h, None, w, kd_weight=0.0, ce_weight=1.0, targets=y, chunk_size=4)
+    chunked = chunked_distill_loss(h, None, w, kd_weight=0.0, ce_weight=1.0, targets=y, chunk_size=4)
     torch.testing.assert_close(chunked, torch.nn.functional.cross_entropy(h @ w.T, y, reduction="sum"))
