@@ -85,6 +85,36 @@ def test_in_process_student_samples_what_the_merged_adapter_samples(tiny_model_d
     assert len({tuple(t) for t in got}) > 1  # real samples, not one repeated reply
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_each_step_samples_the_adapter_as_it_is_then(tiny_model_dir, tok, dora):
+    """The adapter changes between steps: step 1 samples what a fresh merge of the changed adapter samples (a plain
+    LoRA's copy is refreshed in place; DoRA's is merged afresh, and the engine must follow it)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ssb.engine.merged import merged_copy
+    from ssb.models import lora_config
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    cfg = lora_config(DistillConfig(lora_r=4, lora_alpha=8))
+    model = get_peft_model(base, LoraConfig(**{**cfg.to_dict(), "use_dora": dora}))
+    _, qs = _questions(tok)
+    sampler = _sampler(model, tok, qs)
+    sampler.before_step(0, [0, 1, 2])
+    with torch.no_grad():  # what a training step does to the adapter
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    sampler.before_step(1, [0, 1, 2])
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    ref = TransformersEngine(merged_copy(model), tok, [eot], cuda_graphs=False)
+    slots = [(i, j) for i in range(3) for j in range(2)]
+    seeds = [on_policy.batch_seed(7, "on_policy", 1, qs[i].id, j) for i, j in slots]
+    outs = ref.generate([qs[i].student_prompt for i, _ in slots], SamplingParams(1, 1.0, 0, 1.0, 12), seeds)
+    assert [e.targets for i in range(3) for e in sampler.examples[i]] == [s.token_ids for (s,) in outs]
+
+
 def test_teacher_reads_the_hinted_prompt_then_the_students_tokens(student, tok):
     model, _ = student
     _, qs = _questions(tok)

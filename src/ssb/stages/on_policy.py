@@ -97,8 +97,8 @@ class OnPolicySampler:
                  make_example, engine_kw: dict | None = None, on_sampled=None):
         self.model, self.qs, self.dc, self.seed, self.make_example = model, qs, dc, seed, make_example
         self.merged = MergedCopy(model) if dc.sample_merged else None
-        self._engine_args = (tokenizer, stop_ids, {**(engine_kw or {}), "cuda_graphs": False})
-        self.engine = None  # over the model, or over the merged copy once it exists
+        self.tokenizer, self.stop_ids = tokenizer, stop_ids
+        self.engine_kw = {**(engine_kw or {}), "cuda_graphs": False}
         self.params = SamplingParams(1, dc.sample_temperature, 0, 1.0, max_new_tokens)
         self.on_sampled = on_sampled  # called with the number of tokens sampled (the stage's cost ledger)
         self.examples: dict[int, list] = {}  # question index -> this step's examples (this rank's share)
@@ -136,12 +136,12 @@ class OnPolicySampler:
         was_training = self.model.training
         self.model.eval()  # no dropout while sampling; the engine runs under inference_mode
         try:
+            # an engine holds no weights of its own: one per step, over the policy as it is now (a merged copy
+            # refreshed in place, or a fresh one where the adapter is not plain LoRA)
             policy = self.merged.refresh() if self.merged is not None else self.model
-            if self.engine is None:
-                tokenizer, stop_ids, kw = self._engine_args
-                self.engine = TransformersEngine(policy, tokenizer, stop_ids, **kw)
+            engine = TransformersEngine(policy, self.tokenizer, self.stop_ids, **self.engine_kw)
             seeds = [batch_seed(self.seed, "on_policy", step, self.qs[i].id, j) for i, j in slots]
-            outs = self.engine.generate([self.qs[i].student_prompt for i, _ in slots], self.params, seeds)
+            outs = engine.generate([self.qs[i].student_prompt for i, _ in slots], self.params, seeds)
         finally:
             self.model.train(was_training)
         return [s.token_ids for (s,) in outs]
