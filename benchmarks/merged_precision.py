@@ -14,40 +14,28 @@ For an adapter saved by a training (a distill checkpoint's ``weights.safetensors
 
 from __future__ import annotations
 
-import argparse
-import datetime
-
 import torch
-from peft import get_peft_model
+from peft import set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
-from ssb.config import DatasetConfig, DistillConfig, ModelConfig
-from ssb.data import load_problems
 from ssb.engine.merged import merged_copy
-from ssb.models import load_model, load_tokenizer, lora_config, native_cpu_bf16, render_chat
-from ssb.prompts import student_messages
-from ssb.provenance import machine
-
+from testbed_prompts import policy_parser, testbed_policy, train_prompts
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = policy_parser(__doc__)
     ap.add_argument("--adapter", required=True, help="LoRA weights (.safetensors, peft parameter names)")
-    ap.add_argument("--model", default="testbed", help="directory holding model.gguf (fetch.sh DIR)")
-    ap.add_argument("--gguf", default="model.gguf")
-    ap.add_argument("--data", default="../shared/data", help="data directory (GSM8K train)")
     ap.add_argument("--prompts", type=int, default=4, help="GSM8K train prompts for the output comparison")
     args = ap.parse_args()
-    print(f"# {datetime.date.today()} {machine()} native bf16: {native_cpu_bf16()}; torch {torch.__version__}; "
-          f"adapter {args.adapter}")
-    cfg = ModelConfig(name_or_path=args.model, gguf_file=args.gguf, device="cpu")
-    tok, base = load_tokenizer(cfg), load_model(cfg)
-    policy = get_peft_model(base, lora_config(DistillConfig()))
+    tok, base, policy = testbed_policy(args, f"; adapter {args.adapter}")
     state = load_file(args.adapter)
-    missing = policy.load_state_dict(state, strict=False).unexpected_keys
-    assert not missing, f"adapter keys the model does not have: {missing[:3]}"
+    if any(".default." in k for k in state):  # a training checkpoint: the peft model's own parameter names
+        unknown = policy.load_state_dict(state, strict=False).unexpected_keys
+    else:  # a saved adapter (save_pretrained): names without the adapter's
+        unknown = set_peft_model_state_dict(policy, state).unexpected_keys
+    assert not unknown, f"adapter keys the model does not have: {unknown[:3]}"
     policy.eval()
-    print(f"# model dtype {base.dtype}; {len(state)} adapter tensors")
+    print(f"# {len(state)} adapter tensors")
     weights(policy)
     outputs(policy, tok, args)
 
@@ -75,11 +63,11 @@ def weights(policy) -> None:
 
 @torch.no_grad()
 def outputs(policy, tok, args) -> None:
-    rows = load_problems(DatasetConfig(name="gsm8k", split="train", limit=args.prompts), args.data)
+    rows, prompts = train_prompts(tok, args.data, args.prompts)
     merged = merged_copy(policy)
     gaps, moves = [], []
-    for r in rows:
-        ids = torch.tensor([render_chat(tok, student_messages(r.question)) + tok.encode(r.solution or "")])
+    for r, prompt in zip(rows, prompts):
+        ids = torch.tensor([prompt + tok.encode(r.solution or "")])
         lora = policy(ids).logits.float().log_softmax(-1)
         with policy.disable_adapter():
             plain = policy(ids).logits.float().log_softmax(-1)

@@ -10,46 +10,30 @@ linear layer (the testbed config's) with random B (a trained adapter's delta, no
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import time
 
 import torch
-from peft import get_peft_model
 
-from ssb.config import DatasetConfig, DistillConfig, ModelConfig
-from ssb.data import load_problems
 from ssb.engine import SamplingParams
-from ssb.engine.transformers_engine import TransformersEngine
-from ssb.models import load_model, load_tokenizer, lora_config, native_cpu_bf16, render_chat, stop_token_ids
-from ssb.prompts import student_messages
-from ssb.provenance import machine
 from ssb.engine.merged import MergedCopy
-
+from ssb.engine.transformers_engine import TransformersEngine
+from ssb.models import stop_token_ids
+from testbed_prompts import policy_parser, testbed_policy, train_prompts
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="testbed", help="directory holding model.gguf (fetch.sh DIR)")
-    ap.add_argument("--gguf", default="model.gguf")
-    ap.add_argument("--data", default="../shared/data", help="data directory (GSM8K train)")
+    ap = policy_parser(__doc__)
     ap.add_argument("--prompts", type=int, default=4, help="prompts per step (grpo.batch_size)")
     ap.add_argument("--n", type=int, default=8, help="completions per prompt (grpo.num_generations)")
     ap.add_argument("--new", type=int, default=256, help="new tokens at most per completion")
     args = ap.parse_args()
-    print(f"# {datetime.date.today()} {machine()} native bf16: {native_cpu_bf16()}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    cfg = ModelConfig(name_or_path=args.model, gguf_file=args.gguf, device="cpu")
-    tok, base = load_tokenizer(cfg), load_model(cfg)
-    print(f"# model dtype {base.dtype}")
-    policy = get_peft_model(base, lora_config(DistillConfig()))
+    tok, base, policy = testbed_policy(args)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.01)
     policy.eval()
-    rows = load_problems(DatasetConfig(name="gsm8k", split="train", limit=args.prompts), args.data)
-    prompts = [render_chat(tok, student_messages(r.question)) for r in rows]
+    _, prompts = train_prompts(tok, args.data, args.prompts)
     params = SamplingParams(args.n, 0.8, 50, 1.0, args.new)
     stops = stop_token_ids(tok, base)
     rates = {}
