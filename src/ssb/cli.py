@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from ssb.config import Config
+from ssb.compare import RUNS
 from ssb.configio import describe, dump_yaml, load_config
 from ssb import dist
 from ssb.errors import SsbError
@@ -59,11 +60,12 @@ def _stage_parsers(sub) -> None:
     for name, spec in REGISTRY.items():
         alone = "alone" if spec.in_run else "(not part of `ssb run`)"
         _common(sub.add_parser(name, help=f"Run the {name} stage {alone}: {spec.summary}; writes RUN_DIR/{name}/."))
-    p = sub.add_parser("compare", help="One command, one harness: base, SSB, GRPO at SSB's training cost, SFT and "
-                       "RFT, each in RUN_DIR/<run>, then RUN_DIR/report (paired differences, accuracy vs cost).")
+    p = sub.add_parser("compare", help="One command, one harness: base, SSB, GRPO at SSB's training cost, SFT, RFT "
+                       "and on-policy, each in RUN_DIR/<run>, then RUN_DIR/report (paired differences, accuracy vs "
+                       "cost).")
     _common(p)
-    p.add_argument("--runs", default=None, help="Comma-separated subset of the runs (default: all: base, ssb, grpo, "
-                   "sft, rft, onpolicy).")
+    p.add_argument("--runs", default=None, help=f"Comma-separated subset of the runs (default: all: "
+                   f"{', '.join(RUNS)}).")
 
 
 def _tool_parsers(sub) -> None:
