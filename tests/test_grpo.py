@@ -308,3 +308,43 @@ def test_a_run_killed_after_its_last_checkpoint_finishes_without_training(tiny_m
     assert (tmp_path / "grpo" / "adapter" / "adapter_model.safetensors").is_file()
     assert {p.name for p in (tmp_path / "grpo").iterdir()} == {"adapter", "train_log.jsonl", "started.json",
                                                                 "manifest.json", "cost.json"}
+
+
+def test_on_cpu_only_the_completion_positions_are_scored_with_the_same_values(tiny_model_dir, monkeypatch):
+    """TRL's fused log-prob head scores every position off Triton devices; within grpo's context only the labelled
+    ones go through the lm_head, and the per-token log-probs, entropies and gradients are those of scoring all."""
+    import trl.trainer.utils as trl_utils
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    trl_utils.add_fused_lm_head(model, temperature=0.8, outputs=("log_probs", "entropy"))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (3, 14), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding of a short prompt
+    mask[1, -5:] = 0  # right padding of a short completion
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :6] = -100  # the prompt: as GRPO's _get_per_token_logps_and_entropies labels them
+    rows = []
+    real = trl_utils._ChunkedLogProbFunction
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", type("Counted", (), {
+        "apply": staticmethod(lambda hidden, *a: rows.append(hidden.shape[0]) or real.apply(hidden, *a))}))
+
+    def score():
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        (out.log_probs.sum() + 0.1 * out.entropy.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.log_probs.detach(), out.entropy.detach(), grads
+
+    logp, ent, grads = score()
+    with grpo.scoring_labelled_positions_only():
+        logp_c, ent_c, grads_c = score()
+    assert rows == [3 * 13, int((labels[:, 1:] != -100).sum())]  # every position, then the labelled ones
+    assert 0 < rows[1] < rows[0]
+    torch.testing.assert_close(logp_c, logp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ent_c, ent, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_c.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(grads_c[n], grads[n], rtol=1e-4, atol=1e-6)
+    assert trl_utils._use_triton(torch.device("cpu")) is False  # the switch is put back

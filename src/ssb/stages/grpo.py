@@ -60,6 +60,7 @@ How this differs from textbook GRPO (DeepSeekMath), i.e. TRL's defaults, which w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -224,11 +225,33 @@ def run(cfg: Config, stage: Stage, callbacks: list | None = None) -> dict:
     trainer = _trainer(cfg, stage, problems, tokenizer, reward_funcs(gc.format_reward, stats),
                        [_log_callback(stage.path(LOG), stage.heartbeat), budget, *(callbacks or [])])
     t_start = time.time()
-    result = trainer.train(resume_from_checkpoint=None if ckpt is None else str(ckpt))
+    with scoring_labelled_positions_only():
+        result = trainer.train(resume_from_checkpoint=None if ckpt is None else str(ckpt))
 
     _publish_adapter(stage, lambda tmp: trainer.model.save_pretrained(str(tmp)))
     return _finish(stage, len(problems), resumed_from, trainer.state.global_step, budget.stopped_by or "steps",
                    budget.totals(), train_seconds=round(time.time() - t_start, 3), train_loss=result.training_loss)
+
+
+@contextlib.contextmanager
+def scoring_labelled_positions_only():
+    """TRL's fused log-prob head (``add_fused_lm_head``) projects through the lm_head only the positions that have a
+    label (a step's completion tokens) on Triton devices; elsewhere it scores every position, prompt and padding
+    too, and zeroes them after, so that a compiler (Neuron) sees fixed tile shapes. Nothing is compiled on a CPU,
+    where the lm_head product and the fp32 log-softmax over the vocabulary are most of a GRPO step: there, within
+    this context, only the labelled positions are scored. Same per-token values (each position's are computed on
+    their own), fewer positions: at GSM8K lengths about two in five. A TRL without that switch is left as it is."""
+    import trl.trainer.utils as trl_utils
+
+    use_triton = getattr(trl_utils, "_use_triton", None)
+    if use_triton is None:
+        yield
+        return
+    trl_utils._use_triton = lambda device: device.type == "cpu" or use_triton(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = use_triton
 
 
 def _check_batch_shape(gc) -> None:
