@@ -43,7 +43,7 @@ def main():
     from trl.trainer.utils import add_fused_lm_head
 
     tok, base, policy = testbed_policy(args, f"; trl {trl.__version__}")
-    add_fused_lm_head(base, temperature=0.8, outputs=("log_probs", "entropy"))  # as GRPOTrainer, before peft's
+    add_fused_lm_head(base, temperature=0.8, outputs=("log_probs", "entropy"))  # as GRPOTrainer: on peft's base
     policy.train()
     _, prompts = train_prompts(tok, args.data, args.rows)
     g = torch.Generator().manual_seed(1)

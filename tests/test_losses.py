@@ -1,4 +1,5 @@
-"""Tests for ssb.losses against a plain float64 full-vocabulary reference (offline, CPU, fast)."""
+"""Tests for ssb.losses and ssb.chunked_losses against a plain float64 full-vocabulary reference (offline, CPU,
+fast)."""
 
 import math
 

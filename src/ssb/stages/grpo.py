@@ -239,8 +239,9 @@ def scoring_labelled_positions_only():
     label (a step's completion tokens) on Triton devices; elsewhere it scores every position, prompt and padding
     too, and zeroes them after, so that a compiler (Neuron) sees fixed tile shapes. Nothing is compiled on a CPU,
     where the lm_head product and the fp32 log-softmax over the vocabulary are most of a GRPO step: there, within
-    this context, only the labelled positions are scored. Same per-token values (each position's are computed on
-    their own), fewer positions: at GSM8K lengths about two in five. A TRL without that switch is left as it is."""
+    this context, only the labelled positions are scored. The same per-token values (each position's are computed on
+    their own; equal up to the rounding of a differently blocked product) from fewer positions: about half at
+    GSM8K lengths (``benchmarks/grpo_scoring.py``). A TRL without that switch is left as it is."""
     import trl.trainer.utils as trl_utils
 
     use_triton = getattr(trl_utils, "_use_triton", None)
