@@ -6,6 +6,7 @@
 #   bash benchmarks/testbed_cpu.sh run     [RUN_DIR [KEY=VALUE ...]]  # ssb compare, every run; rerun to continue
 #   bash benchmarks/testbed_cpu.sh save    [RUN_DIR] [DEST]   # RUN_DIR's small files -> DEST (to commit)
 #   bash benchmarks/testbed_cpu.sh restore [DEST] [RUN_DIR]   # DEST -> RUN_DIR, ready for `run`
+#   bash benchmarks/testbed_cpu.sh report  [RUN_DIR] [OUT]    # the report of every evaluated run -> OUT
 #
 # Defaults: RUN_DIR=runs/testbed-cpu, DEST=benchmarks/testbed-cpu-2026-12-02, the model in ./testbed
 # (../shared/testbed/fetch.sh testbed; MODEL=DIR elsewhere: a GGUF model is fingerprinted by its content, so the
@@ -35,5 +36,19 @@ case "$cmd" in
     tar -C "$dest" -cf - . | tar -C "$run" -xf -
     find "$run" -name '*.jsonl.gz' -exec gunzip -f {} +
     echo "restored $dest -> $run; continue with: bash benchmarks/testbed_cpu.sh run $run" ;;
-  *) echo "testbed_cpu.sh: unknown command $cmd (run, save, restore)" >&2; exit 2 ;;
+  report)
+    # every run of RUN_DIR evaluated on the GSM8K test, and SSB's variant chosen on held-out GSM8K train (KD at T=1,
+    # evaluated on the test set once; from benchmarks/testbed-cpu-heldout/var-t1, its held-out evaluation left out)
+    run=${2:-runs/testbed-cpu}; out=${3:-benchmarks/testbed-cpu-report}
+    held=benchmarks/testbed-cpu-heldout/var-t1; var=runs/var-t1
+    rm -rf "$var" && mkdir -p "$var/evaluate"
+    cp -r "$held/config.yaml" "$held/distill" "$var/" && cp -r "$held/evaluate/gsm8k_test" "$var/evaluate/"
+    find "$var" -name '*.jsonl.gz' -exec gunzip -f {} +
+    dirs=(); labels=()
+    for r in base ssb ssb-t1 grpo sft rft onpolicy; do
+      d=$run/$r; [ "$r" = ssb-t1 ] && d=$var
+      if [ -f "$d/evaluate/gsm8k_test/metrics.json" ]; then dirs+=("$d"); labels+=("$r"); fi
+    done
+    ssb report "${dirs[@]}" --out "$out" --labels "$(IFS=,; echo "${labels[*]}")" --base base --focus ssb ;;
+  *) echo "testbed_cpu.sh: unknown command $cmd (run, save, restore, report)" >&2; exit 2 ;;
 esac
