@@ -223,3 +223,23 @@ def test_the_ranks_of_one_job_share_the_lock(base, tmp_path):
         shutil.copytree(single / s, run_dir / s)
     _torchrun(2, "curate", "--run-dir", str(run_dir), *over)
     assert (run_dir / "curate" / "manifest.json").exists()
+
+
+def test_on_gpus_the_process_group_also_reduces_cpu_tensors(monkeypatch):
+    """Under torchrun on GPUs the stages all-reduce CPU tensors (token counts, step stats) beside the CUDA gradients;
+    nccl alone refuses a CPU tensor, so the group pairs it with gloo. On CPUs gloo does both."""
+    from ssb import dist
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: calls.append(backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(i))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    dist.init()
+    assert calls == [1, "cpu:gloo,cuda:nccl"]
+    calls.clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    dist.init()
+    assert calls == ["gloo"]

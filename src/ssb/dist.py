@@ -44,14 +44,16 @@ def solo():
 
 
 def init() -> None:
-    """Join the process group when launched by torchrun with more than one process (gloo on CPU, nccl on GPU)."""
+    """Join the process group when launched by torchrun with more than one process: gloo on CPU; on GPU nccl for
+    CUDA tensors (gradients) and gloo beside it for the CPU tensors the stages reduce (token counts, step stats),
+    which nccl alone refuses."""
     import torch
 
     if world() == 1 or torch.distributed.is_initialized():
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        backend = "nccl"
+        backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
     torch.distributed.init_process_group(backend)
