@@ -1,8 +1,9 @@
 """The training loop's guard against non-finite gradients: an unlucky batch is skipped, divergence is an error,
-and non-finite weights are never returned for saving."""
+and non-finite weights are never returned for saving; the log's learning rate is the one each step used."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -48,3 +49,18 @@ def test_a_non_finite_step_is_skipped_and_logged(tmp_path):
 def test_many_non_finite_steps_are_divergence(tmp_path):
     with pytest.raises(SsbError, match="diverged"):
         _run(tmp_path, bad_steps={2, 3, 4, 5, 6}, steps=6)
+
+
+def test_the_logged_lr_is_the_rate_each_step_updated_with(tmp_path):
+    model = Toy()
+    spec = dataclasses.replace(_spec(4), schedule="linear", max_grad_norm=0.0)
+    seen = []
+
+    def step_loss(idx):
+        seen.append(model.w.detach().clone())
+        return model.w.sum() * len(idx), len(idx)  # a constant gradient: Adam moves each weight by lr per step
+
+    train(model, spec, tmp_path, step_loss, lambda idx: float(len(idx)))
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log] == pytest.approx([0.1, 0.075, 0.05, 0.025])
+    assert torch.allclose(seen[0] - seen[1], torch.full((3,), 0.1))  # step 1 moved by the full rate (Adam: lr x 1)

@@ -104,12 +104,13 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
         if not sharded:
             _sync_grads(params)
         stats = dist.all_reduce_sum(stats)
+        lr = sched.get_last_lr()[0]  # the rate this step updates with (the scheduler then moves to the next)
         norm_val, finite = _update(params, opt, sched, spec.max_grad_norm, skipped, step + 1)
         step += 1
         trained += int(stats[1])
         if dist.is_main():
             _log(log_path, bar, {"step": step, "epoch": epoch, "loss": float(stats[0]) / norm,
-                                 "grad_norm": float(norm_val), "lr": sched.get_last_lr()[0]},
+                                 "grad_norm": float(norm_val), "lr": lr},
                  int(stats[1]), time.time() - t0, finite, extra, on_log)
         if spec.save_every and step % spec.save_every == 0 and step < total:
             save_checkpoint(stage_dir, model, opt, step, trained_tokens=tokens_before + trained,
