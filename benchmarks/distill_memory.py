@@ -5,9 +5,11 @@ For each reply length N, three loss implementations run forward + backward w.r.t
 
 - ``naive``:   student and teacher logits materialised as full (N, V) tensors, then ``ssb.losses.distill_loss``
                (upcast to fp32 inside);
-- ``chunked``: ``ssb.chunked_losses.chunked_distill_loss`` (lm_head applied ``--chunk`` positions at a time, checkpointed);
-- ``topk``:    ``ssb.chunked_losses.chunked_topk_distill_loss`` against a k=64 cached teacher (``teacher_tempered=True``;
-               the cache is built outside the timed region, as the distill stage does before training).
+- ``chunked``: ``ssb.chunked_losses.chunked_distill_loss`` (lm_head applied ``--chunk`` positions at a time,
+               checkpointed);
+- ``topk``:    ``ssb.chunked_losses.chunked_topk_distill_loss`` against a k=64 cached teacher
+               (``teacher_tempered=True``; the cache is built outside the timed region, as the distill stage does
+               before training).
 
 Every case runs in a fresh subprocess so its peak is its own. Peak memory: on CUDA ``torch.cuda.max_memory_allocated``
 minus the allocation before the step (after one warm-up step); on CPU the growth of the process's peak resident set

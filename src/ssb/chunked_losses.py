@@ -104,7 +104,7 @@ def chunked_distill_loss(student_hidden: Tensor, teacher_hidden: Tensor, lm_head
     Same value and gradients as the unchunked computation."""
     targets, weights = loss_kwargs.pop("targets", None), loss_kwargs.pop("weights", None)
     check_loss_args(loss_kwargs.get("kind", "forward_kl"), loss_kwargs.get("temperature", 2.0),
-                loss_kwargs.get("beta", 0.5), loss_kwargs.get("ce_weight", 0.0), targets)
+                    loss_kwargs.get("beta", 0.5), loss_kwargs.get("ce_weight", 0.0), targets)
     if teacher_lm_head_weight is None:
         teacher_lm_head_weight, teacher_lm_head_bias = lm_head_weight, lm_head_bias
     if teacher_hidden is None:  # kd_weight == 0 (checked by distill_loss): the student itself stands in
@@ -133,11 +133,13 @@ def chunked_distill_loss(student_hidden: Tensor, teacher_hidden: Tensor, lm_head
         explicit = dict(temperature=loss_kwargs.get("temperature", 2.0), scale_t2=loss_kwargs.get("scale_t2", True),
                         kd_weight=kd_weight, ce_weight=loss_kwargs.get("ce_weight", 0.0))
 
-        def fast(s_h, t_h, tgt, wts, w, b):  # the fused path's chunk: (loss, gradient w.r.t. s_h), written out
+        def written_out(s_h, t_h, tgt, wts, w, b):  # the fused path's chunk: (loss, gradient w.r.t. s_h)
             with torch.no_grad():
                 t_logits = None if kd_weight == 0 else F.linear(t_h, tw, tb)
                 loss, g = forward_kl_and_grad(F.linear(s_h, w, b), t_logits, targets=tgt, weights=wts, **explicit)
                 return loss, g.to(w.dtype) @ w
+
+        fast = written_out
 
     return _chunked_loss(chunk_loss, student_hidden, chunk_size, [teacher_hidden.detach(), targets, weights],
                          [lm_head_weight, lm_head_bias], fast)
@@ -151,7 +153,7 @@ def chunked_topk_distill_loss(student_hidden: Tensor, topk_logprobs: Tensor, top
     kw as topk_distill_loss (kind, temperature, teacher_tempered, kd_weight, ...)."""
     targets, weights = kw.pop("targets", None), kw.pop("weights", None)
     check_loss_args(kw.get("kind", "forward_kl"), kw.get("temperature", 2.0), kw.get("beta", 0.5),
-                kw.get("ce_weight", 0.0), targets)
+                    kw.get("ce_weight", 0.0), targets)
     if student_hidden.dim() != 2:
         raise ValueError(f"expected student hidden (N, H), got {tuple(student_hidden.shape)}")
     n = student_hidden.shape[0]

@@ -18,7 +18,8 @@ class Finding:
 
 @dataclass(frozen=True)
 class TokenInfo:
-    """What the checks need to know about a tokenizer, its chat template and the model (see :func:`ssb.audit.tokens.token_info`)."""
+    """What the checks need to know about a tokenizer, its chat template and the model (see
+    :func:`ssb.audit.tokens.token_info`)."""
 
     special_ids: frozenset[int] = frozenset()  # special tokens: the template's markers, BOS, EOS, ...
     bos_id: int | None = None

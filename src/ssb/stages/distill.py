@@ -10,15 +10,16 @@ position ``len(student_prompt) + j - 1`` and by the teacher at ``len(teacher_pro
 - ``topk``: before training, one teacher pass over all examples (the base model, before the adapter exists) stores
   the top-``distill.topk`` log-probabilities of ``log_softmax(logits / distill.temperature)`` per reply token, their
   ids and the log of the remaining mass (:mod:`ssb.teacher_cache`; 388 bytes/token at k=64); training then reads the
-  cache (no teacher forward) and uses :func:`ssb.chunked_losses.chunked_topk_distill_loss` with ``teacher_tempered=True``.
+  cache (no teacher forward) and uses :func:`ssb.chunked_losses.chunked_topk_distill_loss` with
+  ``teacher_tempered=True``.
   The cache lives in ``distill/teacher_topk/`` because it is this stage's intermediate, valid only for this
   stage's inputs, k and temperature: the stage owns its directory (``--force`` wipes it with the rest), an
   interrupted distill resumes the cache build shard by shard, and a cache built at another k or temperature is
   refused with an error. (Reusing one cache across distill sweeps would need it outside the stage; not done.)
 
 Memory: both models produce only final hidden states; logits are formed chunk by chunk through the lm_head and
-reduced at once (:func:`ssb.chunked_losses.chunked_distill_loss`), so the (tokens × vocabulary) fp32 logits never exist,
-neither in training nor in the cache build.
+reduced at once (:func:`ssb.chunked_losses.chunked_distill_loss`), so the (tokens × vocabulary) fp32 logits never
+exist, neither in training nor in the cache build.
 
 Ablations are switches of this stage, not separate code: SFT is ``kd_weight=0 ce_weight=1`` (cross-entropy on the
 teacher's replies); RFT is ``targets=rollouts kd_weight=0 ce_weight=1`` (the student's own correct rollouts).
