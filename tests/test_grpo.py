@@ -293,6 +293,26 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tiny_model_dir, tmp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_kill_while_a_checkpoint_is_incomplete_resumes_from_the_one_before(tiny_model_dir, tmp_path, monkeypatch):
+    """TRL rotates old checkpoints out when it saves a new one, before ssb writes the new one's counters: killed in
+    that window, the previous complete checkpoint must still be there to resume from."""
+    cfg = _cfg(tiny_model_dir, "grpo.steps=3", "grpo.save_every=1")
+    write = grpo_budget.write_json
+
+    def dies_writing_step_2(path, obj):
+        if path.parent.name == "checkpoint-2":
+            raise Interrupt("killed before checkpoint-2's counters")
+        write(path, obj)
+
+    monkeypatch.setattr(grpo_budget, "write_json", dies_writing_step_2)
+    with pytest.raises(Interrupt):
+        grpo.run(cfg, tmp_path)
+    assert grpo_budget.last_checkpoint(tmp_path / "grpo" / ".trl").name == "checkpoint-1"
+    monkeypatch.setattr(grpo_budget, "write_json", write)
+    m = grpo.run(cfg, tmp_path)
+    assert m["resumed_from_step"] == 1 and m["counts"]["steps"] == 3
+
+
 def test_a_run_killed_after_its_last_checkpoint_finishes_without_training(tiny_model_dir, tmp_path, monkeypatch):
     cfg = _cfg(tiny_model_dir, "grpo.steps=5", "grpo.max_generated_tokens=1", "grpo.save_every=1")
     with pytest.raises(Interrupt):  # the budget stops it at step 1 and checkpoints; it dies before the manifest

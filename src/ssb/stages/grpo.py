@@ -22,8 +22,9 @@ run: ``wall_seconds``, ``device_seconds``, ``gpu_seconds``, ``cpu_seconds``, ``g
 out over ``steps``; use ``grpo.schedule=constant`` when the budget decides.
 
 Resume. Every ``grpo.save_every`` steps the HF Trainer checkpoints (adapter, optimizer, scheduler, RNG, trainer
-state) into ``grpo/.trl/checkpoint-<step>`` (only the last is kept), and the budget counters are written next to it
-(``ssb_counters.json``, written last: a checkpoint without it is incomplete and ignored). A rerun of the same
+state) into ``grpo/.trl/checkpoint-<step>`` (the last two are kept: TRL rotates the older one out before ssb has
+written the newer one's counters), and the budget counters are written next to it (``ssb_counters.json``, written
+last: a checkpoint without it is incomplete and ignored). A rerun of the same
 command resumes from the last complete checkpoint with ``trainer.train(resume_from_checkpoint=...)``, cuts
 ``train_log.jsonl`` back to that step, and continues the counters from it (work done after the checkpoint and lost
 is redone and not counted). If that checkpoint already ended training (steps or budget reached, killed before the
@@ -344,7 +345,7 @@ def _grpo_args(cfg: Config, trl_dir: Path, bf16: bool, cpu: bool):
         use_transformers_continuous_batching=gc.generator == "paged",
         gradient_checkpointing=gc.gradient_checkpointing, bf16=bf16, fp16=False,
         use_cpu=cpu, logging_steps=gc.logging_steps,
-        save_strategy="steps" if gc.save_every else "no", save_steps=gc.save_every or 500, save_total_limit=1,
+        save_strategy="steps" if gc.save_every else "no", save_steps=gc.save_every or 500, save_total_limit=2,
         report_to=gc.report_to, disable_tqdm=False, remove_unused_columns=False, dataloader_num_workers=0,
     )
 
