@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ssb.config import DistillConfig
 from conftest import copy_taught
-from ssb.stages.distill import align, attach_lora, batch_loss, build_examples, collate
+from ssb.stages.distill import align, attach_lora, batch_loss, build_examples, collate, teacher_hidden
 
 
 def test_alignment_student_and_teacher_predict_the_same_reply_token():
@@ -64,6 +64,28 @@ def test_adapter_disabled_teacher_equals_the_base_model(tiny_model_dir, peft_mod
         student = peft_model(ids).logits
     torch.testing.assert_close(teacher, base_logits)
     assert not torch.allclose(student, base_logits)
+
+
+def test_teacher_runs_without_dropout_while_the_student_trains(tiny_model_dir):
+    """With dropout in the base model the teacher must still be the deterministic base model (eval mode), and the
+    student's training mode must survive the teacher's forward."""
+    from transformers import AutoModelForCausalLM
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attention_dropout=0.9)
+
+    model = attach_lora(load(), DistillConfig(lora_r=4, lora_alpha=8), seed=0)
+    batch = collate([align([1, 9, 4], [1, 8, 8, 8, 3], [20, 21, 22, 2])], pad_id=0, device="cpu")
+    decoder = model.get_base_model().get_decoder()
+    model.train()
+    with torch.no_grad():
+        noisy = decoder(input_ids=batch["t_ids"], attention_mask=batch["t_mask"]).last_hidden_state
+        again = decoder(input_ids=batch["t_ids"], attention_mask=batch["t_mask"]).last_hidden_state
+    assert not torch.allclose(noisy, again)  # dropout is live in train mode
+    ref = load().eval().get_decoder()(input_ids=batch["t_ids"], attention_mask=batch["t_mask"]).last_hidden_state
+    got = teacher_hidden(model, decoder, batch)
+    torch.testing.assert_close(got, ref.detach()[batch["rows"], batch["t_pos"]])
+    assert model.training and decoder.training
 
 
 @pytest.mark.parametrize("average", ["token", "sequence"])

@@ -374,11 +374,7 @@ def batch_loss(model, decoder, lm_head, batch: dict, dc, loss_kw: dict, cached=N
     (``sequence``); the caller divides by the global batch's tokens or sequences.
     ``cached``: the batch's (logprobs, ids, tail) from the top-k teacher cache; None = online teacher."""
     student = _hidden(decoder, batch["s_ids"], batch["s_mask"])[batch["rows"], batch["s_pos"]]
-    if dc.kd_weight > 0 and cached is None:
-        with torch.no_grad(), model.disable_adapter():
-            teacher = _hidden(decoder, batch["t_ids"], batch["t_mask"])[batch["rows"], batch["t_pos"]]
-    else:
-        teacher = None
+    teacher = teacher_hidden(model, decoder, batch) if dc.kd_weight > 0 and cached is None else None
     weights = None if dc.average == "token" else 1.0 / batch["seq_len"].float()
     common = dict(lm_head_bias=full_tensor(lm_head.bias), kd_weight=dc.kd_weight, ce_weight=dc.ce_weight,
                   targets=batch["targets"], weights=weights, **loss_kw)
@@ -388,6 +384,19 @@ def batch_loss(model, decoder, lm_head, batch: dict, dc, loss_kw: dict, cached=N
     else:
         total = chunked_distill_loss(student, teacher, full_tensor(lm_head.weight), **common)
     return total
+
+
+def teacher_hidden(model, decoder, batch: dict) -> torch.Tensor:
+    """The frozen teacher's last hidden states at the reply positions: the base model (adapter off, no gradient) in
+    eval mode, so that a model with dropout is a deterministic teacher while the student trains; the model's
+    training mode is restored after."""
+    training = model.training
+    with torch.no_grad(), model.disable_adapter():
+        model.eval()
+        try:
+            return _hidden(decoder, batch["t_ids"], batch["t_mask"])[batch["rows"], batch["t_pos"]]
+        finally:
+            model.train(training)
 
 
 def _hidden(decoder, ids, mask) -> torch.Tensor:
