@@ -46,6 +46,30 @@ def test_a_non_finite_step_is_skipped_and_logged(tmp_path):
     assert [r.get("skipped", False) for r in log] == [False, False, True, False, False, False]
 
 
+def test_skipped_steps_before_a_checkpoint_survive_a_resume(tmp_path):
+    """Killed after the step-4 checkpoint, resumed: the step skipped before it is still counted (in the result, and
+    by the divergence guard)."""
+    spec = dataclasses.replace(_spec(6), save_every=2)
+
+    def step_loss_for(model, die_at=None):
+        calls = []
+
+        def step_loss(idx):
+            calls.append(1)
+            if len(calls) == die_at:
+                raise KeyboardInterrupt
+            scale = float("nan") if len(calls) == 1 and die_at else 1.0  # the first run's step 1
+            return (model.w * scale).pow(2).sum() * len(idx), len(idx)
+        return step_loss
+
+    model = Toy()
+    with pytest.raises(KeyboardInterrupt):
+        train(model, spec, tmp_path, step_loss_for(model, die_at=5), lambda idx: float(len(idx)))
+    model = Toy()
+    result = train(model, spec, tmp_path, step_loss_for(model), lambda idx: float(len(idx)))
+    assert result["steps"] == 6 and result["skipped_steps"] == [1]
+
+
 def test_many_non_finite_steps_are_divergence(tmp_path):
     with pytest.raises(SsbError, match="diverged"):
         _run(tmp_path, bad_steps={2, 3, 4, 5, 6}, steps=6)

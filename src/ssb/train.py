@@ -90,7 +90,7 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
     sharded = any(isinstance(p, DTensor) for p in params)
 
     model.train()
-    t_start, trained, skipped = time.time(), 0, []
+    t_start, trained, skipped = time.time(), 0, list(resumed.get("skipped_steps", []))
     bar = progress(total, "distill", "step") if dist.is_main() else None
     if bar is not None:
         bar.update(step)
@@ -114,7 +114,8 @@ def train(model, spec: TrainSpec, stage_dir: Path, step_loss: Callable[[list[int
                  int(stats[1]), time.time() - t0, finite, extra, on_log)
         if spec.save_every and step % spec.save_every == 0 and step < total:
             save_checkpoint(stage_dir, model, opt, step, trained_tokens=tokens_before + trained,
-                            train_seconds=seconds_before + time.time() - t_start)  # every rank: collective
+                            train_seconds=seconds_before + time.time() - t_start,
+                            skipped_steps=skipped)  # every rank: collective
         dist.barrier()
     if bar is not None:
         bar.close()
@@ -212,7 +213,7 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(stage_dir: Path, model, opt, step: int, trained_tokens: int = 0,
-                    train_seconds: float = 0.0) -> None:
+                    train_seconds: float = 0.0, skipped_steps: list[int] | None = None) -> None:
     """Called on every rank (shards are gathered); rank 0 writes."""
     from safetensors.torch import save_file
 
@@ -230,12 +231,13 @@ def save_checkpoint(stage_dir: Path, model, opt, step: int, trained_tokens: int 
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": groups,
                                                     "trained_tokens": trained_tokens,
-                                                    "train_seconds": round(train_seconds, 3)}))
+                                                    "train_seconds": round(train_seconds, 3),
+                                                    "skipped_steps": list(skipped_steps or [])}))
 
 
 def _resume(stage_dir: Path, model, opt, sched, log_path: Path) -> dict:
-    """Load ``<stage>/checkpoint`` if present; returns its state (``step``, ``trained_tokens``, ``train_seconds``),
-    or {} for a fresh start."""
+    """Load ``<stage>/checkpoint`` if present; returns its state (``step``, ``trained_tokens``, ``train_seconds``,
+    ``skipped_steps`` so far), or {} for a fresh start."""
     ckpt = stage_dir / CKPT
     if not (ckpt / "state.json").exists():
         if dist.is_main():

@@ -247,7 +247,7 @@ def run(cfg: Config, stage: Stage) -> dict:
             tracker.close()
     _save_adapter(stage, model, fsdp)
     # trained_tokens: of every process since the start (through the checkpoints), as in an uninterrupted run;
-    # skipped_steps: steps with non-finite gradients skipped by this process (see ssb.train)
+    # skipped_steps: steps with non-finite gradients skipped since the start (carried through the checkpoints)
     counts = {"examples": len(examples), "steps": result["steps"], "trained_tokens": result["trained_tokens"],
               "skipped_steps": len(result["skipped_steps"])}
     sampling = {"hint": dc.hint, "samples": dc.samples, "mix": dc.mix} if sampler else {}
