@@ -315,6 +315,18 @@ def test_pick_tokens_matches_the_distribution():
     assert set(nucleus.tolist()) == {int(logits.argmax())}
 
 
+def test_a_tiny_token_of_a_whole_vocabulary_can_be_drawn():
+    """Full-vocabulary sampling: a token of probability 2e-8 after 0.6 of the mass (under half an fp32 ulp there)
+    keeps its own slice of the cumulative distribution, so the uniform that falls in it draws it."""
+    n = 151_936
+    probs = torch.full((n,), 0.4 / (n - 2), dtype=torch.float64)
+    probs[0], probs[1] = 0.6, 2e-8
+    logits = probs.log().float()[None]
+    p = logits.softmax(-1)[0].double()  # what pick_tokens computes, at T=1
+    u = torch.tensor([(p[0] + p[1] / 2) / p.sum()], dtype=torch.float64)
+    assert pick_tokens(logits, u, SamplingParams(temperature=1.0, top_k=0)).tolist() == [1]
+
+
 def test_pick_tokens_in_bf16_picks_what_the_fp32_path_picks():
     """bf16 logits are ranked in bf16 (top-k) and reduced with max (greedy): the same tokens as through fp32 copies,
     and a greedy tie goes to the first maximum, as argmax's."""

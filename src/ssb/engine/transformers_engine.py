@@ -72,8 +72,9 @@ def pick_tokens(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams) -
     p = x.softmax(-1)
     if params.top_p < 1:  # keep the smallest head of the sorted distribution whose mass reaches top_p
         p = p * ((p.cumsum(-1) - p) < params.top_p)
-    c = p.cumsum(-1)
-    j = torch.searchsorted(c, (u.to(c.dtype) * c[:, -1]).unsqueeze(1)).clamp_(max=c.shape[-1] - 1)
+    c = p.to(u.dtype).cumsum(-1)  # at the uniforms' precision (float64 but on MPS): over a whole vocabulary an fp32
+    # sum stops growing for tokens under half its ulp (~3e-8 past 0.5), which then could never be drawn
+    j = torch.searchsorted(c, (u * c[:, -1]).unsqueeze(1)).clamp_(max=c.shape[-1] - 1)
     return (idx.gather(1, j) if idx is not None else j).squeeze(1)
 
 
