@@ -45,7 +45,7 @@ case "$cmd" in
     cp -r "$held/config.yaml" "$held/distill" "$var/" && cp -r "$held/evaluate/gsm8k_test" "$var/evaluate/"
     find "$var" -name '*.jsonl.gz' -exec gunzip -f {} +
     dirs=(); labels=()
-    for r in base ssb ssb-t1 grpo sft rft onpolicy; do
+    for r in base base-rerun ssb ssb-t1 grpo sft rft onpolicy; do
       d=$run/$r; [ "$r" = ssb-t1 ] && d=$var
       if [ -f "$d/evaluate/gsm8k_test/metrics.json" ]; then dirs+=("$d"); labels+=("$r"); fi
     done
