@@ -94,7 +94,10 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
         return engine["e"]
 
     results, checked = {}, False
-    for ds, stage in stages_for(cfg, run_dir, force, (adapter, adapter_fp)):
+    stages = stages_for(cfg, run_dir, force, (adapter, adapter_fp))
+    for _, stage in stages:
+        stage.pause()  # each benchmark's clock runs from its turn on: not over the distill rerun or those before it
+    for ds, stage in stages:
         name = label(ds)
         stage.discard_if_forced()
         if stage.is_done():
@@ -104,6 +107,7 @@ def run(cfg: Config, run_dir, force: bool = False) -> dict:
             restore_weights(whole, run_dir, Path(adapter).parent.name)
             verify_upstream(run_dir, Path(adapter).parent.name, "adapter/")
             checked = True
+        stage.resume()
         problems = load_problems(ds, cfg.data_dir)
 
         def prompt_of(tokenizer, p):
